@@ -1,0 +1,29 @@
+"""Manifests: the small CSV tables that stages hand to each other.
+
+CSV rather than Parquet because it diffs in review and its bytes depend only on
+the rows, so the same inputs and params give byte-identical files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def write_manifest(frame: pd.DataFrame, path: str | Path, sort_by: list[str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if sort_by:
+        frame = frame.sort_values(sort_by, kind="mergesort")
+    frame.to_csv(path, index=False, lineterminator="\n", float_format="%.6g")
+
+
+def read_manifest(path: str | Path, required: list[str]) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: run the stage that writes it first (dvc repro)")
+    frame = pd.read_csv(path, keep_default_na=False)
+    missing = [column for column in required if column not in frame.columns]
+    if missing:
+        raise SystemExit(f"{path} lacks column(s) {', '.join(missing)}")
+    return frame

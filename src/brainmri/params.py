@@ -1,0 +1,159 @@
+"""The schema of ``params.yaml``, validated as a whole before any stage does work.
+
+Every stage loads the full file so that a typo anywhere (an unknown key, a wrong
+type) stops the pipeline at its first stage with the key named, instead of
+surfacing later as a silent default or a traceback deep inside TensorFlow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ParamsError(SystemExit):
+    """A bad ``params.yaml``: exits with a one-line message naming the key."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"params error: {message}")
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a misspelt `train.lrr` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackingParams(_Section):
+    experiment: str = "brain-mri"
+
+
+class IngestParams(_Section):
+    source: str
+    extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"]
+    min_per_class: int = Field(2, ge=1)
+
+
+class DedupParams(_Section):
+    method: Literal["sha256"] = "sha256"
+
+
+class SplitParams(_Section):
+    seed: int = 42
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+
+class AugmentParams(_Section):
+    rotation: float = Field(10.0, ge=0, le=180, description="max degrees either way")
+    shift: float = Field(0.05, ge=0, lt=0.5, description="max fraction of the side")
+    zoom: float = Field(0.1, ge=0, lt=0.5, description="max relative scale change")
+    flip: bool = True
+    brightness: float = Field(0.1, ge=0, lt=1, description="max relative change")
+    contrast: float = Field(0.1, ge=0, lt=1, description="max relative change")
+
+
+class BalanceParams(_Section):
+    seed: int = 42
+    target: int | Literal["max"] = "max"
+    shard_size: int = Field(2048, ge=1)
+    augment: AugmentParams = AugmentParams()
+
+    @field_validator("target")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive integer or 'max'")
+        return value
+
+
+class TrainParams(_Section):
+    model: str = "compact_cnn"
+    weights: str | None = None
+    epochs: int = Field(15, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    image_size: int = Field(128, ge=16)
+    channels: Literal[1, 3] = 1
+    seed: int = 42
+    width: int = Field(32, ge=4, description="filters of the first compact_cnn block")
+    dropout: float = Field(0.3, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    early_stopping_patience: int = Field(5, ge=1)
+    reduce_lr_patience: int = Field(2, ge=1)
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _none_string(cls, value: Any) -> Any:
+        # `dvc exp run -S train.weights=none` writes the string "none".
+        return None if isinstance(value, str) and value.lower() in {"none", "null", ""} else value
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(64, ge=1)
+
+
+class GradcamParams(_Section):
+    num_images: int = Field(8, ge=1)
+    layer: str | None = None
+    alpha: float = Field(0.4, ge=0, le=1, description="heatmap opacity in overlays")
+
+
+class Params(_Section):
+    tracking: TrackingParams = TrackingParams()
+    ingest: IngestParams
+    dedup: DedupParams = DedupParams()
+    split: SplitParams = SplitParams()
+    balance: BalanceParams = BalanceParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    gradcam: GradcamParams = GradcamParams()
+
+    @field_validator("split")
+    @classmethod
+    def _room_for_training(cls, value: SplitParams) -> SplitParams:
+        if value.val + value.test >= 1:
+            raise ValueError("val + test must leave a training share (sum < 1)")
+        return value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if error["type"] == "missing":
+        return f"missing key '{key}'"
+    return f"'{key}': {error['msg']} (got {error.get('input')!r})"
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate the whole params file; raise ParamsError naming the bad key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e) for e in exc.errors())
+        raise ParamsError(f"{path}: {problems}") from None
+
+
+def flatten(section: BaseModel, prefix: str) -> dict[str, Any]:
+    """`{'train.lr': 0.001, 'balance.augment.flip': True, ...}` for logging."""
+    return _flatten_dict(section.model_dump(), prefix)
+
+
+def _flatten_dict(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}"
+        flat.update(_flatten_dict(value, name) if isinstance(value, dict) else {name: value})
+    return flat

@@ -1,0 +1,46 @@
+"""balance: augment the training split up to a per-class target and write
+training-ready TFRecord shards for train, val and test."""
+
+import shutil
+from pathlib import Path
+
+import mlflow
+
+from brainmri.balance import balanced_training_records, plain_records
+from brainmri.data import MANIFEST_COLUMNS, SPLITS
+from brainmri.manifest import read_manifest
+from brainmri.metrics import write_json
+from brainmri.params import flatten, load_params
+from brainmri.shards import ShardIndex, write_split
+from brainmri.tracking import stage_run
+
+OUT = Path("data/prepared")
+
+params = load_params()
+size, channels = params.train.image_size, params.train.channels
+logged = {**flatten(params.balance, "balance"), "train.image_size": size, "train.channels": channels}
+with stage_run("balance", params.tracking.experiment, logged):
+    split = read_manifest("data/interim/split.csv", [*MANIFEST_COLUMNS, "split"])
+    classes = sorted(split["label"].unique())
+    shutil.rmtree(OUT, ignore_errors=True)
+    OUT.mkdir(parents=True)
+
+    files, counts, augmented = {}, {}, {}
+    for name in SPLITS:
+        rows = split[split["split"] == name]
+        if name == "train":
+            records = balanced_training_records(rows, classes, size, channels, params.balance.target,
+                                                params.balance.seed, params.balance.augment)
+        else:
+            records = plain_records(rows, classes, size, channels)
+        files[name] = write_split(records, OUT, name, params.balance.shard_size)
+        counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
+        augmented[name] = sum(r.augmented for r in records)
+    ShardIndex(OUT, classes, size, channels, files, counts).save()
+
+    summary = {**{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
+               "train.augmented": augmented["train"]}
+    write_json(summary, "metrics/balance.json")
+    mlflow.log_metrics(summary)
+    mlflow.log_artifact(str(OUT / "index.json"), artifact_path="balance")
+    print("balance: train " + ", ".join(f"{label} {n}" for label, n in counts["train"].items()))
