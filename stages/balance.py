@@ -25,21 +25,21 @@ with stage_run("balance", params.tracking.experiment, logged):
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
 
-    files, counts, augmented = {}, {}, {}
+    files, counts = {}, {}
     for name in SPLITS:
         rows = split[split["split"] == name]
         if name == "train":
             records = balanced_training_records(rows, classes, size, channels, params.balance.target,
                                                 params.balance.seed, params.balance.augment)
+            augmented = sum(record.augmented for record in records)
         else:
             records = plain_records(rows, classes, size, channels)
         files[name] = write_split(records, OUT, name, params.balance.shard_size)
         counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
-        augmented[name] = sum(r.augmented for r in records)
     ShardIndex(OUT, classes, size, channels, files, counts).save()
 
     summary = {**{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
-               "train.augmented": augmented["train"]}
+               "train.augmented": augmented}
     write_json(summary, "metrics/balance.json")
     mlflow.log_metrics(summary)
     mlflow.log_artifact(str(OUT / "index.json"), artifact_path="balance")

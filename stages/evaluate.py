@@ -35,8 +35,8 @@ with stage_run("evaluate", params.tracking.experiment, flatten(params.evaluate, 
         "predicted": [classes[i] for i in predicted],
         "confidence": probabilities.max(axis=1),
         **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
-    })
-    write_manifest(table, PREDICTIONS, sort_by=["path"])
+    }).sort_values("path", kind="mergesort")
+    write_manifest(table, PREDICTIONS)
     write_manifest(table[["actual", "predicted"]], CONFUSION)
 
     mlflow.log_metrics({key: value for key, value in metrics.items() if value == value})  # NaN is not loggable

@@ -12,28 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import keras
-from keras import layers, ops
+from keras import layers
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
 
 
-@keras.saving.register_keras_serializable(package="brainmri")
-class PerImageStandardization(layers.Layer):
-    """Zero mean, unit variance per image: scans differ widely in intensity scale."""
+def per_image_standardization(inputs):
+    """Zero mean, unit variance per image: scans differ widely in intensity scale.
 
-    def __init__(self, epsilon: float = 1e-3, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.epsilon = epsilon
-
-    def call(self, inputs):
-        inputs = ops.cast(inputs, self.compute_dtype)
-        mean = ops.mean(inputs, axis=(1, 2, 3), keepdims=True)
-        std = ops.std(inputs, axis=(1, 2, 3), keepdims=True)
-        return (inputs - mean) / ops.maximum(std, self.epsilon)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "epsilon": self.epsilon}
+    Built from stock layers (LayerNormalization over height, width and
+    channels) so the saved model loads with plain Keras, no project code.
+    """
+    x = layers.Rescaling(1 / 255, name="rescale")(inputs)
+    return layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-6,
+                                     name="standardize")(x)
 
 
 def _conv_block(x, filters: int, name: str):
@@ -48,7 +41,7 @@ def _conv_block(x, filters: int, name: str):
 
 def compact_cnn(inputs, width: int):
     """Four conv blocks (width, 2w, 4w, 8w filters): small enough to train on a CPU."""
-    x = PerImageStandardization(name="standardize")(inputs)
+    x = per_image_standardization(inputs)
     for block, multiplier in enumerate((1, 2, 4, 8), start=1):
         x = _conv_block(x, width * multiplier, name=f"block{block}")
     return x

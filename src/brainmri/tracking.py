@@ -74,7 +74,7 @@ def _experiment_id(mlflow: Any, name: str) -> str:
     location = (project_root() / ARTIFACT_DIR).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
-    except Exception:  # created meanwhile by a concurrent stage of another experiment
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent stage
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             raise

@@ -1,0 +1,80 @@
+import numpy as np
+import pandas as pd
+
+from brainmri.augment import augment
+from brainmri.balance import balanced_training_records, plain_records
+from brainmri.data import scan_folder, stratified_split
+from brainmri.params import AugmentParams
+from brainmri.shards import ShardIndex, write_split
+
+from conftest import CLASSES, make_dataset
+
+
+def uneven_split(root) -> pd.DataFrame:
+    make_dataset(root, per_class=12)
+    for surplus in (root / "glioma").glob("glioma_00[6-9]*"):
+        surplus.unlink()
+    images = scan_folder(root, [".jpg", ".png"], 2).images
+    return stratified_split(images, val=0.2, test=0.2, seed=0)
+
+
+def test_augment_is_seeded_and_changes_the_image():
+    image = np.zeros((32, 32, 1), np.uint8)
+    image[8:16, 4:12] = 200
+    params = AugmentParams(rotation=20, shift=0.1, zoom=0.1, flip=True, brightness=0.2, contrast=0.2)
+    first = augment(image, np.random.default_rng(7), params)
+    assert first.shape == image.shape and first.dtype == np.uint8
+    assert np.array_equal(first, augment(image, np.random.default_rng(7), params))
+    assert not np.array_equal(first, image)
+
+
+def test_augment_with_everything_off_is_the_identity():
+    image = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    params = AugmentParams(rotation=0, shift=0, zoom=0, flip=False, brightness=0, contrast=0)
+    assert np.array_equal(augment(image, np.random.default_rng(1), params), image)
+
+
+def test_training_split_is_balanced_to_the_largest_class(tmp_path):
+    split = uneven_split(tmp_path)
+    train = split[split["split"] == "train"]
+    before = train["label"].value_counts()
+    assert before["glioma"] < before["notumor"]
+    records = balanced_training_records(train, CLASSES, 24, 1, "max", 0, AugmentParams())
+    counts = pd.Series([CLASSES[r.label] for r in records]).value_counts()
+    assert set(counts) == {before.max()}
+    originals = [r for r in records if not r.augmented]
+    assert len(originals) == len(train)  # every original kept once, unchanged
+    assert sum(r.augmented for r in records) == before.max() * 4 - len(train)
+
+
+def test_integer_target_below_a_class_size_undersamples(tmp_path):
+    train = uneven_split(tmp_path).query("split == 'train'")
+    records = balanced_training_records(train, CLASSES, 24, 1, 3, 0, AugmentParams())
+    assert len(records) == 12 and not any(r.augmented for r in records)
+
+
+def test_shards_are_byte_identical_for_the_same_inputs(tmp_path):
+    split = uneven_split(tmp_path / "images")
+    train = split[split["split"] == "train"]
+    outputs = []
+    for attempt in ("a", "b"):
+        folder = tmp_path / attempt
+        folder.mkdir()
+        records = balanced_training_records(train, CLASSES, 24, 1, "max", 5, AugmentParams())
+        names = write_split(records, folder, "train", shard_size=10)
+        outputs.append([(folder / name).read_bytes() for name in names])
+    assert len(outputs[0]) > 1 and outputs[0] == outputs[1]
+
+
+def test_shard_index_round_trip(tmp_path):
+    split = uneven_split(tmp_path / "images")
+    test = split[split["split"] == "test"]
+    records = plain_records(test, CLASSES, 24, 3)
+    names = write_split(records, tmp_path, "test", shard_size=4)
+    counts = {label: int((test["label"] == label).sum()) for label in CLASSES}
+    ShardIndex(tmp_path, CLASSES, 24, 3, {"test": names}, {"test": counts}).save()
+    index = ShardIndex.load(tmp_path)
+    images, labels, paths = index.arrays("test")
+    assert images.shape == (len(test), 24, 24, 3) and images.dtype == np.uint8
+    assert paths == [r.path for r in records]
+    assert np.array_equal(images[0], records[0].image) and list(labels) == [r.label for r in records]

@@ -1,0 +1,105 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from brainmri.params import ParamsError, flatten, load_params
+
+from conftest import PROJECT
+
+
+def write(tmp_path: Path, params: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def project_params() -> dict:
+    return yaml.safe_load((PROJECT / "params.yaml").read_text())
+
+
+def test_project_params_file_is_valid_and_has_the_documented_keys():
+    params = load_params(PROJECT / "params.yaml")
+    assert params.ingest.source == "data/sample"
+    assert params.train.model == "compact_cnn" and params.train.weights is None
+    for key in ("epochs", "lr", "batch_size", "image_size"):
+        assert getattr(params.train, key) > 0
+    assert isinstance(params.split.seed, int)
+
+
+def test_unknown_key_is_named(tmp_path):
+    raw = project_params()
+    raw["train"]["lrr"] = 0.1
+    with pytest.raises(ParamsError, match=r"unknown key 'train\.lrr'"):
+        load_params(write(tmp_path, raw))
+
+
+def test_unknown_section_is_named(tmp_path):
+    raw = project_params()
+    raw["trian"] = {"lr": 0.1}
+    with pytest.raises(ParamsError, match=r"unknown key 'trian'"):
+        load_params(write(tmp_path, raw))
+
+
+def test_wrong_type_is_named_with_the_value(tmp_path):
+    raw = project_params()
+    raw["train"]["epochs"] = "many"
+    with pytest.raises(ParamsError, match=r"'train\.epochs'.*'many'"):
+        load_params(write(tmp_path, raw))
+
+
+def test_nested_wrong_type_is_named(tmp_path):
+    raw = project_params()
+    raw["balance"]["augment"]["rotation"] = -5
+    with pytest.raises(ParamsError, match=r"'balance\.augment\.rotation'"):
+        load_params(write(tmp_path, raw))
+
+
+def test_missing_source_is_named(tmp_path):
+    raw = project_params()
+    del raw["ingest"]["source"]
+    with pytest.raises(ParamsError, match=r"missing key 'ingest\.source'"):
+        load_params(write(tmp_path, raw))
+
+
+def test_split_shares_must_leave_training_data(tmp_path):
+    raw = project_params()
+    raw["split"].update(val=0.5, test=0.5)
+    with pytest.raises(ParamsError, match=r"'split'.*val \+ test"):
+        load_params(write(tmp_path, raw))
+
+
+def test_values_written_by_dvc_set_are_understood(tmp_path):
+    # `dvc exp run -S train.lr=3e-4 -S train.weights=none` writes these strings.
+    raw = project_params()
+    raw["train"].update(lr="3e-4", weights="none")
+    params = load_params(write(tmp_path, raw))
+    assert params.train.lr == pytest.approx(3e-4)
+    assert params.train.weights is None
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+
+
+def test_flatten_names_nested_keys():
+    params = load_params(PROJECT / "params.yaml")
+    flat = flatten(params.balance, "balance")
+    assert flat["balance.augment.flip"] is True
+    assert "balance.seed" in flat
+
+
+def test_cli_check_reports_valid_and_invalid_files(tmp_path, capsys):
+    from brainmri.cli import main
+
+    assert main(["check", str(PROJECT / "params.yaml")]) == 0
+    assert "valid" in capsys.readouterr().out
+    raw = project_params()
+    raw["train"]["batch_size"] = 0
+    with pytest.raises(ParamsError, match=r"'train\.batch_size'"):
+        main(["check", str(write(tmp_path, raw))])

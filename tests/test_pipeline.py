@@ -1,0 +1,167 @@
+"""The pipeline as users drive it: dvc repro, dvc exp run, the queue, metrics
+diff, exp show, and what lands in MLflow. One temporary repository for the
+module; the tests run in file order and build on each other's state."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import create_project, run, stages_run, update_params
+
+pytestmark = pytest.mark.pipeline
+
+ALL_STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam"]
+DOWNSTREAM_OF_TRAIN = ["train", "evaluate", "gradcam"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return create_project(tmp_path_factory.mktemp("pipeline") / "project")
+
+
+def mlflow_client(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def runs(repo: Path, filter_string: str = "") -> list:
+    client = mlflow_client(repo)
+    experiment = client.get_experiment_by_name("brain-mri")
+    return client.search_runs([experiment.experiment_id], filter_string=filter_string, max_results=500)
+
+
+def test_repro_runs_all_seven_stages_in_order_then_nothing(repo):
+    first = run(["dvc", "repro"], repo)
+    assert stages_run(first.stdout) == ALL_STAGES
+    for output in ("models/model.keras", "models/model.json", "reports/predictions.csv", "data/prepared/index.json"):
+        assert (repo / output).is_file(), output
+    assert list((repo / "reports" / "gradcam").glob("*.png"))
+    metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert {"accuracy", "macro_f1", "roc_auc_macro", "f1.glioma", "roc_auc.pituitary"} <= set(metrics)
+
+    second = run(["dvc", "repro"], repo)
+    assert stages_run(second.stdout) == []
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "baseline results"], repo)
+
+
+def test_manifests_are_byte_identical_when_rebuilt(repo):
+    outputs = ["data/interim/manifest.csv", "data/interim/dedup.csv", "data/interim/split.csv",
+               "data/prepared/train-00000.tfrecord", "data/prepared/index.json"]
+    before = {path: (repo / path).read_bytes() for path in outputs}
+    forced = run(["dvc", "repro", "--force", "balance", "--single-item"], repo)
+    run(["dvc", "repro", "--force", "ingest", "--single-item"], repo)
+    assert stages_run(forced.stdout) == ["balance"]
+    assert {path: (repo / path).read_bytes() for path in outputs} == before
+    assert stages_run(run(["dvc", "repro"], repo).stdout) == []
+
+
+def test_params_change_reruns_only_the_stages_that_read_it(repo):
+    result = run(["dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1"], repo)
+    assert stages_run(result.stdout) == DOWNSTREAM_OF_TRAIN
+    assert json.loads((repo / "metrics" / "train.json").read_text())["epochs_run"] == 1
+
+
+def test_metrics_diff_reports_the_changed_metrics(repo):
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)
+    assert diff["metrics/train.json"]["epochs_run"] == {"old": 2, "new": 1, "diff": -1}
+    assert "accuracy" in diff.get("metrics/evaluate.json", {}) or diff["metrics/train.json"]
+
+
+def test_plots_render_training_curves_and_the_confusion_matrix(repo):
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    assert any("train_history.csv" in name for name in shown)
+    assert any("confusion.csv" in name for name in shown)
+    assert not shown.get("errors")
+
+
+def test_exp_show_lists_the_experiment_with_params_and_metrics(repo):
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    experiments = [exp for baseline in shown for exp in (baseline.get("experiments") or [])]
+    by_name = {exp["name"]: exp for exp in experiments}
+    assert "one-epoch" in by_name
+    data = by_name["one-epoch"]["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    assert data["metrics"]["metrics/train.json"]["data"]["epochs_run"] == 1
+
+
+def test_queued_experiments_run_and_log_to_the_workspace_store(repo):
+    run(["git", "checkout", "--", "params.yaml"], repo)
+    run(["dvc", "checkout", "--force"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-a", "-S", "train.lr=0.002"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-b", "-S", "train.lr=0.005", "-S", "train.epochs=1"], repo)
+    run(["dvc", "queue", "start", "--jobs", "1"], repo)
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    else:
+        pytest.fail(f"queue did not finish:\n{status}")
+    assert status.count("Success") == 2, status + run(["dvc", "queue", "logs", "queued-b"], repo, check=False).stdout
+
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    names = {exp["name"] for baseline in shown for exp in (baseline.get("experiments") or [])}
+    assert {"queued-a", "queued-b"} <= names
+    for name, lr in (("queued-a", "0.002"), ("queued-b", "0.005")):
+        stage_runs = runs(repo, f"tags.`dvc.exp_name` = '{name}'")
+        assert sorted(r.data.tags["brainmri.stage"] for r in stage_runs) == sorted(DOWNSTREAM_OF_TRAIN)
+        train = next(r for r in stage_runs if r.data.tags["brainmri.stage"] == "train")
+        assert train.data.params["train.lr"] == lr
+        assert train.info.status == "FINISHED"
+    assert not list((repo / ".dvc" / "tmp" / "exps").glob("**/mlflow.db")), "a queued run made its own store"
+
+
+def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(repo):
+    workspace = [r for r in runs(repo) if "dvc.exp_name" not in r.data.tags]
+    first_pipeline = workspace[-1].data.tags["brainmri.pipeline"]  # oldest run: the first repro
+    group = [r for r in workspace if r.data.tags["brainmri.pipeline"] == first_pipeline]
+    assert sorted(r.data.tags["brainmri.stage"] for r in group) == sorted(ALL_STAGES)
+    head = run(["git", "rev-list", "--max-parents=0", "HEAD"], repo).stdout.strip()
+    by_stage = {r.data.tags["brainmri.stage"]: r for r in group}
+    assert all(r.data.tags["mlflow.source.git.commit"] == head for r in group)
+    assert by_stage["ingest"].data.params["ingest.source"] == "data/sample"
+    assert by_stage["ingest"].data.metrics["images"] == 32
+    assert by_stage["train"].data.params["train.epochs"] == "2"
+    assert "val_accuracy" in by_stage["train"].data.metrics
+    assert 0.0 <= by_stage["evaluate"].data.metrics["accuracy"] <= 1.0
+
+    client = mlflow_client(repo)
+    history = client.get_metric_history(by_stage["train"].info.run_id, "val_loss")
+    assert len(history) == 2  # one point per epoch
+    evaluate_files = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")]
+    assert "evaluate/predictions.csv" in evaluate_files
+    assert len(client.list_artifacts(by_stage["gradcam"].info.run_id, "gradcam")) == 4
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    logged = [m for m in mlflow.search_logged_models(experiment_ids=[by_stage["train"].info.experiment_id],
+                                                     output_format="list")
+              if m.source_run_id == by_stage["train"].info.run_id]
+    assert len(logged) == 1
+    model = mlflow.keras.load_model(logged[0].model_uri)
+    assert model.output_shape == (None, 4)
+
+
+def test_bad_params_stop_the_pipeline_naming_the_key(repo):
+    update_params(repo / "params.yaml", {"train": {"lrr": 0.1}})
+    result = run(["dvc", "repro"], repo, check=False)
+    assert result.returncode != 0
+    assert "unknown key 'train.lrr'" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    run(["git", "checkout", "--", "params.yaml"], repo)
+
+
+def test_missing_source_folder_stops_the_pipeline_naming_it(repo):
+    update_params(repo / "params.yaml", {"ingest": {"source": "data/nowhere"}})
+    result = run(["dvc", "repro"], repo, check=False)
+    assert result.returncode != 0
+    assert "data/nowhere" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    run(["git", "checkout", "--", "params.yaml"], repo)
