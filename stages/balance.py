@@ -7,7 +7,8 @@ from pathlib import Path
 import mlflow
 
 from brainmri.balance import balanced_training_records, plain_records
-from brainmri.data import MANIFEST_COLUMNS, SPLITS
+from brainmri.data import SPLITS
+from brainmri.ingest import MANIFEST_COLUMNS
 from brainmri.manifest import read_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params

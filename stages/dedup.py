@@ -1,10 +1,11 @@
-"""dedup: keep one image per content hash; drop groups whose copies disagree on the label."""
+"""dedup: group exact and near-duplicate images; keep one per group, drop groups with conflicting labels."""
 
 from pathlib import Path
 
 import mlflow
 
-from brainmri.data import MANIFEST_COLUMNS, drop_exact_duplicates
+from brainmri.dedup import find_duplicates
+from brainmri.ingest import MANIFEST_COLUMNS
 from brainmri.manifest import read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
@@ -13,23 +14,28 @@ from brainmri.tracking import stage_run
 KEPT, GROUPS = Path("data/interim/dedup.csv"), Path("data/interim/duplicate_groups.csv")
 
 params = load_params()
-with stage_run("dedup", params.tracking.experiment, flatten(params.dedup, "dedup")):
+p = params.dedup
+with stage_run("dedup", params.tracking.experiment, flatten(p, "dedup")):
     manifest = read_manifest("data/interim/manifest.csv", MANIFEST_COLUMNS)
-    result = drop_exact_duplicates(manifest)
-    write_manifest(result.kept, KEPT, sort_by=["label", "path"])
+    result = find_duplicates(manifest, p.near, p.hash_distance, p.min_correlation, p.workers)
+    write_manifest(result.kept, KEPT)
     write_manifest(result.groups, GROUPS)
 
+    actions = result.groups["action"]
     summary = {
         "input_images": len(manifest),
         "kept_images": len(result.kept),
-        "exact_duplicate_groups": int(result.groups["group"].nunique()),
-        "exact_duplicates_removed": int((result.groups["action"] == "dropped: duplicate").sum()),
-        "conflicting_label_images_removed": int(result.groups["action"].str.contains("conflicting").sum()),
+        "duplicate_groups": int(result.groups["group"].nunique()),
+        "exact_duplicates_removed": int((actions == "dropped: exact duplicate").sum()),
+        "near_duplicates_removed": int((actions == "dropped: near duplicate").sum()),
+        "near_duplicate_pairs": result.near_pairs,
+        "conflicting_groups": int(result.groups.loc[actions == "dropped: conflicting labels", "group"].nunique()),
+        "conflicting_images_removed": int((actions == "dropped: conflicting labels").sum()),
     }
     write_json(summary, "metrics/dedup.json")
     mlflow.log_metrics(summary)
     for path in (KEPT, GROUPS):
         mlflow.log_artifact(str(path), artifact_path="dedup")
     print(f"dedup: kept {summary['kept_images']} of {summary['input_images']} "
-          f"({summary['exact_duplicates_removed']} exact copies, "
-          f"{summary['conflicting_label_images_removed']} with conflicting labels)")
+          f"({summary['exact_duplicates_removed']} exact and {summary['near_duplicates_removed']} near copies, "
+          f"{summary['conflicting_images_removed']} in {summary['conflicting_groups']} groups with conflicting labels)")

@@ -1,28 +1,33 @@
-"""ingest: scan the folder-per-class source into a manifest of decodable images."""
+"""ingest: decode every image under ingest.source into a manifest; bad files go to rejects."""
 
 from pathlib import Path
 
 import mlflow
 
-from brainmri.data import scan_folder
+from brainmri.ingest import scan
 from brainmri.manifest import write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
+from brainmri.report import write_data_report
 from brainmri.tracking import stage_run
 
-MANIFEST, REJECTS = Path("data/interim/manifest.csv"), Path("data/interim/rejects.csv")
+MANIFEST, REJECTS, REPORT = Path("data/interim/manifest.csv"), Path("data/interim/rejects.csv"), Path("reports/data")
 
 params = load_params()
 with stage_run("ingest", params.tracking.experiment, flatten(params.ingest, "ingest")):
-    scan = scan_folder(params.ingest.source, params.ingest.extensions, params.ingest.min_per_class)
-    write_manifest(scan.images, MANIFEST, sort_by=["label", "path"])
-    write_manifest(scan.rejects, REJECTS, sort_by=["path"])
+    result = scan(params.ingest)
+    write_manifest(result.images, MANIFEST)
+    write_manifest(result.rejects, REJECTS)
+    report = write_data_report(result.images, result.rejects, result.layout, REPORT)
 
-    counts = scan.images["label"].value_counts().sort_index()
-    summary = {"images": len(scan.images), "rejected": len(scan.rejects),
-               **{f"class_count.{label}": int(n) for label, n in counts.items()}}
+    summary = {"images": len(result.images), "rejected": len(result.rejects),
+               "outliers": int((result.images["outlier"] != "").sum()),
+               **{f"class_count.{label}": n for label, n in report["per_class"].items()}}
     write_json(summary, "metrics/ingest.json")
     mlflow.log_metrics(summary)
+    mlflow.set_tag("brainmri.layout", result.layout)
     for path in (MANIFEST, REJECTS):
         mlflow.log_artifact(str(path), artifact_path="ingest")
-    print(f"ingest: {len(scan.images)} images in {len(counts)} classes, {len(scan.rejects)} rejected")
+    mlflow.log_artifacts(str(REPORT), artifact_path="data_report")
+    print(f"ingest ({result.layout}): {summary['images']} images in {len(report['per_class'])} classes, "
+          f"{summary['rejected']} rejected, {summary['outliers']} flagged as outliers")

@@ -1,27 +1,33 @@
-"""split: stratified, seeded train/val/test assignment of the deduplicated images."""
+"""split: stratified, seeded train/val/test; duplicate groups never straddle splits."""
 
 from pathlib import Path
 
 import mlflow
 
-from brainmri.data import MANIFEST_COLUMNS, SPLITS, stratified_split
+from brainmri.data import SPLITS, split_images
+from brainmri.ingest import MANIFEST_COLUMNS
 from brainmri.manifest import read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
 from brainmri.tracking import stage_run
 
-SPLIT = Path("data/interim/split.csv")
+SPLIT, LEAKAGE = Path("data/interim/split.csv"), Path("data/interim/leakage.csv")
 
 params = load_params()
-with stage_run("split", params.tracking.experiment, flatten(params.split, "split")):
-    images = read_manifest("data/interim/dedup.csv", MANIFEST_COLUMNS)
-    split = stratified_split(images, params.split.val, params.split.test, params.split.seed)
-    write_manifest(split, SPLIT)
+p = params.split
+with stage_run("split", params.tracking.experiment, flatten(p, "split")):
+    kept = read_manifest("data/interim/dedup.csv", [*MANIFEST_COLUMNS, "group"])
+    result = split_images(kept, p.val, p.test, p.seed, p.test_subset)
+    write_manifest(result.assigned, SPLIT)
+    write_manifest(result.leaked, LEAKAGE)
 
-    counts = split.groupby(["split", "label"]).size()
+    counts = result.assigned.groupby(["split", "label"]).size()
     summary = {f"{name}.{label}": int(n) for (name, label), n in counts.items()}
-    summary.update({f"{name}.total": int((split["split"] == name).sum()) for name in SPLITS})
+    summary.update({f"{name}.total": int((result.assigned["split"] == name).sum()) for name in SPLITS})
+    summary["leaked_test_images_removed"] = len(result.leaked)
     write_json(summary, "metrics/split.json")
     mlflow.log_metrics(summary)
-    mlflow.log_artifact(str(SPLIT), artifact_path="split")
-    print("split: " + ", ".join(f"{name} {summary[f'{name}.total']}" for name in SPLITS))
+    for path in (SPLIT, LEAKAGE):
+        mlflow.log_artifact(str(path), artifact_path="split")
+    print("split: " + ", ".join(f"{name} {summary[f'{name}.total']}" for name in SPLITS)
+          + (f"; {len(result.leaked)} test images removed as copies of training images" if p.test_subset else ""))

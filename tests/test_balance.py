@@ -3,7 +3,9 @@ import pandas as pd
 
 from brainmri.augment import augment
 from brainmri.balance import balanced_training_records, plain_records
-from brainmri.data import scan_folder, stratified_split
+from brainmri.data import stratified_split
+from brainmri.ingest import scan
+from brainmri.params import IngestParams
 from brainmri.params import AugmentParams
 from brainmri.shards import ShardIndex, write_split
 
@@ -14,7 +16,7 @@ def uneven_split(root) -> pd.DataFrame:
     make_dataset(root, per_class=12)
     for surplus in (root / "glioma").glob("glioma_00[6-9]*"):
         surplus.unlink()
-    images = scan_folder(root, [".jpg", ".png"], 2).images
+    images = scan(IngestParams(source=str(root), workers=1)).images
     return stratified_split(images, val=0.2, test=0.2, seed=0)
 
 

@@ -74,9 +74,11 @@ def test_metrics_diff_reports_the_changed_metrics(repo):
 
 def test_plots_render_training_curves_and_the_confusion_matrix(repo):
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
-    assert any("train_history.csv" in name for name in shown)
-    assert any("confusion.csv" in name for name in shown)
-    assert not shown.get("errors")
+    assert not shown.get("errors"), shown["errors"]
+    rendered = {name: plots for name, plots in shown["data"].items() if plots}
+    assert {"accuracy", "loss", "confusion"} <= set(rendered), list(shown["data"])
+    confusion = rendered["confusion"]
+    assert len(confusion[0]["content"]["data"]["values"]) == 8  # one point per test image
 
 
 def test_exp_show_lists_the_experiment_with_params_and_metrics(repo):

@@ -30,20 +30,42 @@ class TrackingParams(_Section):
     experiment: str = "brain-mri"
 
 
+class OutlierParams(_Section):
+    min_side: int = Field(64, ge=1, description="flag images whose short side is smaller (px)")
+    max_aspect: float = Field(2.0, ge=1, description="flag images more elongated than this")
+    brightness_z: float = Field(5.0, gt=0, description="flag mean brightness this many robust SDs off")
+    contrast_z: float = Field(5.0, gt=0, description="flag contrast this many robust SDs off")
+
+
 class IngestParams(_Section):
     source: str
+    classes: list[str] | None = Field(None, description="class folders to use, or YOLO class-id names")
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"]
     min_per_class: int = Field(2, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1, description="larger images are rejected undecoded")
+    workers: int = Field(0, ge=0, description="decoding processes; 0: one per CPU core")
+    outliers: OutlierParams = OutlierParams()
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and (len(value) < 2 or len(set(value)) != len(value)):
+            raise ValueError("must name at least 2 distinct classes")
+        return value
 
 
 class DedupParams(_Section):
-    method: Literal["sha256"] = "sha256"
+    near: bool = True
+    hash_distance: int = Field(6, ge=0, le=31, description="max pHash bits apart for a candidate pair")
+    min_correlation: float = Field(0.99, gt=0, le=1, description="thumbnail correlation that confirms a pair")
+    workers: int = Field(0, ge=0, description="thumbnail processes; 0: one per CPU core")
 
 
 class SplitParams(_Section):
     seed: int = 42
     val: float = Field(0.15, gt=0, lt=1)
-    test: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+    test_subset: str | None = Field(None, description="use this ingested subset (e.g. Testing) as the test split")
 
 
 class AugmentParams(_Section):

@@ -1,0 +1,146 @@
+"""Exact and near-duplicate groups.
+
+Exact copies share a SHA-256 of their bytes. Near copies (re-encoded, rescaled,
+slightly re-windowed) are found in two steps:
+
+1. candidates: 64-bit perceptual hashes (pHash, computed by ingest) within
+   `dedup.hash_distance` bits. The search is multi-index hashing: the 64 bits
+   are cut into `hash_distance + 1` bands, and by the pigeonhole principle two
+   hashes that close agree exactly on at least one band, so only hashes
+   sharing a band value are compared — no all-pairs scan.
+2. confirmation: the Pearson correlation of the two images' standardised
+   64x64 thumbnails must reach `dedup.min_correlation`. pHash alone also
+   matches different slices of similar anatomy; adjacent slices of one series
+   stay below the correlation bar (see README: how the threshold was chosen).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from brainmri.images import load_array
+
+THUMBNAIL_SIZE = 64
+GROUP_COLUMNS = ["group", "path", "label", "subset", "match", "action"]
+
+
+def hash_values(hex_hashes: pd.Series) -> np.ndarray:
+    return np.array([int(value, 16) for value in hex_hashes], dtype=np.uint64)
+
+
+def candidate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """(i, j) index pairs, i < j, whose hashes differ in at most `max_distance` bits."""
+    bands = max_distance + 1
+    edges = np.linspace(0, 64, bands + 1).astype(int)
+    found: set[tuple[int, int]] = set()
+    for low, high in zip(edges[:-1], edges[1:]):
+        mask = np.uint64((1 << (high - low)) - 1)
+        keys = (hashes >> np.uint64(low)) & mask
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+        ends = np.r_[starts[1:], len(order)]
+        for start, end in zip(starts, ends):
+            if end - start < 2:
+                continue
+            members = np.sort(order[start:end])
+            distances = np.bitwise_count(hashes[members][:, None] ^ hashes[members][None, :])
+            rows, columns = np.nonzero(np.triu(distances <= max_distance, k=1))
+            found.update(zip(members[rows].tolist(), members[columns].tolist()))
+    return np.array(sorted(found), dtype=np.int64).reshape(-1, 2)
+
+
+def thumbnail(path: str) -> np.ndarray:
+    """Standardised (zero mean, unit variance) 64x64 grey thumbnail, flattened."""
+    pixels = load_array(path, THUMBNAIL_SIZE, 1).astype(np.float64).ravel()
+    return (pixels - pixels.mean()) / max(pixels.std(), 1e-6)
+
+
+def thumbnails(paths: list[str], workers: int) -> np.ndarray:
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(paths) < 64:
+        return np.array([thumbnail(p) for p in paths]).reshape(len(paths), -1)
+    with ProcessPoolExecutor(workers) as pool:
+        return np.array(list(pool.map(thumbnail, paths, chunksize=32)))
+
+
+class _UnionFind:
+    def __init__(self, size: int) -> None:
+        self.parent = np.arange(size)
+
+    def find(self, item: int) -> int:
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # the smaller index (first path) leads
+
+
+@dataclass(frozen=True)
+class Dedup:
+    kept: pd.DataFrame  # manifest rows + group, group_size: one per group and subset
+    groups: pd.DataFrame  # every member of a group of 2+: GROUP_COLUMNS
+    near_pairs: int  # confirmed near-duplicate pairs (before grouping)
+
+
+def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlation: float,
+                         workers: int) -> np.ndarray:
+    """Candidate pairs by pHash, kept where the thumbnails correlate at least `min_correlation`."""
+    pairs = candidate_pairs(hash_values(manifest["phash"]), max_distance)
+    pairs = pairs[manifest["sha256"].to_numpy()[pairs[:, 0]] != manifest["sha256"].to_numpy()[pairs[:, 1]]]
+    if len(pairs) == 0:
+        return pairs
+    involved = np.unique(pairs)
+    lookup = {index: row for row, index in enumerate(involved)}
+    thumbs = thumbnails(manifest["path"].to_numpy()[involved].tolist(), workers)
+    left = thumbs[[lookup[i] for i in pairs[:, 0]]]
+    right = thumbs[[lookup[j] for j in pairs[:, 1]]]
+    correlation = (left * right).mean(axis=1)
+    return pairs[correlation >= min_correlation]
+
+
+def find_duplicates(manifest: pd.DataFrame, near: bool, max_distance: int, min_correlation: float,
+                    workers: int = 0) -> Dedup:
+    """Group exact and near copies; keep the first path of each group in each subset;
+    drop whole any group whose members disagree on the label."""
+    manifest = manifest.sort_values("path", kind="mergesort").reset_index(drop=True)
+    union = _UnionFind(len(manifest))
+    for indices in manifest.groupby("sha256").indices.values():
+        for other in indices[1:]:
+            union.union(int(indices[0]), int(other))
+    near_pairs = (near_duplicate_pairs(manifest, max_distance, min_correlation, workers)
+                  if near else np.empty((0, 2), dtype=np.int64))
+    for i, j in near_pairs:
+        union.union(int(i), int(j))
+
+    roots = np.array([union.find(i) for i in range(len(manifest))])
+    frame = manifest.assign(
+        group=manifest["sha256"].str[:16].to_numpy()[roots],
+        group_size=pd.Series(roots).map(pd.Series(roots).value_counts()).to_numpy(),
+    )
+    conflicting = frame.groupby("group")["label"].transform("nunique") > 1
+    representative = ~frame.duplicated(["group", "subset"], keep="first")
+    shares_bytes = frame.duplicated("sha256", keep=False)
+    byte_copy = frame.duplicated("sha256", keep="first")  # same bytes as an earlier path
+
+    members = frame[frame["group_size"] > 1].copy()
+    members["match"] = np.where(shares_bytes[members.index], "exact", "near")
+    members["action"] = np.select(
+        [conflicting[members.index], representative[members.index]],
+        ["dropped: conflicting labels", "kept"],
+        default=np.where(byte_copy[members.index], "dropped: exact duplicate", "dropped: near duplicate"),
+    )
+    kept = frame[representative & ~conflicting].sort_values(["label", "path"], kind="mergesort")
+    groups = members[GROUP_COLUMNS].sort_values(["group", "path"], kind="mergesort")
+    return Dedup(kept.reset_index(drop=True), groups.reset_index(drop=True), len(near_pairs))

@@ -1,0 +1,231 @@
+"""Ingest: find every labelled image under a source folder, decode it fully,
+and record what it is; anything that cannot be trusted goes to the rejects.
+
+Three layouts are understood:
+
+- folder per class, at any depth: ``source/<class>/**/<image>``;
+- split folders above the class folders, as in the Kaggle download:
+  ``source/Training/<class>/...`` + ``source/Testing/<class>/...`` (the split
+  folder is recorded as ``subset``);
+- YOLO: ``source/images/**/<name>.jpg`` + ``source/labels/**/<name>.txt``
+  whose lines are ``class_id cx cy w h``; the image's label is its first box's
+  class, named by ``ingest.classes``, and all boxes are kept in the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from brainmri.data import DataError
+from brainmri.images import open_image, sha256_file
+from brainmri.params import IngestParams
+
+SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation"}
+MANIFEST_COLUMNS = [
+    "path", "label", "subset", "sha256", "bytes", "mode", "width", "height",
+    "brightness", "contrast", "black_fraction", "phash", "boxes", "outlier",
+]
+REJECT_COLUMNS = ["path", "label", "reason"]
+# Pixels at or below this grey level count as background (MRI air is near 0).
+BLACK_LEVEL = 10
+
+
+@dataclass(frozen=True)
+class Candidate:
+    path: str
+    label: str
+    subset: str = ""
+    boxes: str = ""  # YOLO boxes, "class cx cy w h" joined by ";"
+
+
+@dataclass(frozen=True)
+class Scan:
+    images: pd.DataFrame
+    rejects: pd.DataFrame
+    layout: str
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return Path(os.path.realpath(path)).is_relative_to(root)
+
+
+def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], label: str) -> list[Path]:
+    """Image files below `folder`, sorted; links leading outside `root` are rejected, not followed."""
+    found = []
+    for current, dirs, names in os.walk(folder):
+        current_path = Path(current)
+        for name in sorted(dirs):
+            if (current_path / name).is_symlink() and not _inside(current_path / name, root):
+                rejects.append({"path": (current_path / name).as_posix(), "label": label,
+                                "reason": "link points outside the source tree"})
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (current_path / d).is_symlink())
+        for name in names:
+            path = current_path / name
+            if path.suffix.lower() not in extensions or name.startswith("."):
+                continue
+            if path.is_symlink() and not _inside(path, root):
+                rejects.append({"path": path.as_posix(), "label": label, "reason": "link points outside the source tree"})
+            else:
+                found.append(path)
+    return sorted(found)
+
+
+def _class_folders(parent: Path, wanted: list[str] | None) -> list[Path]:
+    present = sorted(d for d in parent.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if wanted is None:
+        return present
+    missing = [name for name in wanted if not (parent / name).is_dir()]
+    if missing:
+        raise DataError(f"ingest.classes: no folder for {missing} in '{parent}'")
+    return [parent / name for name in wanted]
+
+
+def _yolo_candidates(source: Path, params: IngestParams, root: Path, rejects: list[dict]) -> list[Candidate]:
+    if not params.classes:
+        raise DataError(f"'{source}' has the YOLO layout (images/ + labels/): set ingest.classes to name the class ids")
+    candidates = []
+    for image in _walk(source / "images", root, set(params.extensions), rejects, ""):
+        relative = image.relative_to(source / "images")
+        label_file = (source / "labels" / relative).with_suffix(".txt")
+        subset = relative.parts[0] if len(relative.parts) > 1 else ""
+        try:
+            rows = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
+            boxes = [(int(r[0]), *map(float, r[1:5])) for r in rows]
+        except FileNotFoundError:
+            rejects.append({"path": image.as_posix(), "label": "", "reason": f"no label file {label_file.as_posix()}"})
+            continue
+        except (ValueError, IndexError):
+            rejects.append({"path": image.as_posix(), "label": "", "reason": f"malformed label file {label_file.as_posix()}"})
+            continue
+        if not boxes:
+            rejects.append({"path": image.as_posix(), "label": "", "reason": "label file has no boxes: class unknown"})
+            continue
+        if not all(0 <= box[0] < len(params.classes) for box in boxes):
+            rejects.append({"path": image.as_posix(), "label": "",
+                            "reason": f"class id outside ingest.classes (0..{len(params.classes) - 1})"})
+            continue
+        text = ";".join(f"{b[0]} {b[1]:.6g} {b[2]:.6g} {b[3]:.6g} {b[4]:.6g}" for b in boxes)
+        candidates.append(Candidate(image.as_posix(), params.classes[boxes[0][0]], subset, text))
+    return candidates
+
+
+def discover(params: IngestParams) -> tuple[list[Candidate], list[dict], str, list[str]]:
+    """Every labelled image file under `ingest.source`, the link rejects, the layout and the classes."""
+    source = Path(params.source)
+    if not source.is_dir():
+        raise DataError(f"ingest.source: folder '{source}' does not exist")
+    root = Path(os.path.realpath(source))
+    extensions = {ext.lower() for ext in params.extensions}
+    rejects: list[dict] = []
+    if (source / "images").is_dir() and (source / "labels").is_dir():
+        return _yolo_candidates(source, params, root, rejects), rejects, "yolo", list(params.classes)
+
+    top = [d for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    split_layout = bool(top) and all(d.name.lower() in SPLIT_FOLDER_NAMES for d in top)
+    parents = [(d, d.name) for d in top] if split_layout else [(source, "")]
+    candidates, classes = [], set()
+    for parent, subset in parents:
+        for folder in _class_folders(parent, params.classes):
+            classes.add(folder.name)
+            candidates += [Candidate(p.as_posix(), folder.name, subset)
+                           for p in _walk(folder, root, extensions, rejects, folder.name)]
+    return candidates, rejects, "split-folders" if split_layout else "folder-per-class", sorted(classes)
+
+
+def inspect(candidate: Candidate, max_pixels: int) -> dict:
+    """Decode one file fully: its manifest row, or a row with a `reason` to reject it."""
+    path = Path(candidate.path)
+    row = {"path": candidate.path, "label": candidate.label}
+    size = path.stat().st_size
+    if size == 0:
+        return {**row, "reason": "empty file"}
+    try:
+        with Image.open(path) as header:  # reads the header only
+            (width, height), mode = header.size, header.mode
+        if width * height > max_pixels:  # a decompression bomb is never expanded
+            return {**row, "reason": f"{width}x{height} exceeds ingest.max_pixels={max_pixels}"}
+        image = open_image(path)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return {**row, "reason": f"cannot decode: {exc}"}
+    grey = image.convert("L")
+    pixels = np.asarray(grey, dtype=np.float32)
+    return {
+        **row,
+        "subset": candidate.subset,
+        "sha256": sha256_file(path),
+        "bytes": size,
+        "mode": mode,
+        "width": image.width,
+        "height": image.height,
+        "brightness": round(float(pixels.mean()), 3),
+        "contrast": round(float(pixels.std()), 3),
+        "black_fraction": round(float((pixels <= BLACK_LEVEL).mean()), 4),
+        "phash": str(imagehash.phash(grey)),
+        "boxes": candidate.boxes,
+    }
+
+
+def _inspect_star(args: tuple[Candidate, int]) -> dict:
+    return inspect(*args)
+
+
+def inspect_all(candidates: list[Candidate], max_pixels: int, workers: int) -> list[dict]:
+    """Decode in worker processes (decoding is CPU-bound); results keep the input order."""
+    workers = workers or os.cpu_count() or 1
+    jobs = [(candidate, max_pixels) for candidate in candidates]
+    if workers == 1 or len(jobs) < 64:
+        return [_inspect_star(job) for job in jobs]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_inspect_star, jobs, chunksize=max(16, len(jobs) // (workers * 8))))
+
+
+def _robust_z(values: pd.Series) -> pd.Series:
+    median = values.median()
+    mad = (values - median).abs().median() * 1.4826
+    return (values - median).abs() / mad if mad > 0 else pd.Series(0.0, index=values.index)
+
+
+def flag_outliers(images: pd.DataFrame, params: IngestParams) -> pd.Series:
+    """Reasons an image looks unlike the rest (kept, but listed in the data report)."""
+    limits = params.outliers
+    reasons = pd.Series([[] for _ in range(len(images))], index=images.index, dtype=object)
+    short_side = images[["width", "height"]].min(axis=1)
+    aspect = images[["width", "height"]].max(axis=1) / short_side
+    checks = {
+        f"short side < {limits.min_side}px": short_side < limits.min_side,
+        f"aspect ratio > {limits.max_aspect}": aspect > limits.max_aspect,
+        f"brightness beyond {limits.brightness_z} robust SD": _robust_z(images["brightness"]) > limits.brightness_z,
+        f"contrast beyond {limits.contrast_z} robust SD": _robust_z(images["contrast"]) > limits.contrast_z,
+    }
+    for reason, mask in checks.items():
+        for index in images.index[mask]:
+            reasons[index] = reasons[index] + [reason]
+    return reasons.map("; ".join)
+
+
+def scan(params: IngestParams) -> Scan:
+    candidates, rejects, layout, labels = discover(params)
+    rows = inspect_all(candidates, params.max_pixels, params.workers)
+    rejects += [{key: row[key] for key in REJECT_COLUMNS} for row in rows if "reason" in row]
+    images = pd.DataFrame([row for row in rows if "reason" not in row], columns=MANIFEST_COLUMNS[:-1])
+    images["outlier"] = flag_outliers(images, params) if len(images) else pd.Series(dtype=str)
+    images = images.sort_values(["label", "path"], kind="mergesort").reset_index(drop=True)
+    rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("path", kind="mergesort")
+
+    counts = images["label"].value_counts()
+    short = {label: int(counts.get(label, 0)) for label in labels if counts.get(label, 0) < params.min_per_class}
+    if short:
+        details = ", ".join(f"'{label}' has {n}" for label, n in short.items())
+        raise DataError(f"too few readable images in '{params.source}' (ingest.min_per_class="
+                        f"{params.min_per_class}): {details}")
+    if len(labels) < 2:
+        raise DataError(f"ingest.source: '{params.source}' must hold at least 2 classes, found {labels}")
+    return Scan(images, rejects_frame.reset_index(drop=True), layout)

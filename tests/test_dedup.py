@@ -1,0 +1,80 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from brainmri.dedup import candidate_pairs, find_duplicates
+from brainmri.ingest import scan
+from brainmri.params import DedupParams, IngestParams
+
+from conftest import synthetic_image
+
+DEFAULTS = DedupParams()
+
+
+def dedup(folder):
+    manifest = scan(IngestParams(source=str(folder), workers=1)).images
+    return manifest, find_duplicates(manifest, True, DEFAULTS.hash_distance, DEFAULTS.min_correlation, workers=1)
+
+
+def actions(result) -> dict[str, str]:
+    return dict(zip(result.groups["path"].str.rsplit("/", n=1).str[-1], result.groups["action"]))
+
+
+def test_multi_index_search_finds_exactly_the_close_pairs():
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, 400, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, 400, dtype=np.uint64)
+    hashes[10] = hashes[3] ^ np.uint64(0b101001)  # 3 bits apart
+    hashes[20] = hashes[7] ^ np.uint64((1 << 63) | 1)  # 2 bits apart, at both ends
+    distances = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    for limit in (0, 2, 3, 6):
+        brute = {(i, j) for i, j in zip(*np.nonzero(np.triu(distances <= limit, k=1)))}
+        assert set(map(tuple, candidate_pairs(hashes, limit).tolist())) == brute
+
+
+def test_exact_reencoded_and_rescaled_copies_are_one_group(dataset):
+    folder = dataset / "glioma"
+    shutil.copy(folder / "glioma_000.jpg", folder / "glioma_000_copy.jpg")
+    Image.open(folder / "glioma_000.jpg").save(folder / "glioma_000_reencoded.jpg", quality=70)
+    Image.open(folder / "glioma_000.jpg").resize((40, 40), Image.Resampling.LANCZOS).save(folder / "glioma_000_rescaled.png")
+    manifest, result = dedup(dataset)
+    found = actions(result)
+    assert found == {
+        "glioma_000.jpg": "kept",  # the first path of the group
+        "glioma_000_copy.jpg": "dropped: exact duplicate",
+        "glioma_000_reencoded.jpg": "dropped: near duplicate",
+        "glioma_000_rescaled.png": "dropped: near duplicate",
+    }
+    assert len(result.kept) == len(manifest) - 3
+    assert result.kept["group"].is_unique
+
+
+def test_different_slices_of_one_class_are_not_merged(dataset):
+    # Every synthetic image of a class has its blob in the same quadrant, moved by a
+    # few pixels, with fresh noise: similar anatomy, different slices.
+    manifest, result = dedup(dataset)
+    assert result.groups.empty and len(result.kept) == len(manifest)
+
+
+def test_a_group_with_conflicting_labels_is_dropped_whole(dataset):
+    shutil.copy(dataset / "pituitary" / "pituitary_002.jpg", dataset / "notumor" / "mislabelled.jpg")
+    Image.open(dataset / "pituitary" / "pituitary_002.jpg").save(dataset / "pituitary" / "again.jpg", quality=80)
+    manifest, result = dedup(dataset)
+    assert set(actions(result).values()) == {"dropped: conflicting labels"}
+    assert len(actions(result)) == 3
+    assert not result.kept["path"].str.contains("pituitary_002|mislabelled|again").any()
+
+
+def test_one_copy_is_kept_in_each_subset_for_the_split_to_judge(tmp_path):
+    for subset in ("Training", "Testing"):
+        for label, class_index in (("glioma", 0), ("notumor", 2)):
+            (tmp_path / subset / label).mkdir(parents=True)
+            for variant in range(3):
+                synthetic_image(class_index, variant + (0 if subset == "Training" else 10)).save(
+                    tmp_path / subset / label / f"{variant}.png")
+    Image.open(tmp_path / "Training" / "glioma" / "1.png").save(tmp_path / "Testing" / "glioma" / "leak.jpg", quality=85)
+    _, result = dedup(tmp_path)
+    group = result.groups[result.groups["path"].str.contains("leak.jpg|Training/glioma/1.png")]
+    assert group["group"].nunique() == 1 and set(group["action"]) == {"kept"}
+    assert isinstance(result.kept, pd.DataFrame) and (result.kept["group"] == group["group"].iloc[0]).sum() == 2
