@@ -149,3 +149,19 @@ def test_manifest_is_byte_identical_across_runs_and_worker_counts(dataset, tmp_p
         write_manifest(result.images, tmp_path / f"m{len(outputs)}.csv")
         outputs.append((tmp_path / f"m{len(outputs)}.csv").read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_data_report_has_the_charts_and_lists_outliers(dataset, tmp_path):
+    import json
+
+    from brainmri.report import write_data_report
+
+    (dataset / "notumor" / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("L", (48, 48), 255).save(dataset / "glioma" / "white.png")
+    result = scan(params(dataset, outliers={"min_side": 16}))
+    payload = write_data_report(result.images, result.rejects, result.layout, tmp_path / "report")
+    assert (tmp_path / "report" / "counts.png").stat().st_size > 0
+    assert (tmp_path / "report" / "resolution.png").stat().st_size > 0
+    assert json.loads((tmp_path / "report" / "report.json").read_text()) == payload
+    assert payload["per_class"]["glioma"] == 9 and payload["rejected"] == {"cannot decode": 1}
+    assert [o["path"].rsplit("/", 1)[-1] for o in payload["outliers"]] == ["white.png"]

@@ -139,6 +139,8 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     evaluate_files = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")]
     assert "evaluate/predictions.csv" in evaluate_files
     assert len(client.list_artifacts(by_stage["gradcam"].info.run_id, "gradcam")) == 4
+    report = {a.path for a in client.list_artifacts(by_stage["ingest"].info.run_id, "data_report")}
+    assert report == {"data_report/counts.png", "data_report/resolution.png", "data_report/report.json"}
 
     import mlflow
 
