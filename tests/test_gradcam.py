@@ -1,7 +1,9 @@
-import numpy as np
 import keras
+import numpy as np
+import pytest
 
-from brainmri.gradcam import gradcam_heatmaps, last_feature_map_layer, overlay_panel
+from brainmri.gradcam import (box_mask, energy_inside, gradcam_heatmaps, heatmap_iou, last_feature_map_layer,
+                              overlay_panel, pointing_hit)
 from brainmri.models import build_model, class_probabilities
 from brainmri.params import TrainParams
 from brainmri.training import compile_model
@@ -28,16 +30,21 @@ def bar_images(count: int, seed: int = 0):
     return np.clip(images, 0, 255).astype(np.uint8), labels, centres
 
 
-def test_heatmap_peak_falls_on_the_class_defining_object():
+@pytest.fixture(scope="module")
+def bar_model() -> keras.Model:
     keras.utils.set_random_seed(0)
     images, labels, _ = bar_images(160)
     model = build_model("compact_cnn", 2, SIZE, 1, width=8, dropout=0.0)
     compile_model(model, TrainParams(lr=3e-3, image_size=SIZE), 2)
     model.fit(images, labels[:, None].astype("float32"), epochs=10, batch_size=16, verbose=0)
+    return model
 
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_heatmap_peak_falls_on_the_class_defining_object(bar_model, method):
     test_images, test_labels, centres = bar_images(40, seed=1)
-    assert (class_probabilities(model, test_images).argmax(axis=1) == test_labels).mean() >= 0.9
-    heatmaps, flat = gradcam_heatmaps(model, test_images, test_labels, last_feature_map_layer(model))
+    assert (class_probabilities(bar_model, test_images).argmax(axis=1) == test_labels).mean() >= 0.9
+    heatmaps, flat = gradcam_heatmaps(bar_model, test_images, test_labels, last_feature_map_layer(bar_model), method)
     assert not flat.any()
     hits = 0
     for heatmap, (cy, cx) in zip(heatmaps, centres):
@@ -46,6 +53,93 @@ def test_heatmap_peak_falls_on_the_class_defining_object():
         # The peak cell's centre lies within half a cell of the bar (5 px half-length).
         hits += abs((py + 0.5) * cell - cy) <= cell / 2 + 5 and abs((px + 0.5) * cell - cx) <= cell / 2 + 5
     assert hits >= 0.8 * len(centres), f"peak on the bar for only {hits} of {len(centres)}"
+
+
+def blob_images(count: int, seed: int = 0):
+    """A bright square on a noisy background; the quadrant it sits in is the class."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(20, 5, (count, SIZE, SIZE, 1))
+    labels = np.arange(count) % 4
+    centres = []
+    for i, label in enumerate(labels):
+        row, column = divmod(int(label), 2)
+        cy = rng.integers(6, SIZE // 2 - 6) + row * SIZE // 2
+        cx = rng.integers(6, SIZE // 2 - 6) + column * SIZE // 2
+        images[i, cy - 3:cy + 3, cx - 3:cx + 3, 0] = 230
+        centres.append((cy, cx))
+    return np.clip(images, 0, 255).astype(np.uint8), labels, centres
+
+
+def test_position_coded_blob_is_found_by_gradcam_plus_plus():
+    # Position is the class, so the head must keep position (flatten, not global
+    # pooling). Its gradients are then positive at the blob and negative elsewhere:
+    # Grad-CAM's spatial mean can cancel to a flat map (flagged, never NaN), while
+    # Grad-CAM++ weighs positive gradients only and must find every blob.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((SIZE, SIZE, 1), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    x = keras.layers.Conv2D(8, 5, padding="same", activation="relu", name="features")(x)
+    x = keras.layers.Flatten()(keras.layers.MaxPooling2D(4)(x))
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+    images, labels, _ = blob_images(160)
+    compile_model(model, TrainParams(lr=3e-3, image_size=SIZE), 4)
+    model.fit(images, np.eye(4)[labels], epochs=8, batch_size=16, verbose=0)
+
+    test_images, test_labels, centres = blob_images(24, seed=1)
+    assert (class_probabilities(model, test_images).argmax(axis=1) == test_labels).mean() >= 0.9
+    heatmaps, flat = gradcam_heatmaps(model, test_images, test_labels, "features", "gradcam++")
+    peaks = [np.unravel_index(h.argmax(), h.shape) for h in heatmaps]
+    hits = sum(abs(py - cy) <= 4 and abs(px - cx) <= 4 for (py, px), (cy, cx) in zip(peaks, centres))
+    assert not flat.any() and hits >= 0.8 * len(centres), f"peak in the blob for {hits} of {len(centres)}"
+    plain, plain_flat = gradcam_heatmaps(model, test_images, test_labels, "features", "gradcam")
+    assert np.isfinite(plain).all() and (plain[plain_flat] == 0).all()
+
+
+def test_nested_keras_applications_backbone_is_explained():
+    backbone = keras.applications.MobileNetV3Small(input_shape=(64, 64, 3), include_top=False, weights=None,
+                                                   include_preprocessing=True)
+    inputs = keras.Input((64, 64, 3), dtype="uint8")
+    x = keras.layers.Rescaling(1.0)(inputs)
+    x = backbone(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
+    assert last_feature_map_layer(model) == backbone.name
+    images = np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    for method in ("gradcam", "gradcam++"):
+        heatmaps, flat = gradcam_heatmaps(model, images, np.array([0, 1, 3]), backbone.name, method)
+        assert heatmaps.shape == (3, 2, 2) and np.isfinite(heatmaps).all()
+        assert ((heatmaps.max(axis=(1, 2)) == 1.0) | flat).all()
+
+
+def test_unknown_layer_and_method_are_named():
+    model = build_model("compact_cnn", 3, SIZE, 1, width=4)
+    images, _, _ = bar_images(1)
+    with pytest.raises(SystemExit, match="gradcam.layer: model has no layer 'nope'"):
+        gradcam_heatmaps(model, images, np.array([0]), "nope")
+    with pytest.raises(SystemExit, match="gradcam.method"):
+        gradcam_heatmaps(model, images, np.array([0]), "block4_relu2", "lime")
+
+
+def test_energy_pointing_and_iou_by_hand():
+    heatmap = np.zeros((10, 10))
+    heatmap[2:4, 2:4] = 1.0  # 4 hot pixels
+    heatmap[8, 8] = 0.5
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[0:5, 0:5] = True
+    assert energy_inside(heatmap, mask) == pytest.approx(4 / 4.5)
+    assert pointing_hit(heatmap, mask)
+    # hot (>= half the peak): the 4 pixels in the box and the 0.5 outside; union 25 + 1
+    assert heatmap_iou(heatmap, mask) == pytest.approx(4 / 26)
+    assert np.isnan(energy_inside(np.zeros((10, 10)), mask))
+
+
+def test_yolo_boxes_land_where_the_model_sees_them():
+    # A 200x100 image is padded to 200x200 (50 px bands above and below), then resized to 20.
+    # Box: x 80..120, y 30..70 (+50 padding = 80..120) -> pixels 8..11 on both axes at 1/10 scale.
+    mask = box_mask("0 0.5 0.5 0.2 0.4", width=200, height=100, size=20)
+    rows, columns = np.nonzero(mask)
+    assert (rows.min(), rows.max(), columns.min(), columns.max()) == (8, 11, 8, 11)
+    assert not box_mask("", 200, 100, 20).any()
 
 
 def test_zero_gradient_heatmaps_are_flagged_not_divided_by_zero(tmp_path):

@@ -41,7 +41,9 @@ def test_repro_runs_all_seven_stages_in_order_then_nothing(repo):
         assert (repo / output).is_file(), output
     assert list((repo / "reports" / "gradcam").glob("*.png"))
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert {"accuracy", "macro_f1", "roc_auc_macro", "f1.glioma", "roc_auc.pituitary"} <= set(metrics)
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "f1.glioma",
+            "precision.notumor", "recall.meningioma", "support.pituitary", "roc_auc.pituitary", "log_loss",
+            "brier", "ece", "review_fraction", "accuracy_accepted"} <= set(metrics)
 
     second = run(["dvc", "repro"], repo)
     assert stages_run(second.stdout) == []
@@ -76,7 +78,9 @@ def test_plots_render_training_curves_and_the_confusion_matrix(repo):
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
     assert not shown.get("errors"), shown["errors"]
     rendered = {name: plots for name, plots in shown["data"].items() if plots}
-    assert {"accuracy", "loss", "confusion"} <= set(rendered), list(shown["data"])
+    assert {"accuracy", "loss", "confusion", "reliability", "risk_coverage"} <= set(rendered), list(shown["data"])
+    assert {f"metrics/plots/roc/{name}.csv" for name in ("glioma", "notumor")} <= set(rendered)
+    assert any(name.startswith("metrics/plots/precision_recall/") for name in rendered)
     confusion = rendered["confusion"]
     assert len(confusion[0]["content"]["data"]["values"]) == 8  # one point per test image
 
@@ -136,9 +140,14 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     client = mlflow_client(repo)
     history = client.get_metric_history(by_stage["train"].info.run_id, "val_loss")
     assert len(history) == 2  # one point per epoch
-    evaluate_files = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")]
-    assert "evaluate/predictions.csv" in evaluate_files
-    assert len(client.list_artifacts(by_stage["gradcam"].info.run_id, "gradcam")) == 4
+    evaluate_files = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")}
+    assert {f"evaluate/{name}" for name in ("predictions.csv", "confusion_matrix.png", "roc.png",
+                                            "precision_recall.png", "reliability.png", "risk_coverage.png",
+                                            "classification_report.txt")} <= evaluate_files
+    gradcam_files = {a.path for a in client.list_artifacts(by_stage["gradcam"].info.run_id, "gradcam")}
+    assert {f"gradcam/grid_{name}.png" for name in ("glioma", "meningioma", "notumor", "pituitary")} <= gradcam_files
+    assert len(client.list_artifacts(by_stage["gradcam"].info.run_id, "gradcam/images")) == 4
+    assert 0.0 <= by_stage["gradcam"].data.metrics["energy_in_brain"] <= 1.0
     report = {a.path for a in client.list_artifacts(by_stage["ingest"].info.run_id, "data_report")}
     assert report == {"data_report/counts.png", "data_report/resolution.png", "data_report/report.json"}
 

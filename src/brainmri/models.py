@@ -75,7 +75,15 @@ def class_probabilities(model: keras.Model, images, batch_size: int = 64):
     import numpy as np
 
     scores = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
-    return np.concatenate([1.0 - scores, scores], axis=1) if scores.shape[1] == 1 else scores
+    if scores.shape[1] == 1:
+        return np.concatenate([1.0 - scores, scores], axis=1)
+    return scores / scores.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only roughly
+
+
+def flip_tta_probabilities(model: keras.Model, images, batch_size: int = 64):
+    """Test-time augmentation: the mean of the image's and its mirror image's probabilities."""
+    return (class_probabilities(model, images, batch_size)
+            + class_probabilities(model, images[:, :, ::-1, :].copy(), batch_size)) / 2
 
 
 def save_model(model: keras.Model, folder: str | Path, metadata: dict) -> None:

@@ -115,11 +115,15 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
+    review_threshold: float = Field(0.8, ge=0, le=1, description="below this top-1 confidence: human review")
+    calibration_bins: int = Field(15, ge=2, le=100)
+    tta: bool = Field(False, description="also report horizontal-flip test-time augmentation")
 
 
 class GradcamParams(_Section):
-    num_images: int = Field(8, ge=1)
+    num_images: int = Field(8, ge=1, description="test images explained, taken from each class in turn")
     layer: str | None = None
+    method: Literal["gradcam", "gradcam++"] = "gradcam"
     alpha: float = Field(0.4, ge=0, le=1, description="heatmap opacity in overlays")
 
 

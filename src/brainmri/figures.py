@@ -1,0 +1,60 @@
+"""PNG figures of the evaluation, for MLflow and for people without `dvc plots`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    _pyplot().close(figure)
+
+
+def confusion_png(normalized: dict[str, dict[str, float]], counts: dict[str, dict[str, int]], path: Path) -> None:
+    plt = _pyplot()
+    classes = list(normalized)
+    rates = np.array([[normalized[a][p] for p in classes] for a in classes])
+    figure, axis = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.1 * len(classes) + 1.5))
+    axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    for i, actual in enumerate(classes):
+        for j, predicted in enumerate(classes):
+            axis.text(j, i, f"{counts[actual][predicted]}\n{rates[i, j]:.0%}", ha="center", va="center",
+                      color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+    axis.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
+    axis.set_yticks(range(len(classes)), classes)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("actual")
+    axis.set_title("Confusion matrix (count, row %)")
+    _save(figure, path)
+
+
+def curves_png(curves: dict[str, pd.DataFrame], x: str, y: str, title: str, path: Path,
+               diagonal: bool = False) -> None:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 4))
+    for name, points in curves.items():
+        axis.plot(points[x], points[y], label=name)
+    if diagonal:
+        axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    axis.set_xlabel(x)
+    axis.set_ylabel(y)
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.02)
+    axis.set_title(title)
+    if len(curves) > 1:
+        axis.legend(fontsize=8)
+    _save(figure, path)
