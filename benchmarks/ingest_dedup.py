@@ -40,16 +40,11 @@ def main() -> None:
         timing = {"ingest_s": after_ingest - start, "dedup_s": end - after_ingest, "total_s": end - start}
         if best is None or timing["total_s"] < best["total_s"]:
             best = timing
-    actions = result.groups["action"]
     print(json.dumps({
         "source": args.source,
         "images": len(scanned.images),
         "rejected": len(scanned.rejects),
-        "kept": len(result.kept),
-        "duplicate_groups": int(result.groups["group"].nunique()),
-        "exact_duplicates_removed": int((actions == "dropped: exact duplicate").sum()),
-        "near_duplicates_removed": int((actions == "dropped: near duplicate").sum()),
-        "conflicting_images_removed": int((actions == "dropped: conflicting labels").sum()),
+        **result.summary(),
         **{key: round(value, 2) for key, value in best.items()},
         "repeats": args.repeat,
         "cpus": os.cpu_count(),

@@ -8,8 +8,7 @@ import mlflow
 
 from brainmri.balance import balanced_training_records, plain_records
 from brainmri.data import SPLITS
-from brainmri.ingest import MANIFEST_COLUMNS
-from brainmri.manifest import read_manifest
+from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
 from brainmri.shards import ShardIndex, write_split

@@ -5,8 +5,7 @@ from pathlib import Path
 import mlflow
 
 from brainmri.dedup import find_duplicates
-from brainmri.ingest import MANIFEST_COLUMNS
-from brainmri.manifest import read_manifest, write_manifest
+from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
 from brainmri.tracking import stage_run
@@ -21,17 +20,7 @@ with stage_run("dedup", params.tracking.experiment, flatten(p, "dedup")):
     write_manifest(result.kept, KEPT)
     write_manifest(result.groups, GROUPS)
 
-    actions = result.groups["action"]
-    summary = {
-        "input_images": len(manifest),
-        "kept_images": len(result.kept),
-        "duplicate_groups": int(result.groups["group"].nunique()),
-        "exact_duplicates_removed": int((actions == "dropped: exact duplicate").sum()),
-        "near_duplicates_removed": int((actions == "dropped: near duplicate").sum()),
-        "near_duplicate_pairs": result.near_pairs,
-        "conflicting_groups": int(result.groups.loc[actions == "dropped: conflicting labels", "group"].nunique()),
-        "conflicting_images_removed": int((actions == "dropped: conflicting labels").sum()),
-    }
+    summary = result.summary()
     write_json(summary, "metrics/dedup.json")
     mlflow.log_metrics(summary)
     for path in (KEPT, GROUPS):

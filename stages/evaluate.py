@@ -1,18 +1,22 @@
 """evaluate: score the trained model on the held-out test split: classification
 metrics, calibration, selective prediction (human review), optional TTA."""
 
+import json
 import shutil
 from pathlib import Path
 
-import json
-
 import mlflow
+import numpy as np
 import pandas as pd
 
 from brainmri.evaluation import (calibration, classification_metrics, classification_report_text, confusion,
                                  pr_points, risk_coverage, roc_points, selective_prediction)
+from brainmri.data import DataError
+from brainmri.dedup import copies_of_known_images
 from brainmri.figures import confusion_png, curves_png
-from brainmri.manifest import write_manifest
+from brainmri.images import load_array
+from brainmri.ingest import scan
+from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.models import class_probabilities, flip_tta_probabilities, load_model
 from brainmri.params import flatten, load_params
@@ -30,9 +34,27 @@ def scores(labels, probabilities, classes, p) -> dict:
             **selective_prediction(labels, probabilities, p.review_threshold)}
 
 
+def external_test_set(params, classes: list[str], size: int, channels: int):
+    """The `evaluate.external` folder, validated like ingest, minus copies of any image the pipeline ingested."""
+    found = scan(params.ingest.model_copy(update={"source": params.evaluate.external, "classes": None,
+                                                  "min_per_class": 1}), min_classes=1)
+    unknown = sorted(set(found.images["label"]) - set(classes))
+    if unknown:
+        raise DataError(f"evaluate.external: classes {unknown} in '{params.evaluate.external}' "
+                        f"are not among the model's classes {classes}")
+    known = read_manifest("data/interim/manifest.csv", MANIFEST_COLUMNS)
+    d = params.dedup
+    leaked = copies_of_known_images(found.images, known, d.hash_distance, d.min_correlation, d.workers)
+    kept = found.images[~leaked].sort_values("path", kind="mergesort")
+    images = np.stack([load_array(path, size, channels) for path in kept["path"]]) if len(kept) else None
+    labels = np.array([classes.index(label) for label in kept["label"]], dtype=np.int32)
+    return images, labels, kept, found.images[leaked][["path", "label"]], found.rejects
+
+
 params = load_params()
 p = params.evaluate
 with stage_run("evaluate", params.tracking.experiment, flatten(p, "evaluate")):
+    shutil.rmtree(FIGURES, ignore_errors=True)
     model, meta = load_model("models")
     classes = meta["classes"]
     images, labels, paths = ShardIndex.load("data/prepared").arrays("test")
@@ -43,6 +65,21 @@ with stage_run("evaluate", params.tracking.experiment, flatten(p, "evaluate")):
     if p.tta:  # beside the plain figures, never instead of them
         tta = scores(labels, flip_tta_probabilities(model, images, p.batch_size), classes, p)
         metrics.update({f"tta.{key}": value for key, value in tta.items()})
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    if p.external:
+        external_images, external_labels, kept, leaked, rejects = external_test_set(
+            params, classes, meta["image_size"], meta["channels"])
+        write_manifest(leaked, FIGURES / "external_leakage.csv")
+        write_manifest(rejects, FIGURES / "external_rejects.csv")
+        metrics.update({"external.images": len(kept), "external.leaked_removed": len(leaked),
+                        "external.rejected": len(rejects)})
+        if len(kept):
+            external_probabilities = class_probabilities(model, external_images, p.batch_size)
+            external = scores(external_labels, external_probabilities, classes, p)
+            metrics.update({f"external.{key}": value for key, value in external.items()})
+            write_manifest(kept[["path", "label"]].assign(
+                predicted=[classes[i] for i in external_probabilities.argmax(axis=1)],
+                confidence=external_probabilities.max(axis=1)), FIGURES / "external_predictions.csv")
     write_json(metrics, "metrics/evaluate.json")
 
     predicted = probabilities.argmax(axis=1)
@@ -61,7 +98,6 @@ with stage_run("evaluate", params.tracking.experiment, flatten(p, "evaluate")):
 
     # Plot data for `dvc plots`, the same as PNGs for MLflow.
     shutil.rmtree(PLOTS, ignore_errors=True)
-    shutil.rmtree(FIGURES, ignore_errors=True)
     roc = {name: points for i, name in enumerate(classes) if (points := roc_points(labels, probabilities, i)) is not None}
     pr = {name: points for i, name in enumerate(classes) if (points := pr_points(labels, probabilities, i)) is not None}
     for name, points in roc.items():

@@ -5,8 +5,7 @@ from pathlib import Path
 import mlflow
 
 from brainmri.data import SPLITS, split_images
-from brainmri.ingest import MANIFEST_COLUMNS
-from brainmri.manifest import read_manifest, write_manifest
+from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
 from brainmri.tracking import stage_run

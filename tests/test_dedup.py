@@ -78,3 +78,18 @@ def test_one_copy_is_kept_in_each_subset_for_the_split_to_judge(tmp_path):
     group = result.groups[result.groups["path"].str.contains("leak.jpg|Training/glioma/1.png")]
     assert group["group"].nunique() == 1 and set(group["action"]) == {"kept"}
     assert isinstance(result.kept, pd.DataFrame) and (result.kept["group"] == group["group"].iloc[0]).sum() == 2
+
+
+def test_copies_of_known_images_are_found_among_new_ones(dataset, tmp_path):
+    from brainmri.dedup import copies_of_known_images
+
+    known = scan(IngestParams(source=str(dataset), workers=1)).images
+    external = tmp_path / "external"
+    (external / "glioma").mkdir(parents=True)
+    Image.open(dataset / "glioma" / "glioma_003.png").save(external / "glioma" / "seen_before.jpg", quality=80)
+    shutil.copy(dataset / "notumor" / "notumor_000.jpg", external / "glioma" / "byte_copy.jpg")
+    synthetic_image(0, 500).save(external / "glioma" / "new.png")
+    candidates = scan(IngestParams(source=str(external), workers=1, min_per_class=1), min_classes=1).images
+    copied = copies_of_known_images(candidates, known, DEFAULTS.hash_distance, DEFAULTS.min_correlation, 1)
+    flags = dict(zip(candidates["path"].str.rsplit("/", n=1).str[-1], copied))
+    assert flags == {"byte_copy.jpg": True, "new.png": False, "seen_before.jpg": True}

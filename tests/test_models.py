@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from brainmri.models import build_model, class_probabilities, load_model, save_model
+from brainmri.models import build_model, class_probabilities, flip_tta_probabilities, load_model, save_model
 from brainmri.params import TrainParams
 from brainmri.training import compile_model
 
@@ -52,3 +52,15 @@ def test_unknown_model_and_missing_model_are_clear_errors(tmp_path):
         build_model("resnet9000", 4, 32, 1)
     with pytest.raises(SystemExit, match="no trained model"):
         load_model(tmp_path)
+
+
+def test_flip_tta_averages_an_image_and_its_mirror():
+    model = build_model("compact_cnn", 3, 32, 1, width=4)
+    rng = np.random.default_rng(2)
+    half = rng.integers(0, 255, (2, 32, 16, 1), dtype=np.uint8)
+    symmetric = np.concatenate([half, half[:, :, ::-1]], axis=2)
+    np.testing.assert_allclose(flip_tta_probabilities(model, symmetric), class_probabilities(model, symmetric),
+                               atol=1e-6)
+    images = rng.integers(0, 255, (2, 32, 32, 1), dtype=np.uint8)
+    expected = (class_probabilities(model, images) + class_probabilities(model, images[:, :, ::-1].copy())) / 2
+    np.testing.assert_allclose(flip_tta_probabilities(model, images), expected, atol=1e-6)

@@ -5,13 +5,14 @@ module; the tests run in file order and build on each other's state."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import create_project, run, stages_run, update_params
+from conftest import CLASSES, create_project, run, stages_run, synthetic_image, update_params
 
 pytestmark = pytest.mark.pipeline
 
@@ -22,6 +23,13 @@ DOWNSTREAM_OF_TRAIN = ["train", "evaluate", "gradcam"]
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     return create_project(tmp_path_factory.mktemp("pipeline") / "project")
+
+
+def back_to_baseline(repo: Path) -> None:
+    """Undo an experiment applied to the workspace: params, lock file, metrics and outputs."""
+    run(["git", "checkout", "--", "."], repo)
+    run(["dvc", "checkout", "--force"], repo)
+    assert "up to date" in run(["dvc", "status"], repo).stdout
 
 
 def mlflow_client(repo: Path) -> MlflowClient:
@@ -96,8 +104,7 @@ def test_exp_show_lists_the_experiment_with_params_and_metrics(repo):
 
 
 def test_queued_experiments_run_and_log_to_the_workspace_store(repo):
-    run(["git", "checkout", "--", "params.yaml"], repo)
-    run(["dvc", "checkout", "--force"], repo)
+    back_to_baseline(repo)
     run(["dvc", "exp", "run", "--queue", "-n", "queued-a", "-S", "train.lr=0.002"], repo)
     run(["dvc", "exp", "run", "--queue", "-n", "queued-b", "-S", "train.lr=0.005", "-S", "train.epochs=1"], repo)
     run(["dvc", "queue", "start", "--jobs", "1"], repo)
@@ -121,6 +128,27 @@ def test_queued_experiments_run_and_log_to_the_workspace_store(repo):
         assert train.data.params["train.lr"] == lr
         assert train.info.status == "FINISHED"
     assert not list((repo / ".dvc" / "tmp" / "exps").glob("**/mlflow.db")), "a queued run made its own store"
+
+
+def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
+    external = tmp_path / "external"
+    for class_index, label in enumerate(CLASSES):
+        (external / label).mkdir(parents=True)
+        for variant in (100, 101):  # new images, unlike the project's
+            synthetic_image(class_index, variant).save(external / label / f"{variant}.png")
+    shutil.copy(repo / "data" / "sample" / "glioma" / "glioma_000.jpg", external / "glioma" / "seen.jpg")
+    (external / "glioma" / "broken.png").write_bytes(b"")
+    result = run(["dvc", "exp", "run", "-n", "external", "-S", f"evaluate.external={external}",
+                  "-S", "evaluate.tta=true"], repo)
+    assert stages_run(result.stdout) == ["evaluate"]
+    metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert metrics["external.images"] == 8
+    assert metrics["external.leaked_removed"] == 1 and metrics["external.rejected"] == 1
+    assert 0.0 <= metrics["external.accuracy"] <= 1.0 and "accuracy" in metrics
+    assert {"tta.accuracy", "tta.macro_f1", "tta.ece"} <= set(metrics)  # beside the plain keys
+    leakage = (repo / "reports" / "evaluate" / "external_leakage.csv").read_text()
+    assert "seen.jpg" in leakage
+    back_to_baseline(repo)
 
 
 def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(repo):

@@ -93,6 +93,20 @@ class Dedup:
     groups: pd.DataFrame  # every member of a group of 2+: GROUP_COLUMNS
     near_pairs: int  # confirmed near-duplicate pairs (before grouping)
 
+    def summary(self) -> dict[str, int]:
+        """The dedup metrics: what was found and what was removed, by kind."""
+        actions = self.groups["action"]
+        return {
+            "input_images": len(self.kept) + int((actions != "kept").sum()),
+            "kept_images": len(self.kept),
+            "duplicate_groups": int(self.groups["group"].nunique()),
+            "exact_duplicates_removed": int((actions == "dropped: exact duplicate").sum()),
+            "near_duplicates_removed": int((actions == "dropped: near duplicate").sum()),
+            "near_duplicate_pairs": self.near_pairs,
+            "conflicting_groups": int(self.groups.loc[actions == "dropped: conflicting labels", "group"].nunique()),
+            "conflicting_images_removed": int((actions == "dropped: conflicting labels").sum()),
+        }
+
 
 def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlation: float,
                          workers: int) -> np.ndarray:
@@ -144,3 +158,14 @@ def find_duplicates(manifest: pd.DataFrame, near: bool, max_distance: int, min_c
     kept = frame[representative & ~conflicting].sort_values(["label", "path"], kind="mergesort")
     groups = members[GROUP_COLUMNS].sort_values(["group", "path"], kind="mergesort")
     return Dedup(kept.reset_index(drop=True), groups.reset_index(drop=True), len(near_pairs))
+
+
+def copies_of_known_images(candidates: pd.DataFrame, known: pd.DataFrame, max_distance: int,
+                           min_correlation: float, workers: int = 0) -> pd.Series:
+    """For each candidate row: is it an exact or near copy of any `known` image?"""
+    both = pd.concat([known.assign(subset="known"), candidates.assign(subset="candidate")], ignore_index=True)
+    result = find_duplicates(both, True, max_distance, min_correlation, workers)
+    known_groups = set(result.groups.loc[result.groups["subset"] == "known", "group"])
+    copied = set(result.groups.loc[(result.groups["subset"] == "candidate")
+                                   & result.groups["group"].isin(known_groups), "path"])
+    return candidates["path"].isin(copied)

@@ -1,4 +1,4 @@
-"""PNG figures of the evaluation, for MLflow and for people without `dvc plots`."""
+"""PNG figures (evaluation curves, confusion matrix) and the matplotlib set-up all figures share."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -17,15 +17,16 @@ def _pyplot():
     return plt
 
 
-def _save(figure, path: Path) -> None:
+def save(figure, path: Path, dpi: int = 100) -> None:
+    """Lay out, write (creating the folder) and release a figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    _pyplot().close(figure)
+    figure.savefig(path, dpi=dpi)
+    pyplot().close(figure)
 
 
 def confusion_png(normalized: dict[str, dict[str, float]], counts: dict[str, dict[str, int]], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     classes = list(normalized)
     rates = np.array([[normalized[a][p] for p in classes] for a in classes])
     figure, axis = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.1 * len(classes) + 1.5))
@@ -39,12 +40,12 @@ def confusion_png(normalized: dict[str, dict[str, float]], counts: dict[str, dic
     axis.set_xlabel("predicted")
     axis.set_ylabel("actual")
     axis.set_title("Confusion matrix (count, row %)")
-    _save(figure, path)
+    save(figure, path)
 
 
 def curves_png(curves: dict[str, pd.DataFrame], x: str, y: str, title: str, path: Path,
                diagonal: bool = False) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 4))
     for name, points in curves.items():
         axis.plot(points[x], points[y], label=name)
@@ -57,4 +58,4 @@ def curves_png(curves: dict[str, pd.DataFrame], x: str, y: str, title: str, path
     axis.set_title(title)
     if len(curves) > 1:
         axis.legend(fontsize=8)
-    _save(figure, path)
+    save(figure, path)

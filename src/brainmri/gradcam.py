@@ -18,6 +18,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from brainmri.figures import pyplot, save
+
 FLAT_EPSILON = 1e-8
 METHODS = ("gradcam", "gradcam++")
 
@@ -150,15 +152,6 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip((1 - alpha) * _rgb(image) / 255.0 + alpha * colour(heatmap), 0, 1)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _panel_row(axes, image: np.ndarray, heatmap: np.ndarray, alpha: float, flat: bool) -> None:
     if heatmap.shape != image.shape[:2]:
         heatmap = upsample(heatmap, image.shape[0])
@@ -172,21 +165,16 @@ def _panel_row(axes, image: np.ndarray, heatmap: np.ndarray, alpha: float, flat:
 def overlay_panel(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path, alpha: float,
                   flat: bool, wrong: bool = False) -> None:
     """One image: original | heatmap | overlay, with its caption."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
+    figure, axes = pyplot().subplots(1, 3, figsize=(7.5, 2.9))
     _panel_row(axes, image, heatmap, alpha, flat)
     figure.suptitle(title, fontsize=9, color="red" if wrong else "black")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save(figure, path)
 
 
 def class_grid(rows: list[dict], alpha: float, title: str, path: Path) -> None:
     """Several images of one true class, a row each: original | heatmap | overlay,
     captioned with the prediction; misclassified rows in red."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(len(rows), 3, figsize=(6.6, 2.7 * len(rows) + 0.5), squeeze=False)
+    figure, axes = pyplot().subplots(len(rows), 3, figsize=(6.6, 2.7 * len(rows) + 0.5), squeeze=False)
     for row_axes, row in zip(axes, rows):
         _panel_row(row_axes, row["image"], row["heatmap"], alpha, row["flat"])
         for axis in row_axes[::2]:
@@ -194,7 +182,4 @@ def class_grid(rows: list[dict], alpha: float, title: str, path: Path) -> None:
         # One caption per row, over the middle panel; the flat marker stays in it.
         row_axes[1].set_title(row["caption"], fontsize=7, color="red" if row["wrong"] else "black")
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save(figure, path, dpi=90)

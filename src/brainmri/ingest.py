@@ -26,14 +26,10 @@ from PIL import Image, UnidentifiedImageError
 
 from brainmri.data import DataError
 from brainmri.images import open_image, sha256_file
+from brainmri.manifest import MANIFEST_COLUMNS, REJECT_COLUMNS
 from brainmri.params import IngestParams
 
 SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation"}
-MANIFEST_COLUMNS = [
-    "path", "label", "subset", "sha256", "bytes", "mode", "width", "height",
-    "brightness", "contrast", "black_fraction", "phash", "boxes", "outlier",
-]
-REJECT_COLUMNS = ["path", "label", "reason"]
 # Pixels at or below this grey level count as background (MRI air is near 0).
 BLACK_LEVEL = 10
 
@@ -211,7 +207,8 @@ def flag_outliers(images: pd.DataFrame, params: IngestParams) -> pd.Series:
     return reasons.map("; ".join)
 
 
-def scan(params: IngestParams) -> Scan:
+def scan(params: IngestParams, min_classes: int = 2) -> Scan:
+    """Discover, decode and check every image; `min_classes` is 1 for an extra test folder."""
     candidates, rejects, layout, labels = discover(params)
     rows = inspect_all(candidates, params.max_pixels, params.workers)
     rejects += [{key: row[key] for key in REJECT_COLUMNS} for row in rows if "reason" in row]
@@ -226,6 +223,6 @@ def scan(params: IngestParams) -> Scan:
         details = ", ".join(f"'{label}' has {n}" for label, n in short.items())
         raise DataError(f"too few readable images in '{params.source}' (ingest.min_per_class="
                         f"{params.min_per_class}): {details}")
-    if len(labels) < 2:
-        raise DataError(f"ingest.source: '{params.source}' must hold at least 2 classes, found {labels}")
+    if len(labels) < min_classes:
+        raise DataError(f"'{params.source}' must hold at least {min_classes} class folders, found {labels}")
     return Scan(images, rejects_frame.reset_index(drop=True), layout)

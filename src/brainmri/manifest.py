@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
+# What ingest records per image; later stages add columns (group, split, ...).
+MANIFEST_COLUMNS = [
+    "path", "label", "subset", "sha256", "bytes", "mode", "width", "height",
+    "brightness", "contrast", "black_fraction", "phash", "boxes", "outlier",
+]
+REJECT_COLUMNS = ["path", "label", "reason"]
+
 
 def write_manifest(frame: pd.DataFrame, path: str | Path, sort_by: list[str] | None = None) -> None:
     path = Path(path)

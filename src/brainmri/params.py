@@ -118,6 +118,7 @@ class EvaluateParams(_Section):
     review_threshold: float = Field(0.8, ge=0, le=1, description="below this top-1 confidence: human review")
     calibration_bins: int = Field(15, ge=2, le=100)
     tta: bool = Field(False, description="also report horizontal-flip test-time augmentation")
+    external: str | None = Field(None, description="an extra labelled test folder, checked and scored too")
 
 
 class GradcamParams(_Section):

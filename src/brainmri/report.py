@@ -7,14 +7,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from brainmri.figures import pyplot, save
+
 
 def write_data_report(images: pd.DataFrame, rejects: pd.DataFrame, layout: str, folder: str | Path) -> dict:
     """counts.png, resolution.png and report.json under `folder`; returns the JSON payload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     counts = images.groupby(["label", "subset"]).size().unstack(fill_value=0)
@@ -24,9 +22,7 @@ def write_data_report(images: pd.DataFrame, rejects: pd.DataFrame, layout: str, 
     axis.set_title("Images per class")
     axis.set_xlabel("")
     axis.set_ylabel("images")
-    figure.tight_layout()
-    figure.savefig(folder / "counts.png", dpi=100)
-    plt.close(figure)
+    save(figure, folder / "counts.png")
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.hist([images["width"], images["height"]], bins=30, label=["width", "height"])
@@ -34,9 +30,7 @@ def write_data_report(images: pd.DataFrame, rejects: pd.DataFrame, layout: str, 
     axis.set_xlabel("pixels")
     axis.set_ylabel("images")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(folder / "resolution.png", dpi=100)
-    plt.close(figure)
+    save(figure, folder / "resolution.png")
 
     outliers = images[images["outlier"] != ""]
     payload = {

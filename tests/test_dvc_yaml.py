@@ -1,0 +1,53 @@
+"""dvc.yaml declares what each stage really reads, so DVC's cache is never stale."""
+
+import ast
+from pathlib import Path
+
+import yaml
+
+from conftest import PROJECT
+
+STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam"]
+
+
+def package_imports(path: Path) -> set[str]:
+    """brainmri modules a file imports, followed transitively through the package."""
+    found: set[str] = set()
+    pending = [path]
+    while pending:
+        tree = ast.parse(pending.pop().read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("brainmri"):
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names if a.name.startswith("brainmri")]
+            for name in names:
+                module = PROJECT / "src" / (name.replace(".", "/") + ".py")
+                if module.is_file() and module not in found:
+                    found.add(module)
+                    pending.append(module)
+    return {m.relative_to(PROJECT).as_posix() for m in found if m.name != "__init__.py"}
+
+
+def test_stages_are_in_dag_order_and_declare_every_module_they_import():
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == STAGES
+    for name in STAGES:
+        script = f"stages/{name}.py"
+        deps = set(stages[name]["deps"])
+        assert stages[name]["cmd"] == f"python {script}" and script in deps
+        imported = package_imports(PROJECT / script)
+        declared = {dep for dep in deps if dep.startswith("src/")}
+        assert not imported - declared, f"stage '{name}' imports {sorted(imported - declared)}, undeclared"
+        assert not declared - imported, f"stage '{name}' declares {sorted(declared - imported)}, never imported"
+
+
+def test_stages_declare_only_their_own_params_sections():
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    for name in STAGES:
+        sections = {entry.split(".")[0] for entry in stages[name]["params"]}
+        assert name in sections
+        upstream = set(STAGES[: STAGES.index(name)])
+        assert sections - {name} <= upstream | {"train"}, f"{name} reads downstream params {sections}"
+    assert stages["ingest"]["params"] == ["ingest"]
