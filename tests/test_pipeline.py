@@ -206,3 +206,24 @@ def test_missing_source_folder_stops_the_pipeline_naming_it(repo):
     assert "data/nowhere" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
     run(["git", "checkout", "--", "params.yaml"], repo)
+
+
+def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tmp_path):
+    repo = create_project(tmp_path / "yolo-project")
+    source = repo / "data" / "yolo"
+    for folder in ("images/train", "labels/train"):
+        (source / folder).mkdir(parents=True)
+    for class_index, (cx, cy) in enumerate([(0.3, 0.3), (0.7, 0.3)]):  # the blob's place in synthetic_image
+        for variant in range(12):
+            synthetic_image(class_index, variant).save(source / "images" / "train" / f"{class_index}_{variant}.png")
+            (source / "labels" / "train" / f"{class_index}_{variant}.txt").write_text(
+                f"{class_index} {cx} {cy} 0.25 0.25\n")
+    update_params(repo / "params.yaml", {"ingest": {"source": "data/yolo", "classes": ["left", "right"]}})
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "yolo data"], repo)
+    assert stages_run(run(["dvc", "repro"], repo).stdout) == ALL_STAGES
+    manifest = (repo / "data" / "interim" / "manifest.csv").read_text()
+    assert "0 0.3 0.3 0.25 0.25" in manifest
+    gradcam = json.loads((repo / "metrics" / "gradcam.json").read_text())
+    assert gradcam["boxed_images"] == gradcam["images"] == 4
+    assert 0.0 <= gradcam["pointing_game"] <= 1.0 and 0.0 <= gradcam["box_iou"] <= 1.0
