@@ -4,7 +4,6 @@ training-ready TFRecord shards for train, val and test."""
 import shutil
 from pathlib import Path
 
-import mlflow
 
 from brainmri.balance import balanced_training_records, plain_records
 from brainmri.data import SPLITS
@@ -19,7 +18,7 @@ OUT = Path("data/prepared")
 params = load_params()
 size, channels = params.train.image_size, params.train.channels
 logged = {**flatten(params.balance, "balance"), "train.image_size": size, "train.channels": channels}
-with stage_run("balance", params.tracking.experiment, logged):
+with stage_run("balance", params.tracking, logged) as run:
     split = read_manifest("data/interim/split.csv", [*MANIFEST_COLUMNS, "split"])
     classes = sorted(split["label"].unique())
     shutil.rmtree(OUT, ignore_errors=True)
@@ -41,6 +40,6 @@ with stage_run("balance", params.tracking.experiment, logged):
     summary = {**{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
                "train.augmented": augmented}
     write_json(summary, "metrics/balance.json")
-    mlflow.log_metrics(summary)
-    mlflow.log_artifact(str(OUT / "index.json"), artifact_path="balance")
+    run.log_metrics(summary)
+    run.log_artifact(str(OUT / "index.json"), "balance")
     print("balance: train " + ", ".join(f"{label} {n}" for label, n in counts["train"].items()))

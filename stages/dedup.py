@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import mlflow
 
 from brainmri.dedup import find_duplicates
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
@@ -14,7 +13,7 @@ KEPT, GROUPS = Path("data/interim/dedup.csv"), Path("data/interim/duplicate_grou
 
 params = load_params()
 p = params.dedup
-with stage_run("dedup", params.tracking.experiment, flatten(p, "dedup")):
+with stage_run("dedup", params.tracking, flatten(p, "dedup")) as run:
     manifest = read_manifest("data/interim/manifest.csv", MANIFEST_COLUMNS)
     result = find_duplicates(manifest, p.near, p.hash_distance, p.min_correlation, p.workers)
     write_manifest(result.kept, KEPT)
@@ -22,9 +21,9 @@ with stage_run("dedup", params.tracking.experiment, flatten(p, "dedup")):
 
     summary = result.summary()
     write_json(summary, "metrics/dedup.json")
-    mlflow.log_metrics(summary)
+    run.log_metrics(summary)
     for path in (KEPT, GROUPS):
-        mlflow.log_artifact(str(path), artifact_path="dedup")
+        run.log_artifact(str(path), "dedup")
     print(f"dedup: kept {summary['kept_images']} of {summary['input_images']} "
           f"({summary['exact_duplicates_removed']} exact and {summary['near_duplicates_removed']} near copies, "
           f"{summary['conflicting_images_removed']} in {summary['conflicting_groups']} groups with conflicting labels)")

@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -53,7 +52,7 @@ def external_test_set(params, classes: list[str], size: int, channels: int):
 
 params = load_params()
 p = params.evaluate
-with stage_run("evaluate", params.tracking.experiment, flatten(p, "evaluate")):
+with stage_run("evaluate", params.tracking, flatten(p, "evaluate")) as run:
     shutil.rmtree(FIGURES, ignore_errors=True)
     model, meta = load_model("models")
     classes = meta["classes"]
@@ -118,9 +117,9 @@ with stage_run("evaluate", params.tracking.experiment, flatten(p, "evaluate")):
     report = classification_report_text(labels, predicted, classes)
     (FIGURES / "classification_report.txt").write_text(report)
 
-    mlflow.log_metrics({key: value for key, value in metrics.items() if value == value})  # NaN is not loggable
-    mlflow.log_artifact(str(PREDICTIONS), artifact_path="evaluate")
-    mlflow.log_artifacts(str(FIGURES), artifact_path="evaluate")
+    run.log_metrics(metrics)
+    run.log_artifact(str(PREDICTIONS), "evaluate")
+    run.log_artifacts(str(FIGURES), "evaluate")
     print(report)
     print(f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} on {len(labels)} images; "
           f"{metrics['review_fraction']:.0%} below confidence {p.review_threshold} go to review")

@@ -5,7 +5,6 @@ lies on the brain, and (where the manifest has boxes) whether it points at them.
 import shutil
 from pathlib import Path
 
-import mlflow
 import numpy as np
 
 from brainmri.gradcam import (box_mask, brain_mask, class_grid, energy_inside, gradcam_heatmaps, heatmap_iou,
@@ -36,7 +35,7 @@ def mean(values: list[float]) -> float:
 
 params = load_params()
 p = params.gradcam
-with stage_run("gradcam", params.tracking.experiment, flatten(p, "gradcam")):
+with stage_run("gradcam", params.tracking, flatten(p, "gradcam")) as run:
     model, meta = load_model("models")
     classes = meta["classes"]
     images, labels, paths = ShardIndex.load("data/prepared").arrays("test")
@@ -76,8 +75,8 @@ with stage_run("gradcam", params.tracking.experiment, flatten(p, "gradcam")):
     summary = {"images": len(picked), "flat_heatmaps": int(flat.sum()), "energy_in_brain": mean(energies),
                "boxed_images": len(hits), "pointing_game": mean(hits), "box_iou": mean(ious)}
     write_json(summary, "metrics/gradcam.json")
-    mlflow.log_metrics({key: value for key, value in summary.items() if value == value})
-    mlflow.log_param("gradcam.layer_used", layer)
-    mlflow.log_artifacts(str(OUT), artifact_path="gradcam")
+    run.log_metrics(summary)
+    run.log_param("gradcam.layer_used", layer)
+    run.log_artifacts(str(OUT), "gradcam")
     print(f"gradcam: {len(picked)} {p.method} heatmaps from layer '{layer}' in {OUT}/; "
           f"{summary['energy_in_brain']:.0%} of their energy on the brain")

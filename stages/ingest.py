@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import mlflow
 
 from brainmri.ingest import scan
 from brainmri.manifest import write_manifest
@@ -14,7 +13,7 @@ from brainmri.tracking import stage_run
 MANIFEST, REJECTS, REPORT = Path("data/interim/manifest.csv"), Path("data/interim/rejects.csv"), Path("reports/data")
 
 params = load_params()
-with stage_run("ingest", params.tracking.experiment, flatten(params.ingest, "ingest")):
+with stage_run("ingest", params.tracking, flatten(params.ingest, "ingest")) as run:
     result = scan(params.ingest)
     write_manifest(result.images, MANIFEST)
     write_manifest(result.rejects, REJECTS)
@@ -24,10 +23,10 @@ with stage_run("ingest", params.tracking.experiment, flatten(params.ingest, "ing
                "outliers": int((result.images["outlier"] != "").sum()),
                **{f"class_count.{label}": n for label, n in report["per_class"].items()}}
     write_json(summary, "metrics/ingest.json")
-    mlflow.log_metrics(summary)
-    mlflow.set_tag("brainmri.layout", result.layout)
+    run.log_metrics(summary)
+    run.set_tag("brainmri.layout", result.layout)
     for path in (MANIFEST, REJECTS):
-        mlflow.log_artifact(str(path), artifact_path="ingest")
-    mlflow.log_artifacts(str(REPORT), artifact_path="data_report")
+        run.log_artifact(str(path), "ingest")
+    run.log_artifacts(str(REPORT), "data_report")
     print(f"ingest ({result.layout}): {summary['images']} images in {len(report['per_class'])} classes, "
           f"{summary['rejected']} rejected, {summary['outliers']} flagged as outliers")

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-import mlflow
 
 from brainmri.data import SPLITS, split_images
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
@@ -14,7 +13,7 @@ SPLIT, LEAKAGE = Path("data/interim/split.csv"), Path("data/interim/leakage.csv"
 
 params = load_params()
 p = params.split
-with stage_run("split", params.tracking.experiment, flatten(p, "split")):
+with stage_run("split", params.tracking, flatten(p, "split")) as run:
     kept = read_manifest("data/interim/dedup.csv", [*MANIFEST_COLUMNS, "group"])
     result = split_images(kept, p.val, p.test, p.seed, p.test_subset)
     write_manifest(result.assigned, SPLIT)
@@ -25,8 +24,8 @@ with stage_run("split", params.tracking.experiment, flatten(p, "split")):
     summary.update({f"{name}.total": int((result.assigned["split"] == name).sum()) for name in SPLITS})
     summary["leaked_test_images_removed"] = len(result.leaked)
     write_json(summary, "metrics/split.json")
-    mlflow.log_metrics(summary)
+    run.log_metrics(summary)
     for path in (SPLIT, LEAKAGE):
-        mlflow.log_artifact(str(path), artifact_path="split")
+        run.log_artifact(str(path), "split")
     print("split: " + ", ".join(f"{name} {summary[f'{name}.total']}" for name in SPLITS)
           + (f"; {len(result.leaked)} test images removed as copies of training images" if p.test_subset else ""))

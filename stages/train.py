@@ -1,11 +1,8 @@
 """train: fit the params-selected model on the balanced shards and save it to models/."""
 
-from importlib.metadata import version
 from pathlib import Path
 
 import keras
-import mlflow
-from mlflow.models import infer_signature
 
 from brainmri.metrics import write_json
 from brainmri.models import build_model, save_model
@@ -20,7 +17,7 @@ CHECKPOINT = Path("build/checkpoints/best.keras")  # scratch space, not a DVC ou
 
 params = load_params()
 p = params.train
-with stage_run("train", params.tracking.experiment, flatten(p, "train")):
+with stage_run("train", params.tracking, flatten(p, "train")) as run:
     keras.utils.set_random_seed(p.seed)
     index = ShardIndex.load("data/prepared")
     if (index.image_size, index.channels) != (p.image_size, p.channels):
@@ -31,7 +28,7 @@ with stage_run("train", params.tracking.experiment, flatten(p, "train")):
         labelled_batches(index, "train", p.batch_size, shuffle_seed=p.seed),
         validation_data=labelled_batches(index, "val", p.batch_size),
         epochs=p.epochs,
-        callbacks=callbacks(p, HISTORY, CHECKPOINT, [mlflow.keras.MlflowCallback()]),
+        callbacks=callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks()),
         verbose=2,
     )
 
@@ -46,11 +43,7 @@ with stage_run("train", params.tracking.experiment, flatten(p, "train")):
         "parameters": model.count_params(),
     }
     write_json(summary, "metrics/train.json")
-    mlflow.log_metrics({f"final.{key}": value for key, value in summary.items()})
-    mlflow.log_artifact(str(MODELS / "model.json"), artifact_path="model_meta")
-    sample = next(iter(index.dataset("val").batch(2)))[0].numpy()
-    mlflow.keras.log_model(
-        model, name="model", signature=infer_signature(sample, model.predict(sample, verbose=0)),
-        pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy")],
-    )
+    run.log_metrics({f"final.{key}": value for key, value in summary.items()})
+    run.log_artifact(str(MODELS / "model.json"), "model_meta")
+    run.log_keras_model(model, example=next(iter(index.dataset("val").batch(2)))[0].numpy())
     print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")

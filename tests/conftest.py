@@ -61,8 +61,10 @@ def update_params(path: Path, changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=project_env(cwd))
+def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 600,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env={**project_env(cwd), **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result

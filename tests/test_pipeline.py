@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -190,22 +191,35 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     assert model.output_shape == (None, 4)
 
 
-def test_bad_params_stop_the_pipeline_naming_the_key(repo):
-    update_params(repo / "params.yaml", {"train": {"lrr": 0.1}})
+@pytest.mark.parametrize("change, named", [
+    ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
+    ({"ingest": {"source": "data/nowhere"}}, "data/nowhere"),
+])
+def test_bad_input_stops_the_pipeline_naming_the_key_or_path(repo, change, named):
+    update_params(repo / "params.yaml", change)
     result = run(["dvc", "repro"], repo, check=False)
     assert result.returncode != 0
-    assert "unknown key 'train.lrr'" in result.stderr + result.stdout
+    assert named in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
-    run(["git", "checkout", "--", "params.yaml"], repo)
+    back_to_baseline(repo)  # DVC removed the failed stage's outputs before running it
 
 
-def test_missing_source_folder_stops_the_pipeline_naming_it(repo):
-    update_params(repo / "params.yaml", {"ingest": {"source": "data/nowhere"}})
-    result = run(["dvc", "repro"], repo, check=False)
-    assert result.returncode != 0
-    assert "data/nowhere" in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr + result.stdout
-    run(["git", "checkout", "--", "params.yaml"], repo)
+def test_tracking_outage_stops_the_stage_or_with_the_switch_off_warns_and_completes(repo):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    outage = {"MLFLOW_TRACKING_URI": uri}
+    manifest = repo / "data" / "interim" / "manifest.csv"
+    expected = manifest.read_bytes()
+    failed = run(["dvc", "repro", "--force", "--single-item", "ingest"], repo, check=False, env=outage)
+    assert failed.returncode != 0 and uri in failed.stderr + failed.stdout
+    assert "Traceback" not in failed.stderr + failed.stdout
+
+    update_params(repo / "params.yaml", {"tracking": {"required": False}})
+    untracked = run(["dvc", "repro", "--force", "--single-item", "ingest"], repo, env=outage)
+    assert (untracked.stderr + untracked.stdout).count(f"WARNING: MLflow tracking store {uri}") == 1
+    assert manifest.read_bytes() == expected and (repo / "reports" / "data" / "report.json").is_file()
+    back_to_baseline(repo)
 
 
 def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tmp_path):

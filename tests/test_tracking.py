@@ -1,9 +1,20 @@
+import socket
+import time
 from pathlib import Path
+
+import pytest
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 from brainmri import tracking
+from brainmri.params import TrackingParams
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_default_store_is_the_workspace_root_even_from_an_experiment_copy(tmp_path, monkeypatch):
@@ -43,10 +54,12 @@ def test_stage_run_logs_params_and_tags_to_the_default_store(tmp_path, monkeypat
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "b" * 40)
-    with tracking.stage_run("train", "unit", {"train.lr": 0.01, "train.weights": None}) as run:
-        mlflow.log_metric("accuracy", 0.5)
+    with tracking.stage_run("train", TrackingParams(experiment="unit"), {"train.lr": 0.01, "train.weights": None}) as run:
+        run.log_metrics({"accuracy": 0.5, "roc_auc.absent": float("nan"), "undefined": None})
+        run_id = mlflow.active_run().info.run_id
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    logged = client.get_run(run.info.run_id)
+    logged = client.get_run(run_id)
+    assert logged.data.metrics == {"accuracy": 0.5}  # undefined metrics are not sent
     assert logged.data.params == {"train.lr": "0.01", "train.weights": ""}
     assert logged.data.tags["brainmri.stage"] == "train"
     assert logged.data.tags["dvc.exp_name"] == "my-exp"
@@ -54,3 +67,28 @@ def test_stage_run_logs_params_and_tags_to_the_default_store(tmp_path, monkeypat
     assert logged.info.run_name == "train" and logged.info.status == "FINISHED"
     experiment = client.get_experiment(logged.info.experiment_id)
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_unreachable_tracking_server_stops_the_stage_fast_naming_the_uri(monkeypatch):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(SystemExit, match=f"MLflow tracking store {uri} cannot be reached.*tracking.required: false"):
+        with tracking.stage_run("ingest", TrackingParams(), {}):
+            pytest.fail("the stage body must not run")
+    assert time.monotonic() - started < 20
+
+
+def test_with_tracking_not_required_the_stage_runs_and_warns_once(monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    ran = False
+    with tracking.stage_run("ingest", TrackingParams(required=False), {"ingest.source": "x"}) as run:
+        run.log_metrics({"images": 3})
+        run.log_param("k", "v")
+        run.set_tag("t", "v")
+        assert run.keras_callbacks() == []
+        ran = True
+    assert ran and not run.active
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and uri in warnings[0] and "without MLflow logging" in warnings[0]

@@ -28,6 +28,7 @@ class _Section(BaseModel):
 
 class TrackingParams(_Section):
     experiment: str = "brain-mri"
+    required: bool = Field(True, description="false: run on, with a warning, when MLflow cannot be reached")
 
 
 class OutlierParams(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,13 +82,104 @@ def _experiment_id(mlflow: Any, name: str) -> str:
         return experiment.experiment_id
 
 
+class StageRun:
+    """What a stage logs to MLflow. With tracking off (an unreachable server and
+    `tracking.required: false`) every call is a no-op and the stage runs on."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def log_metrics(self, values: dict[str, Any]) -> None:
+        import mlflow
+
+        # NaN / None mark undefined metrics (e.g. AUC of an absent class): MLflow cannot store them.
+        defined = {k: v for k, v in values.items() if v is not None and v == v}
+        if self.active and defined:
+            mlflow.log_metrics(defined)
+
+    def log_param(self, key: str, value: Any) -> None:
+        import mlflow
+
+        if self.active:
+            mlflow.log_param(key, value)
+
+    def set_tag(self, key: str, value: str) -> None:
+        import mlflow
+
+        if self.active:
+            mlflow.set_tag(key, value)
+
+    def log_artifact(self, path: str | Path, folder: str) -> None:
+        import mlflow
+
+        if self.active:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_artifacts(self, directory: str | Path, folder: str) -> None:
+        import mlflow
+
+        if self.active:
+            mlflow.log_artifacts(str(directory), artifact_path=folder)
+
+    def keras_callbacks(self) -> list:
+        """Per-epoch metrics of `model.fit`, when tracking."""
+        import mlflow.keras
+
+        return [mlflow.keras.MlflowCallback()] if self.active else []
+
+    def log_keras_model(self, model: Any, example: Any) -> None:
+        """The model in MLflow's Keras format, with a signature from `example` inputs."""
+        if not self.active:
+            return
+        from importlib.metadata import version
+
+        import mlflow.keras
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(example, model.predict(example, verbose=0))
+        requirements = [f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy")]
+        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+
+
 @contextmanager
-def stage_run(stage: str, experiment: str, params: dict[str, Any]) -> Iterator[Any]:
-    """Open the MLflow run of one stage, tagged and with its params logged."""
+def _fail_fast_http() -> Iterator[None]:
+    """One short try instead of MLflow's minutes of retries while probing the server."""
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def stage_run(stage: str, tracking: Any, params: dict[str, Any]) -> Iterator[StageRun]:
+    """Open the MLflow run of one stage, tagged and with its params logged.
+
+    The store is contacted before the stage does any work: if it cannot be
+    reached the stage stops naming the URI, or, with `tracking.required:
+    false`, warns once and runs without logging.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment_id = _experiment_id(mlflow, experiment)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        with _fail_fast_http():
+            experiment_id = _experiment_id(mlflow, tracking.experiment)
+    except Exception as exc:  # any failure to reach the store: network, auth, database
+        reason = f"MLflow tracking store {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:200]})"
+        if tracking.required:
+            raise SystemExit(f"{reason}. Start it, point MLFLOW_TRACKING_URI elsewhere, "
+                             f"or set tracking.required: false to run {stage} without tracking.") from None
+        print(f"WARNING: {reason}; tracking.required is false, so {stage} runs without MLflow logging.",
+              file=sys.stderr)
+        yield StageRun(active=False)
+        return
     tags = {
         STAGE_TAG: stage,
         PIPELINE_TAG: pipeline_id(),
@@ -95,6 +187,6 @@ def stage_run(stage: str, experiment: str, params: dict[str, Any]) -> Iterator[A
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags[EXPERIMENT_TAG] = os.environ["DVC_EXP_NAME"]
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags):
         mlflow.log_params({key: "" if value is None else value for key, value in params.items()})
-        yield run
+        yield StageRun(active=True)
