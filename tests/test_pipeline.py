@@ -191,6 +191,38 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     assert model.output_shape == (None, 4)
 
 
+def test_a_fresh_clone_pulls_every_output_from_a_folder_remote_and_reproduces_nothing(repo, tmp_path):
+    run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "dvc-remote")], repo)
+    run(["git", "commit", "-qam", "a shared DVC remote"], repo)
+    run(["dvc", "push"], repo)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    assert not (clone / "models" / "model.keras").exists()
+    run(["dvc", "pull"], clone)
+    for output in ("models/model.keras", "data/prepared/index.json", "data/interim/split.csv",
+                   "reports/predictions.csv", "reports/data/report.json"):
+        assert (clone / output).read_bytes() == (repo / output).read_bytes(), output
+    assert stages_run(run(["dvc", "repro"], clone).stdout) == []
+
+
+def test_an_experiment_travels_through_the_git_remote(repo, tmp_path):
+    remote = tmp_path / "origin.git"
+    run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], tmp_path)
+    run(["git", "remote", "add", "origin", str(remote)], repo)
+    run(["git", "push", "-q", "origin", "main"], repo)
+    run(["dvc", "exp", "push", "origin", "one-epoch"], repo)
+    clone = tmp_path / "teammate"
+    run(["git", "clone", "-q", str(remote), str(clone)], tmp_path)
+    run(["dvc", "exp", "pull", "origin", "one-epoch"], clone)
+    # The experiment's baseline is an older commit than the clone's HEAD.
+    shown = json.loads(run(["dvc", "exp", "show", "--all-commits", "--json"], clone).stdout)
+    experiment = next(exp for baseline in shown for exp in (baseline.get("experiments") or [])
+                      if exp["name"] == "one-epoch")
+    data = experiment["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+    assert data["metrics"]["metrics/train.json"]["data"]["epochs_run"] == 1
+
+
 @pytest.mark.parametrize("change, named", [
     ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
     ({"ingest": {"source": "data/nowhere"}}, "data/nowhere"),
