@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -202,6 +204,51 @@ def test_a_fresh_clone_pulls_every_output_from_a_folder_remote_and_reproduces_no
     for output in ("models/model.keras", "data/prepared/index.json", "data/interim/split.csv",
                    "reports/predictions.csv", "reports/data/report.json"):
         assert (clone / output).read_bytes() == (repo / output).read_bytes(), output
+    assert stages_run(run(["dvc", "repro"], clone).stdout) == []
+
+
+@pytest.fixture
+def s3_server():
+    """moto's standalone S3-API server on a free local port, stopped afterwards."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                     region_name="us-east-1").create_bucket(Bucket="brainmri")
+        yield endpoint, credentials
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_the_same_round_trip_through_the_real_s3_plugin(repo, tmp_path, s3_server):
+    endpoint, credentials = s3_server
+    run(["dvc", "remote", "add", "s3", "s3://brainmri/cache"], repo)
+    run(["dvc", "remote", "modify", "s3", "endpointurl", endpoint], repo)
+    run(["git", "commit", "-qam", "an S3 DVC remote"], repo)
+    run(["dvc", "push", "-r", "s3"], repo, env=credentials)
+    clone = tmp_path / "s3-clone"
+    run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    run(["dvc", "pull", "-r", "s3"], clone, env=credentials)
+    for output in ("models/model.keras", "data/prepared/index.json", "reports/gradcam"):
+        assert (clone / output).exists(), output
+    assert (clone / "models" / "model.keras").read_bytes() == (repo / "models" / "model.keras").read_bytes()
     assert stages_run(run(["dvc", "repro"], clone).stdout) == []
 
 
