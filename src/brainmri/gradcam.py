@@ -25,9 +25,9 @@ METHODS = ("gradcam", "gradcam++")
 
 
 def _spatial(layer: keras.layers.Layer) -> bool:
-    shape = getattr(layer, "output", None) is not None and layer.output.shape
-    return bool(shape) and len(shape) == 4 and not isinstance(layer, keras.layers.InputLayer) \
-        and "pool" not in type(layer).__name__.lower()
+    if isinstance(layer, keras.layers.InputLayer) or "pool" in type(layer).__name__.lower():
+        return False
+    return len(layer.output.shape) == 4
 
 
 def last_feature_map_layer(model: keras.Model) -> str:

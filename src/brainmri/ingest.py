@@ -29,6 +29,7 @@ from brainmri.images import open_image, sha256_file
 from brainmri.manifest import MANIFEST_COLUMNS, REJECT_COLUMNS
 from brainmri.params import IngestParams
 
+OUTSIDE_LINK = "link points outside the source tree"
 SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation"}
 # Pixels at or below this grey level count as background (MRI air is near 0).
 BLACK_LEVEL = 10
@@ -60,15 +61,14 @@ def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], l
         current_path = Path(current)
         for name in sorted(dirs):
             if (current_path / name).is_symlink() and not _inside(current_path / name, root):
-                rejects.append({"path": (current_path / name).as_posix(), "label": label,
-                                "reason": "link points outside the source tree"})
+                rejects.append({"path": (current_path / name).as_posix(), "label": label, "reason": OUTSIDE_LINK})
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (current_path / d).is_symlink())
         for name in names:
             path = current_path / name
             if path.suffix.lower() not in extensions or name.startswith("."):
                 continue
             if path.is_symlink() and not _inside(path, root):
-                rejects.append({"path": path.as_posix(), "label": label, "reason": "link points outside the source tree"})
+                rejects.append({"path": path.as_posix(), "label": label, "reason": OUTSIDE_LINK})
             else:
                 found.append(path)
     return sorted(found)
@@ -84,29 +84,30 @@ def _class_folders(parent: Path, wanted: list[str] | None) -> list[Path]:
     return [parent / name for name in wanted]
 
 
-def _yolo_candidates(source: Path, params: IngestParams, root: Path, rejects: list[dict]) -> list[Candidate]:
+def _yolo_candidates(source: Path, params: IngestParams, root: Path, extensions: set[str],
+                     rejects: list[dict]) -> list[Candidate]:
     if not params.classes:
         raise DataError(f"'{source}' has the YOLO layout (images/ + labels/): set ingest.classes to name the class ids")
     candidates = []
-    for image in _walk(source / "images", root, set(params.extensions), rejects, ""):
+    for image in _walk(source / "images", root, extensions, rejects, ""):
         relative = image.relative_to(source / "images")
         label_file = (source / "labels" / relative).with_suffix(".txt")
         subset = relative.parts[0] if len(relative.parts) > 1 else ""
+        reason = None
         try:
             rows = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
             boxes = [(int(r[0]), *map(float, r[1:5])) for r in rows]
         except FileNotFoundError:
-            rejects.append({"path": image.as_posix(), "label": "", "reason": f"no label file {label_file.as_posix()}"})
-            continue
+            reason = f"no label file {label_file.as_posix()}"
         except (ValueError, IndexError):
-            rejects.append({"path": image.as_posix(), "label": "", "reason": f"malformed label file {label_file.as_posix()}"})
-            continue
-        if not boxes:
-            rejects.append({"path": image.as_posix(), "label": "", "reason": "label file has no boxes: class unknown"})
-            continue
-        if not all(0 <= box[0] < len(params.classes) for box in boxes):
-            rejects.append({"path": image.as_posix(), "label": "",
-                            "reason": f"class id outside ingest.classes (0..{len(params.classes) - 1})"})
+            reason = f"malformed label file {label_file.as_posix()}"
+        else:
+            if not boxes:
+                reason = "label file has no boxes: class unknown"
+            elif not all(0 <= box[0] < len(params.classes) for box in boxes):
+                reason = f"class id outside ingest.classes (0..{len(params.classes) - 1})"
+        if reason:
+            rejects.append({"path": image.as_posix(), "label": "", "reason": reason})
             continue
         text = ";".join(f"{b[0]} {b[1]:.6g} {b[2]:.6g} {b[3]:.6g} {b[4]:.6g}" for b in boxes)
         candidates.append(Candidate(image.as_posix(), params.classes[boxes[0][0]], subset, text))
@@ -122,7 +123,7 @@ def discover(params: IngestParams) -> tuple[list[Candidate], list[dict], str, li
     extensions = {ext.lower() for ext in params.extensions}
     rejects: list[dict] = []
     if (source / "images").is_dir() and (source / "labels").is_dir():
-        return _yolo_candidates(source, params, root, rejects), rejects, "yolo", list(params.classes)
+        return _yolo_candidates(source, params, root, extensions, rejects), rejects, "yolo", list(params.classes)
 
     top = [d for d in sorted(source.iterdir()) if d.is_dir() and not d.name.startswith(".")]
     split_layout = bool(top) and all(d.name.lower() in SPLIT_FOLDER_NAMES for d in top)

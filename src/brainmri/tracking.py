@@ -17,16 +17,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
+
+from brainmri.params import TrackingParams
+
 STORE_FILE = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 PIPELINE_TAG = "brainmri.pipeline"
 STAGE_TAG = "brainmri.stage"
 EXPERIMENT_TAG = "dvc.exp_name"
 COMMIT_TAG = "mlflow.source.git.commit"
-
-# Telemetry makes a DNS lookup; set before mlflow is imported anywhere.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 
 def project_root() -> Path:
     """The workspace the user runs DVC in, also from inside an experiment's temp copy."""
@@ -67,7 +67,7 @@ def pipeline_id(params_path: str | Path = "params.yaml") -> str:
     return digest.hexdigest()[:12]
 
 
-def _experiment_id(mlflow: Any, name: str) -> str:
+def _experiment_id(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -90,40 +90,30 @@ class StageRun:
         self.active = active
 
     def log_metrics(self, values: dict[str, Any]) -> None:
-        import mlflow
-
         # NaN / None mark undefined metrics (e.g. AUC of an absent class): MLflow cannot store them.
         defined = {k: v for k, v in values.items() if v is not None and v == v}
         if self.active and defined:
             mlflow.log_metrics(defined)
 
     def log_param(self, key: str, value: Any) -> None:
-        import mlflow
-
         if self.active:
             mlflow.log_param(key, value)
 
     def set_tag(self, key: str, value: str) -> None:
-        import mlflow
-
         if self.active:
             mlflow.set_tag(key, value)
 
     def log_artifact(self, path: str | Path, folder: str) -> None:
-        import mlflow
-
         if self.active:
             mlflow.log_artifact(str(path), artifact_path=folder)
 
     def log_artifacts(self, directory: str | Path, folder: str) -> None:
-        import mlflow
-
         if self.active:
             mlflow.log_artifacts(str(directory), artifact_path=folder)
 
     def keras_callbacks(self) -> list:
         """Per-epoch metrics of `model.fit`, when tracking."""
-        import mlflow.keras
+        import mlflow.keras  # imports Keras: only the stages that train pay for it
 
         return [mlflow.keras.MlflowCallback()] if self.active else []
 
@@ -157,20 +147,18 @@ def _fail_fast_http() -> Iterator[None]:
 
 
 @contextmanager
-def stage_run(stage: str, tracking: Any, params: dict[str, Any]) -> Iterator[StageRun]:
+def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any]) -> Iterator[StageRun]:
     """Open the MLflow run of one stage, tagged and with its params logged.
 
     The store is contacted before the stage does any work: if it cannot be
     reached the stage stops naming the URI, or, with `tracking.required:
     false`, warns once and runs without logging.
     """
-    import mlflow
-
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:
         with _fail_fast_http():
-            experiment_id = _experiment_id(mlflow, tracking.experiment)
+            experiment_id = _experiment_id(tracking.experiment)
     except Exception as exc:  # any failure to reach the store: network, auth, database
         reason = f"MLflow tracking store {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:200]})"
         if tracking.required:
