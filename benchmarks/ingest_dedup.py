@@ -45,6 +45,7 @@ def main() -> None:
         "images": len(scanned.images),
         "rejected": len(scanned.rejects),
         **result.summary(),
+        "largest_group": int(result.groups["group"].value_counts().max()) if len(result.groups) else 1,
         **{key: round(value, 2) for key, value in best.items()},
         "repeats": args.repeat,
         "cpus": os.cpu_count(),
