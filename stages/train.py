@@ -1,15 +1,20 @@
-"""train: fit the params-selected model on the balanced shards and save it to models/."""
+"""train: fit the params-selected model on the balanced shards and save it to models/.
+
+With pretrained weights the backbone is frozen first and the head trained;
+`train.fine_tune` then unfreezes the top of the backbone at a lower rate."""
 
 from pathlib import Path
 
 import keras
 
 from brainmri.metrics import write_json
-from brainmri.models import build_model, save_model
+from brainmri.models import APPLICATIONS, build_model, save_model, set_backbone_trainable
 from brainmri.params import flatten, load_params
 from brainmri.shards import ShardIndex
 from brainmri.tracking import stage_run
-from brainmri.training import callbacks, compile_model, labelled_batches
+from brainmri.training import (
+    callbacks, class_weights, compile_model, configure_hardware, labelled_batches, steps_per_epoch,
+)
 
 MODELS = Path("models")
 HISTORY = Path("metrics/train_history.csv")
@@ -17,29 +22,53 @@ CHECKPOINT = Path("build/checkpoints/best.keras")  # scratch space, not a DVC ou
 
 params = load_params()
 p = params.train
+hardware = configure_hardware(p)  # first: devices cannot change once TensorFlow runs
+if p.fine_tune.epochs and (p.model not in APPLICATIONS or p.weights is None):
+    raise SystemExit("train.fine_tune.epochs needs a keras.applications train.model with pretrained train.weights")
+
 with stage_run("train", params.tracking, flatten(p, "train")) as run:
     keras.utils.set_random_seed(p.seed)
     index = ShardIndex.load("data/prepared")
     if (index.image_size, index.channels) != (p.image_size, p.channels):
         raise SystemExit("data/prepared was written for another image size or channel count: rerun balance")
-    model = build_model(p.model, len(index.classes), p.image_size, p.channels, p.width, p.dropout)
-    compile_model(model, p, len(index.classes))
-    history = model.fit(
-        labelled_batches(index, "train", p.batch_size, shuffle_seed=p.seed),
-        validation_data=labelled_batches(index, "val", p.batch_size),
-        epochs=p.epochs,
-        callbacks=callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks()),
-        verbose=2,
-    )
+    num_classes = len(index.classes)
+    global_batch = p.batch_size * hardware.replicas
+    steps = steps_per_epoch(index, global_batch)
+    train_data = labelled_batches(index, "train", global_batch, shuffle_seed=p.seed)
+    val_data = labelled_batches(index, "val", global_batch)
+    with hardware.strategy.scope():
+        model = build_model(p.model, num_classes, p.image_size, p.channels, p.width, p.dropout,
+                            weights=p.weights, augment=p.augment, seed=p.seed)
+        pretrained = p.model in APPLICATIONS and p.weights is not None
+        if pretrained:
+            set_backbone_trainable(model, False)
+        compile_model(model, p, num_classes, steps_per_epoch=steps)
+    print(f"train: {p.model}, {model.count_params():,} parameters, {hardware.describe()}")
+    for key, value in hardware.describe().items():
+        run.set_tag(f"brainmri.train.{key}", str(value))
+    fit = {"x": train_data, "validation_data": val_data, "class_weight": class_weights(index, p.class_weight),
+           "verbose": 2}
+    history = model.fit(epochs=p.epochs, callbacks=callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks()),
+                        **fit).history
+    if p.fine_tune.epochs:
+        done = len(history["val_loss"])
+        with hardware.strategy.scope():
+            set_backbone_trainable(model, True, top_layers=p.fine_tune.layers)
+            compile_model(model, p, num_classes, lr_value=p.fine_tune.lr, epochs=p.fine_tune.epochs,
+                          steps_per_epoch=steps, warmup_epochs=0)
+        tuned = model.fit(epochs=done + p.fine_tune.epochs, initial_epoch=done,
+                          callbacks=callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), append=True),
+                          **fit).history
+        history = {key: history[key] + tuned.get(key, []) for key in history}
 
     metadata = {"classes": index.classes, "image_size": p.image_size, "channels": p.channels, "model": p.model}
     save_model(model, MODELS, metadata)
-    best = min(range(len(history.history["val_loss"])), key=history.history["val_loss"].__getitem__)
+    best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
     summary = {
-        "epochs_run": len(history.history["val_loss"]),
+        "epochs_run": len(history["val_loss"]),
         "best_epoch": best + 1,
-        "best_val_loss": history.history["val_loss"][best],
-        "best_val_accuracy": history.history["val_accuracy"][best],
+        "best_val_loss": history["val_loss"][best],
+        "best_val_accuracy": history["val_accuracy"][best],
         "parameters": model.count_params(),
     }
     write_json(summary, "metrics/train.json")

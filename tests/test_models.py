@@ -1,8 +1,14 @@
+from pathlib import Path
+
+import keras
 import numpy as np
 import pytest
 
-from brainmri.models import build_model, class_probabilities, flip_tta_probabilities, load_model, save_model
-from brainmri.params import TrainParams
+from brainmri.models import (
+    APPLICATIONS, BACKBONE_LAYER, build_model, class_probabilities, flip_tta_probabilities, imagenet_preprocessing,
+    load_model, save_model, set_backbone_trainable,
+)
+from brainmri.params import AugmentParams, TrainParams
 from brainmri.training import compile_model
 
 
@@ -48,7 +54,7 @@ def test_preprocessing_lives_in_the_model():
 
 
 def test_unknown_model_and_missing_model_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="train.model: unknown model 'resnet9000'"):
+    with pytest.raises(SystemExit, match="train.model: unknown model 'resnet9000'; choose one of compact_cnn, res"):
         build_model("resnet9000", 4, 32, 1)
     with pytest.raises(SystemExit, match="no trained model"):
         load_model(tmp_path)
@@ -64,3 +70,119 @@ def test_flip_tta_averages_an_image_and_its_mirror():
     images = rng.integers(0, 255, (2, 32, 32, 1), dtype=np.uint8)
     expected = (class_probabilities(model, images) + class_probabilities(model, images[:, :, ::-1].copy())) / 2
     np.testing.assert_allclose(flip_tta_probabilities(model, images), expected, atol=1e-6)
+
+
+def trains_one_step(model, num_classes: int, size: int, channels: int) -> None:
+    compile_model(model, TrainParams(lr=1e-2, image_size=size, epochs=1), num_classes)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, size, size, channels), dtype=np.uint8)
+    labels = np.arange(4) % num_classes
+    targets = labels[:, None].astype("float32") if num_classes == 2 else np.eye(num_classes)[labels]
+    before = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+    model.fit(images, targets, epochs=1, batch_size=4, verbose=0)
+    after = [keras.ops.convert_to_numpy(w) for w in model.trainable_weights]
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+    probabilities = class_probabilities(model, images)
+    assert probabilities.shape == (4, num_classes) and np.isfinite(probabilities).all()
+
+
+# InceptionV3 needs at least 75 px; the others take 32.
+@pytest.mark.parametrize("name", sorted(APPLICATIONS))
+def test_every_backbone_builds_and_trains_a_step_without_downloads(name):
+    size = 75 if name == "inception_v3" else 32
+    model = build_model(name, 4, size, 1, weights=None)
+    assert isinstance(model.get_layer(BACKBONE_LAYER), keras.Model)
+    trains_one_step(model, 4, size, 1)
+
+
+def test_backbone_takes_rgb_and_a_binary_head():
+    model = build_model("mobilenet_v3_small", 2, 32, 3, augment=AugmentParams())
+    assert model.output_shape == (None, 1)
+    trains_one_step(model, 2, 32, 3)
+
+
+@pytest.mark.parametrize("mode, expected", [
+    # keras.applications' preprocess_input of the RGB pixel (10, 20, 30), per mode.
+    ("caffe", [30 - 103.939, 20 - 116.779, 10 - 123.68]),
+    ("tf", [10 / 127.5 - 1, 20 / 127.5 - 1, 30 / 127.5 - 1]),
+    ("torch", [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]),
+    ("builtin", [10, 20, 30]),
+])
+def test_imagenet_preprocessing_matches_keras_preprocess_input(mode, expected):
+    inputs = keras.Input((2, 2, 3))
+    model = keras.Model(inputs, imagenet_preprocessing(inputs, mode))
+    pixel = np.tile(np.array([10, 20, 30], dtype="float32"), (1, 2, 2, 1))
+    np.testing.assert_allclose(model.predict(pixel, verbose=0)[0, 0, 0], expected, rtol=1e-5)
+    if mode != "builtin":
+        reference = {"caffe": keras.applications.resnet50, "tf": keras.applications.inception_v3,
+                     "torch": keras.applications.densenet}[mode].preprocess_input(pixel.copy())
+        np.testing.assert_allclose(model.predict(pixel, verbose=0), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_grayscale_is_replicated_to_the_three_backbone_channels():
+    inputs = keras.Input((2, 2, 1))
+    model = keras.Model(inputs, imagenet_preprocessing(inputs, "tf"))
+    out = model.predict(np.full((1, 2, 2, 1), 51, dtype="float32"), verbose=0)
+    np.testing.assert_allclose(out, np.full((1, 2, 2, 3), 51 / 127.5 - 1), rtol=1e-5)
+
+
+def test_fine_tuning_unfreezes_only_the_top_layers_and_keeps_batch_norm_frozen():
+    model = build_model("mobilenet_v3_small", 4, 32, 1)
+    backbone = model.get_layer(BACKBONE_LAYER)
+    set_backbone_trainable(model, False)
+    assert not backbone.trainable and not backbone.trainable_weights
+    set_backbone_trainable(model, True, top_layers=10)
+    trainable = [layer for layer in backbone.layers if layer.trainable and layer.weights]
+    assert trainable and all(backbone.layers.index(layer) >= len(backbone.layers) - 10 for layer in trainable)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+
+
+def test_imagenet_weights_offline_fail_with_a_fix(tmp_path, monkeypatch):
+    # An empty Keras cache and no network: the real download attempt fails at once.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"ImageNet weights for mobilenet_v3_small .*~/.keras/models.*weights=none"):
+        build_model("mobilenet_v3_small", 4, 32, 1, weights="imagenet")
+
+
+def test_weights_file_errors_name_the_key(tmp_path):
+    with pytest.raises(SystemExit, match="train.weights: no such weights file"):
+        build_model("resnet50", 4, 32, 1, weights=str(tmp_path / "missing.weights.h5"))
+    with pytest.raises(SystemExit, match="compact_cnn has no ImageNet weights"):
+        build_model("compact_cnn", 4, 32, 1, weights="imagenet")
+
+
+def test_a_weights_file_initialises_the_model(tmp_path):
+    source = build_model("compact_cnn", 4, 32, 1, width=4)
+    source.save_weights(tmp_path / "start.weights.h5")
+    warm = build_model("compact_cnn", 4, 32, 1, width=4, weights=str(tmp_path / "start.weights.h5"))
+    images, _ = tiny_batch(4)
+    np.testing.assert_allclose(class_probabilities(warm, images), class_probabilities(source, images), atol=1e-6)
+    with pytest.raises(SystemExit, match="does not fit this compact_cnn"):
+        build_model("compact_cnn", 4, 32, 1, width=8, weights=str(tmp_path / "start.weights.h5"))
+
+
+def test_augmentation_is_random_in_training_and_the_identity_at_inference():
+    model = build_model("compact_cnn", 4, 32, 1, width=4, augment=AugmentParams(rotation=20, zoom=0.2))
+    images, _ = tiny_batch(4)
+    np.testing.assert_array_equal(model(images, training=False).numpy(), model(images, training=False).numpy())
+    assert any(layer.name.startswith("random_") for layer in model.layers)
+
+
+def test_a_crash_while_saving_leaves_the_previous_model_intact(tmp_path, monkeypatch):
+    first = build_model("compact_cnn", 3, 32, 1, width=4)
+    save_model(first, tmp_path, {"classes": ["a", "b", "c"], "image_size": 32, "channels": 1})
+    images, _ = tiny_batch(3)
+    expected = class_probabilities(first, images)
+
+    second = build_model("compact_cnn", 3, 32, 1, width=8)
+
+    def crash(path, *args, **kwargs):
+        Path(path).write_bytes(b"half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(second, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(second, tmp_path, {"classes": ["a", "b", "c"], "image_size": 32, "channels": 1})
+    loaded, _ = load_model(tmp_path)
+    np.testing.assert_allclose(class_probabilities(loaded, images), expected, atol=1e-6)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.keras"]

@@ -154,6 +154,17 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
     back_to_baseline(repo)
 
 
+def test_a_keras_applications_backbone_trains_evaluates_and_is_explained(repo):
+    result = run(["dvc", "exp", "run", "-n", "backbone", "-S", "train.model=mobilenet_v3_small",
+                  "-S", "train.epochs=1"], repo)
+    assert stages_run(result.stdout) == DOWNSTREAM_OF_TRAIN
+    assert json.loads((repo / "models" / "model.json").read_text())["model"] == "mobilenet_v3_small"
+    assert "accuracy" in json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert "heatmaps from layer 'backbone'" in result.stdout
+    assert json.loads((repo / "metrics" / "gradcam.json").read_text())["images"] == 4
+    back_to_baseline(repo)
+
+
 def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(repo):
     workspace = [r for r in runs(repo) if "dvc.exp_name" not in r.data.tags]
     first_pipeline = workspace[-1].data.tags["brainmri.pipeline"]  # oldest run: the first repro
@@ -273,6 +284,8 @@ def test_an_experiment_travels_through_the_git_remote(repo, tmp_path):
 @pytest.mark.parametrize("change, named", [
     ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
     ({"ingest": {"source": "data/nowhere"}}, "data/nowhere"),
+    ({"train": {"model": "resnet9000"}}, "train.model: unknown model 'resnet9000'"),
+    ({"train": {"fine_tune": {"epochs": 2}}}, "train.fine_tune.epochs needs"),
 ])
 def test_bad_input_stops_the_pipeline_naming_the_key_or_path(repo, change, named):
     update_params(repo / "params.yaml", change)

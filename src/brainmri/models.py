@@ -7,12 +7,15 @@ needs no separate preprocessing code.
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import keras
+import numpy as np
 from keras import layers
+
+from brainmri.params import AugmentParams
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
@@ -32,9 +35,11 @@ def per_image_standardization(inputs):
 def _conv_block(x, filters: int, name: str):
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
-        # Momentum 0.9, not Keras' 0.99: with ~100 steps an epoch the running
-        # statistics otherwise lag the weights and validation swings wildly.
-        x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn{i}")(x)
+        # Group norm, not batch norm: it has no running statistics, so inference
+        # computes exactly what training did. Trained from scratch at a high
+        # learning rate, batch norm's running statistics lag the weights and
+        # validation accuracy swings (measured: see the README's training notes).
+        x = layers.GroupNormalization(groups=max(1, min(8, filters // 4)), name=f"{name}_norm{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return layers.MaxPooling2D(name=f"{name}_pool")(x)
 
@@ -47,33 +52,159 @@ def compact_cnn(inputs, width: int):
     return x
 
 
-BACKBONES: dict[str, Callable] = {"compact_cnn": compact_cnn}
+# keras.applications backbones: (constructor, how its preprocess_input maps 0-255 RGB).
+# "builtin": the model rescales inside itself (include_preprocessing).
+APPLICATIONS: dict[str, tuple[str, str]] = {
+    "resnet50": ("ResNet50", "caffe"),
+    "resnet101": ("ResNet101", "caffe"),
+    "inception_v3": ("InceptionV3", "tf"),
+    "efficientnet_b0": ("EfficientNetB0", "builtin"),
+    "efficientnetv2_b0": ("EfficientNetV2B0", "builtin"),
+    "mobilenet_v2": ("MobileNetV2", "tf"),
+    "mobilenet_v3_small": ("MobileNetV3Small", "builtin"),
+    "mobilenet_v3_large": ("MobileNetV3Large", "builtin"),
+    "densenet121": ("DenseNet121", "torch"),
+}
+MODELS = ("compact_cnn", *APPLICATIONS)
+BACKBONE_LAYER = "backbone"
+
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+
+
+def imagenet_preprocessing(inputs, mode: str):
+    """keras.applications' preprocess_input as one fixed 1x1 convolution.
+
+    Every mode is a per-channel scale and offset (caffe also swaps RGB to BGR),
+    and a grayscale input is replicated to the three channels the backbone
+    expects. A stock, frozen Conv2D keeps the saved model loadable with plain
+    Keras, with no custom layer or Lambda.
+    """
+    channels = inputs.shape[-1]
+    source = [2, 1, 0] if mode == "caffe" else [0, 1, 2]  # input channel feeding each output channel
+    if mode == "caffe":
+        scale, offset = np.ones(3), -np.array([103.939, 116.779, 123.68])
+    elif mode == "tf":
+        scale, offset = np.full(3, 1 / 127.5), np.full(3, -1.0)
+    elif mode == "torch":
+        scale, offset = 1 / (255 * _IMAGENET_STD), -_IMAGENET_MEAN / _IMAGENET_STD
+    else:
+        scale, offset = np.ones(3), np.zeros(3)
+    kernel = np.zeros((1, 1, channels, 3), dtype="float32")
+    for out in range(3):
+        kernel[0, 0, source[out] if channels == 3 else 0, out] = scale[out]
+    conv = layers.Conv2D(3, 1, trainable=False, name="imagenet_preprocess")
+    x = conv(inputs)
+    conv.set_weights([kernel, offset.astype("float32")])
+    return x
+
+
+def application_backbone(name: str, image_size: int, weights: str | None) -> keras.Model:
+    """A keras.applications model without its top, as one nested layer named 'backbone'."""
+    constructor = getattr(keras.applications, APPLICATIONS[name][0])
+    # EfficientNet (v1) always rescales inside; EfficientNetV2 and MobileNetV3 do when asked.
+    builtin = "include_preprocessing" in inspect.signature(constructor).parameters
+    kwargs = {"include_preprocessing": True} if builtin else {}
+    try:
+        backbone = constructor(
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3), **kwargs)
+    except Exception as error:  # Keras raises a bare Exception for a failed download
+        if weights == "imagenet":
+            raise SystemExit(
+                f"train.weights=imagenet: could not get ImageNet weights for {name} ({error}). Keras downloads "
+                f"them once into ~/.keras/models (or $KERAS_HOME/models) and reuses that file offline: run "
+                f"once with internet access, copy the file there, set train.weights to a local weights file, "
+                f"or train from scratch with train.weights=none") from None
+        if weights is not None:
+            raise SystemExit(f"train.weights: cannot load '{weights}' into {name}: {error}") from None
+        raise SystemExit(f"train.model={name}: {error}") from None
+    backbone.name = BACKBONE_LAYER
+    return backbone
+
+
+def random_augmentation(x, augment: AugmentParams | None, seed: int):
+    """Fresh random transforms every epoch; identity at inference."""
+    if augment is None:
+        return x
+    if augment.flip:
+        x = layers.RandomFlip("horizontal", seed=seed, name="random_flip")(x)
+    if augment.rotation:
+        x = layers.RandomRotation(augment.rotation / 360, fill_mode="constant", seed=seed + 1,
+                                  name="random_rotation")(x)
+    if augment.zoom:
+        x = layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed + 2, name="random_zoom")(x)
+    if augment.shift:
+        x = layers.RandomTranslation(augment.shift, augment.shift, fill_mode="constant", seed=seed + 3,
+                                     name="random_shift")(x)
+    if augment.contrast:
+        x = layers.RandomContrast(augment.contrast, seed=seed + 4, name="random_contrast")(x)
+    if augment.brightness:
+        x = layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed + 5,
+                                    name="random_brightness")(x)
+    return x
 
 
 def build_model(
-    name: str, num_classes: int, image_size: int, channels: int, width: int = 32, dropout: float = 0.3,
+    name: str, num_classes: int, image_size: int, channels: int, width: int = 16, dropout: float = 0.3,
+    weights: str | None = None, augment: AugmentParams | None = None, seed: int = 42,
 ) -> keras.Model:
-    """A classifier over uint8 (image_size, image_size, channels) inputs."""
-    if name not in BACKBONES:
-        raise SystemExit(f"train.model: unknown model '{name}'; choose one of {sorted(BACKBONES)}")
+    """A classifier over uint8 (image_size, image_size, channels) inputs returning class probabilities.
+
+    Head: global average pooling, batch norm (backbones only), dropout, dense;
+    one sigmoid unit for two classes, softmax otherwise.
+    """
+    if name not in MODELS:
+        raise SystemExit(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")
     if num_classes < 2:
         raise SystemExit(f"need at least 2 classes to train, got {num_classes}")
+    if weights == "imagenet" and name == "compact_cnn":
+        raise SystemExit("train.weights=imagenet: compact_cnn has no ImageNet weights; use none or a weights file")
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise SystemExit(f"train.weights: no such weights file '{weights}'")
     inputs = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
-    features = BACKBONES[name](inputs, width)
+    # Random layers work on float pixels in 0-255; the model's own scaling follows.
+    x = random_augmentation(layers.Rescaling(1.0, name="to_float")(inputs), augment, seed)
+    if name == "compact_cnn":
+        features = compact_cnn(x, width)
+    else:
+        x = imagenet_preprocessing(x, APPLICATIONS[name][1])
+        features = application_backbone(name, image_size, weights)(x)
     x = layers.GlobalAveragePooling2D(name="pool")(features)
-    x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
+    if name != "compact_cnn":
+        # Over a backbone's features. Not over a from-scratch CNN's: its pooled
+        # features drift every step, and a batch norm there predicted one class
+        # at inference while training accuracy was 0.78.
+        x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     binary = num_classes == 2
     # Probabilities in float32 even under mixed precision.
     outputs = layers.Dense(1 if binary else num_classes, activation="sigmoid" if binary else "softmax",
                            dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name=name)
+    model = keras.Model(inputs, outputs, name=name)
+    if name == "compact_cnn" and weights is not None:
+        try:
+            model.load_weights(weights)
+        except Exception as error:
+            raise SystemExit(f"train.weights: '{weights}' does not fit this compact_cnn: {error}") from None
+    return model
+
+
+def set_backbone_trainable(model: keras.Model, trainable: bool, top_layers: int | None = None) -> None:
+    """Freeze or unfreeze a nested backbone; `top_layers` unfreezes only the last N.
+
+    Batch norm stays frozen when fine-tuning: updating its statistics from
+    small batches undoes what the pretrained weights learnt (Keras' transfer
+    learning guide)."""
+    backbone = model.get_layer(BACKBONE_LAYER)
+    backbone.trainable = trainable
+    if trainable and top_layers is not None:
+        for position, layer in enumerate(backbone.layers):
+            in_top = position >= len(backbone.layers) - top_layers
+            layer.trainable = in_top and not isinstance(layer, layers.BatchNormalization)
 
 
 def class_probabilities(model: keras.Model, images, batch_size: int = 64):
     """(N, num_classes) probabilities, also for a one-unit sigmoid (binary) head."""
-    import numpy as np
-
     scores = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
     if scores.shape[1] == 1:
         return np.concatenate([1.0 - scores, scores], axis=1)
@@ -90,10 +221,17 @@ def save_model(model: keras.Model, folder: str | Path, metadata: dict) -> None:
     """Write model + metadata so that a crash mid-way never leaves a half-written model."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / f".{MODEL_FILE}.partial.keras"
-    model.save(partial)
-    partial.replace(folder / MODEL_FILE)
-    (folder / META_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    partial_model = folder / f".{MODEL_FILE}.partial.keras"
+    partial_meta = folder / f".{META_FILE}.partial"
+    try:
+        model.save(partial_model)
+        partial_meta.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        # Both files are complete before either replaces the old one.
+        partial_model.replace(folder / MODEL_FILE)
+        partial_meta.replace(folder / META_FILE)
+    finally:
+        partial_model.unlink(missing_ok=True)
+        partial_meta.unlink(missing_ok=True)
 
 
 def load_model(folder: str | Path) -> tuple[keras.Model, dict]:

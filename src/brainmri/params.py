@@ -92,20 +92,37 @@ class BalanceParams(_Section):
         return value
 
 
+class FineTuneParams(_Section):
+    epochs: int = Field(0, ge=0, description="second phase with the top of the backbone unfrozen; 0: none")
+    layers: int = Field(20, ge=1, description="backbone layers unfrozen from the top (batch norm stays frozen)")
+    lr: float = Field(1e-5, gt=0)
+
+
 class TrainParams(_Section):
     model: str = "compact_cnn"
-    weights: str | None = None
-    epochs: int = Field(15, ge=1)
+    weights: str | None = Field(None, description="none, imagenet, or a weights file for the backbone")
+    epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
+    lr_schedule: Literal["cosine", "plateau"] = "cosine"
+    warmup_epochs: int = Field(1, ge=0, description="cosine: linear warm-up epochs")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW's decoupled L2 penalty")
+    batch_size: int = Field(32, ge=1, description="per device; the global batch is this times the replicas")
     image_size: int = Field(128, ge=16)
     channels: Literal[1, 3] = 1
     seed: int = 42
-    width: int = Field(32, ge=4, description="filters of the first compact_cnn block")
+    width: int = Field(16, ge=4, description="filters of the first compact_cnn block")
     dropout: float = Field(0.3, ge=0, lt=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    early_stopping_patience: int = Field(5, ge=1)
-    reduce_lr_patience: int = Field(2, ge=1)
+    label_smoothing: float = Field(0.05, ge=0, lt=1)
+    class_weight: Literal["none", "balanced"] = "none"
+    augment: AugmentParams = Field(AugmentParams(brightness=0.0), description="random layers, active only in fit")
+    early_stopping_patience: int = Field(8, ge=1)
+    reduce_lr_patience: int = Field(3, ge=1)
+    fine_tune: FineTuneParams = FineTuneParams()
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    mixed_precision: bool | Literal["auto"] = Field("auto", description="auto: mixed_float16 on GPU only")
+    xla: bool | Literal["auto"] = Field("auto", description="XLA compilation; auto: Keras decides per model")
+    strategy: Literal["auto", "single", "mirrored"] = "auto"
+    deterministic: bool = Field(False, description="TensorFlow op determinism (slower)")
 
     @field_validator("weights", mode="before")
     @classmethod

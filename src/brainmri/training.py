@@ -1,19 +1,70 @@
 """Fit a model on the balance stage's shards with the usual safety nets:
-early stopping on the best weights, LR reduction on plateau, best checkpoint,
-per-epoch history as CSV (a DVC plot) and per-epoch MLflow metrics."""
+early stopping on the best weights, LR schedule (cosine with warm-up, or
+reduction on plateau), best checkpoint, per-epoch history as CSV (a DVC plot)
+and per-epoch MLflow metrics; and the hardware it runs on (CPU, one or more
+GPUs with mixed precision)."""
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import keras
+import numpy as np
 
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
 
 
+@dataclass(frozen=True)
+class Hardware:
+    strategy: Any  # a tf.distribute.Strategy
+    device: str  # "cpu" or "gpu"
+    replicas: int
+    mixed_precision: bool
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": self.device, "replicas": self.replicas, "mixed_precision": self.mixed_precision,
+                "strategy": type(self.strategy).__name__}
+
+
+def configure_hardware(params: TrainParams) -> Hardware:
+    """Devices, precision, determinism and distribution strategy from `train.*`.
+
+    Must run before any other TensorFlow work in the process: device
+    visibility cannot change once TensorFlow has started.
+    """
+    import tensorflow as tf
+
+    if params.device == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+    gpus = tf.config.list_logical_devices("GPU")
+    if params.device == "gpu" and not gpus:
+        raise SystemExit("train.device=gpu, but TensorFlow sees no GPU: install tensorflow[and-cuda] on a "
+                         "machine with an NVIDIA driver, or set train.device to auto or cpu")
+    device = "gpu" if gpus else "cpu"
+    if params.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    mixed = device == "gpu" if params.mixed_precision == "auto" else bool(params.mixed_precision)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    if params.strategy == "mirrored" or (params.strategy == "auto" and len(gpus) > 1):
+        strategy = tf.distribute.MirroredStrategy()
+    elif params.strategy == "single":
+        strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    else:
+        strategy = tf.distribute.get_strategy()  # the default: one device, no distribution
+    return Hardware(strategy, device, strategy.num_replicas_in_sync, mixed)
+
+
 def labelled_batches(index: ShardIndex, split: str, batch_size: int, shuffle_seed: int | None = None):
-    """Batches of (uint8 images, one-hot or 0/1 targets) for `fit`."""
+    """Batches of (uint8 images, one-hot or 0/1 targets) for `fit`.
+
+    The decoded split is cached in memory after the first pass, so later
+    epochs only shuffle and batch.
+    """
     import tensorflow as tf
 
     num_classes = len(index.classes)
@@ -23,31 +74,75 @@ def labelled_batches(index: ShardIndex, split: str, batch_size: int, shuffle_see
             return image, tf.cast(tf.expand_dims(label, -1), tf.float32)
         return image, tf.one_hot(label, num_classes)
 
-    data = index.dataset(split).cache()
+    data = index.dataset(split).map(targets, num_parallel_calls=tf.data.AUTOTUNE).cache()
     if shuffle_seed is not None:
         data = data.shuffle(max(index.size(split), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
-    return data.map(targets, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Shard across replicas by element, not by file: a split may have fewer files than replicas.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return data.batch(batch_size).prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
-def compile_model(model: keras.Model, params: TrainParams, num_classes: int) -> None:
+def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:
+    """`balanced`: weights inversely proportional to class frequency in the training split."""
+    if mode == "none":
+        return None
+    counts = np.array([index.counts["train"].get(name, 0) for name in index.classes], dtype=float)
+    return {i: float(counts.sum() / (len(counts) * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+def learning_rate(params: TrainParams, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int):
+    """A cosine decay with linear warm-up, or a constant that ReduceLROnPlateau lowers."""
+    if params.lr_schedule == "plateau":
+        return lr
+    warmup = min(warmup_epochs, epochs - 1) * steps_per_epoch
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=lr / 10 if warmup else lr, decay_steps=max(epochs * steps_per_epoch - warmup, 1),
+        alpha=0.01, warmup_target=lr if warmup else None, warmup_steps=warmup)
+
+
+def compile_model(model: keras.Model, params: TrainParams, num_classes: int, lr_value: float | None = None,
+                  epochs: int | None = None, steps_per_epoch: int = 1, warmup_epochs: int | None = None) -> None:
     if num_classes == 2:
         loss = keras.losses.BinaryCrossentropy(label_smoothing=params.label_smoothing)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy")
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
         accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
-    model.compile(optimizer=keras.optimizers.Adam(params.lr), loss=loss, metrics=[accuracy])
+    lr = learning_rate(params, lr_value or params.lr, epochs or params.epochs, steps_per_epoch,
+                       params.warmup_epochs if warmup_epochs is None else warmup_epochs)
+    optimizer = keras.optimizers.AdamW(lr, weight_decay=params.weight_decay)
+    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy], jit_compile=params.xla)
 
 
-def callbacks(params: TrainParams, history_csv: Path, checkpoint: Path, extra: list) -> list:
+class EpochTimer(keras.callbacks.Callback):
+    """Adds `epoch_seconds` to each epoch's logs (so to the history CSV and MLflow)."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["epoch_seconds"] = time.perf_counter() - self.start
+
+
+def callbacks(params: TrainParams, history_csv: Path, checkpoint: Path, extra: list, append: bool = False) -> list:
     history_csv.parent.mkdir(parents=True, exist_ok=True)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    return [
+    chosen = [
+        EpochTimer(),  # first, so the callbacks after it see the time
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.early_stopping_patience,
                                       restore_best_weights=True),
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=params.reduce_lr_patience,
-                                          min_lr=params.lr / 100),
         keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
-        keras.callbacks.CSVLogger(history_csv),
+        keras.callbacks.CSVLogger(history_csv, append=append),
         *extra,
     ]
+    if params.lr_schedule == "plateau":
+        chosen.insert(2, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                           patience=params.reduce_lr_patience,
+                                                           min_lr=params.lr / 100))
+    return chosen
+
+
+def steps_per_epoch(index: ShardIndex, global_batch: int) -> int:
+    return max(math.ceil(index.size("train") / global_batch), 1)

@@ -1,0 +1,68 @@
+import os
+import shutil
+import signal
+import subprocess
+
+import keras
+import pytest
+
+from brainmri.params import TrainParams
+from brainmri.shards import ShardIndex
+from brainmri.training import class_weights, configure_hardware, learning_rate
+from conftest import create_project, project_env, run, update_params
+
+
+def test_a_gpu_request_without_a_gpu_is_a_clear_error():
+    import tensorflow as tf
+
+    if not tf.config.list_logical_devices("GPU"):
+        with pytest.raises(SystemExit, match="train.device=gpu, but TensorFlow sees no GPU"):
+            configure_hardware(TrainParams(device="gpu"))
+
+
+def test_cpu_defaults_to_full_precision_on_one_device():
+    hardware = configure_hardware(TrainParams())
+    try:
+        assert hardware.describe() == {"device": "cpu", "replicas": 1, "mixed_precision": False,
+                                       "strategy": "_DefaultDistributionStrategy"}
+        assert keras.mixed_precision.global_policy().name == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    schedule = learning_rate(TrainParams(lr=1e-3), 1e-3, epochs=10, steps_per_epoch=10, warmup_epochs=1)
+    rates = [float(schedule(step)) for step in (0, 10, 50, 99)]
+    assert rates[0] < rates[1] == pytest.approx(1e-3) and rates[1] > rates[2] > rates[3]
+    assert learning_rate(TrainParams(lr_schedule="plateau"), 1e-3, 10, 10, 1) == 1e-3
+
+
+def test_balanced_class_weights_offset_class_frequency(tmp_path):
+    index = ShardIndex(tmp_path, ["a", "b"], 8, 1, {}, {"train": {"a": 30, "b": 10}})
+    assert class_weights(index, "balanced") == {0: pytest.approx(40 / 60), 1: pytest.approx(2.0)}
+    assert class_weights(index, "none") is None
+
+
+def test_an_interrupted_train_stage_reruns_to_a_complete_model(tmp_path):
+    repo = create_project(tmp_path / "repo")
+    update_params(repo / "params.yaml", {"train": {"epochs": 40, "early_stopping_patience": 40}})
+    run(["dvc", "repro", "balance"], repo)
+    training = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=project_env(repo), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    for line in training.stdout:
+        if line.startswith("Epoch 3/"):
+            break
+    os.killpg(training.pid, signal.SIGKILL)  # a crash: no clean-up code runs
+    training.wait()
+    models = repo / "models"
+    # Whatever is left is never a half-written model under the real names.
+    assert not models.exists() or not (models / "model.keras").exists()
+
+    # The rerun also goes through tf.distribute's MirroredStrategy (one replica on a CPU).
+    update_params(repo / "params.yaml", {"train": {"epochs": 2, "strategy": "mirrored"}})
+    rerun = run(["dvc", "repro", "train"], repo).stdout
+    assert "Running stage 'train'" in rerun and "'strategy': 'MirroredStrategy'" in rerun
+    assert sorted(path.name for path in models.iterdir()) == ["model.json", "model.keras"]
+    keras.saving.load_model(models / "model.keras")
+    assert "up to date" in run(["dvc", "status", "train"], repo).stdout
+    shutil.rmtree(repo)
