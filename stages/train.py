@@ -74,5 +74,6 @@ with stage_run("train", params.tracking, flatten(p, "train")) as run:
     write_json(summary, "metrics/train.json")
     run.log_metrics({f"final.{key}": value for key, value in summary.items()})
     run.log_artifact(str(MODELS / "model.json"), "model_meta")
-    run.log_keras_model(model, example=next(iter(index.dataset("val").batch(2)))[0].numpy())
+    run.log_keras_model(model, example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
+                        registered_name=params.tracking.registered_model)
     print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")

@@ -7,7 +7,7 @@ import yaml
 
 from conftest import PROJECT
 
-STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam"]
+STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "export"]
 
 
 def package_imports(path: Path) -> set[str]:
@@ -49,5 +49,5 @@ def test_stages_declare_only_their_own_params_sections():
         sections = {entry.split(".")[0] for entry in stages[name]["params"]}
         assert name in sections
         upstream = set(STAGES[: STAGES.index(name)])
-        assert sections - {name} <= upstream | {"train"}, f"{name} reads downstream params {sections}"
+        assert sections - {name} <= upstream | {"train", "tracking"}, f"{name} reads downstream params {sections}"
     assert stages["ingest"]["params"] == ["ingest"]

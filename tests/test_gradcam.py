@@ -35,7 +35,7 @@ def bar_model() -> keras.Model:
     keras.utils.set_random_seed(0)
     images, labels, _ = bar_images(160)
     model = build_model("compact_cnn", 2, SIZE, 1, width=8, dropout=0.0)
-    compile_model(model, TrainParams(lr=3e-3, image_size=SIZE), 2)
+    compile_model(model, TrainParams(lr=3e-3, image_size=SIZE, lr_schedule="plateau", label_smoothing=0.0), 2)
     model.fit(images, labels[:, None].astype("float32"), epochs=10, batch_size=16, verbose=0)
     return model
 
@@ -82,7 +82,7 @@ def test_position_coded_blob_is_found_by_gradcam_plus_plus():
     x = keras.layers.Flatten()(keras.layers.MaxPooling2D(4)(x))
     model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(x))
     images, labels, _ = blob_images(160)
-    compile_model(model, TrainParams(lr=3e-3, image_size=SIZE), 4)
+    compile_model(model, TrainParams(lr=3e-3, image_size=SIZE, lr_schedule="plateau", label_smoothing=0.0), 4)
     model.fit(images, np.eye(4)[labels], epochs=8, batch_size=16, verbose=0)
 
     test_images, test_labels, centres = blob_images(24, seed=1)

@@ -6,7 +6,7 @@ import pytest
 
 from brainmri.models import (
     APPLICATIONS, BACKBONE_LAYER, build_model, class_probabilities, flip_tta_probabilities, imagenet_preprocessing,
-    load_model, save_model, set_backbone_trainable,
+    load_model, save_model, set_backbone_trainable, without_augmentation,
 )
 from brainmri.params import AugmentParams, TrainParams
 from brainmri.training import compile_model
@@ -24,7 +24,7 @@ def tiny_batch(num_classes: int, channels: int = 1, count: int = 8):
 def test_head_matches_the_label_set_and_trains_a_step(num_classes):
     model = build_model("compact_cnn", num_classes, 32, 1, width=4)
     assert model.output_shape == (None, 1 if num_classes == 2 else num_classes)
-    compile_model(model, TrainParams(lr=1e-2, image_size=32), num_classes)
+    compile_model(model, TrainParams(lr=1e-2, image_size=32, lr_schedule="plateau"), num_classes)
     images, targets = tiny_batch(num_classes)
     before = [w.copy() for w in model.get_weights()]
     model.fit(images, targets, epochs=1, batch_size=8, verbose=0)
@@ -73,7 +73,8 @@ def test_flip_tta_averages_an_image_and_its_mirror():
 
 
 def trains_one_step(model, num_classes: int, size: int, channels: int) -> None:
-    compile_model(model, TrainParams(lr=1e-2, image_size=size, epochs=1), num_classes)
+    compile_model(model, TrainParams(lr=1e-2, image_size=size, epochs=1, xla=False), num_classes)
+    model.run_eagerly = True  # one step: tracing a big backbone's graph would cost far more than the step
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (4, size, size, channels), dtype=np.uint8)
     labels = np.arange(4) % num_classes
@@ -164,8 +165,14 @@ def test_a_weights_file_initialises_the_model(tmp_path):
 def test_augmentation_is_random_in_training_and_the_identity_at_inference():
     model = build_model("compact_cnn", 4, 32, 1, width=4, augment=AugmentParams(rotation=20, zoom=0.2))
     images, _ = tiny_batch(4)
-    np.testing.assert_array_equal(model(images, training=False).numpy(), model(images, training=False).numpy())
+    assert not np.allclose(model(images, training=True).numpy(), model(images, training=True).numpy())
+    inference = model(images, training=False).numpy()
+    np.testing.assert_array_equal(inference, model(images, training=False).numpy())
+    # Export drops the random layers and keeps the same weights and answers.
+    exported = without_augmentation(model)
+    assert not any(layer.name.startswith("random_") for layer in exported.layers)
     assert any(layer.name.startswith("random_") for layer in model.layers)
+    np.testing.assert_allclose(exported(images, training=False).numpy(), inference, atol=1e-6)
 
 
 def test_a_crash_while_saving_leaves_the_previous_model_intact(tmp_path, monkeypatch):

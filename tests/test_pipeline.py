@@ -19,8 +19,8 @@ from conftest import CLASSES, create_project, run, stages_run, synthetic_image, 
 
 pytestmark = pytest.mark.pipeline
 
-ALL_STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam"]
-DOWNSTREAM_OF_TRAIN = ["train", "evaluate", "gradcam"]
+ALL_STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "export"]
+DOWNSTREAM_OF_TRAIN = ["train", "evaluate", "gradcam", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +45,11 @@ def runs(repo: Path, filter_string: str = "") -> list:
     return client.search_runs([experiment.experiment_id], filter_string=filter_string, max_results=500)
 
 
-def test_repro_runs_all_seven_stages_in_order_then_nothing(repo):
+def test_repro_runs_every_stage_in_order_then_nothing(repo):
     first = run(["dvc", "repro"], repo)
     assert stages_run(first.stdout) == ALL_STAGES
-    for output in ("models/model.keras", "models/model.json", "reports/predictions.csv", "data/prepared/index.json"):
+    for output in ("models/model.keras", "models/model.json", "reports/predictions.csv", "data/prepared/index.json",
+                   "exports/model_int8.tflite"):
         assert (repo / output).is_file(), output
     assert list((repo / "reports" / "gradcam").glob("*.png"))
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
@@ -108,7 +109,7 @@ def test_exp_show_lists_the_experiment_with_params_and_metrics(repo):
 
 def test_queued_experiments_run_and_log_to_the_workspace_store(repo):
     back_to_baseline(repo)
-    run(["dvc", "exp", "run", "--queue", "-n", "queued-a", "-S", "train.lr=0.002"], repo)
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-a", "-S", "train.lr=0.003"], repo)
     run(["dvc", "exp", "run", "--queue", "-n", "queued-b", "-S", "train.lr=0.005", "-S", "train.epochs=1"], repo)
     run(["dvc", "queue", "start", "--jobs", "1"], repo)
     deadline = time.monotonic() + 420
@@ -124,7 +125,7 @@ def test_queued_experiments_run_and_log_to_the_workspace_store(repo):
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
     names = {exp["name"] for baseline in shown for exp in (baseline.get("experiments") or [])}
     assert {"queued-a", "queued-b"} <= names
-    for name, lr in (("queued-a", "0.002"), ("queued-b", "0.005")):
+    for name, lr in (("queued-a", "0.003"), ("queued-b", "0.005")):
         stage_runs = runs(repo, f"tags.`dvc.exp_name` = '{name}'")
         assert sorted(r.data.tags["brainmri.stage"] for r in stage_runs) == sorted(DOWNSTREAM_OF_TRAIN)
         train = next(r for r in stage_runs if r.data.tags["brainmri.stage"] == "train")
@@ -202,6 +203,8 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     assert len(logged) == 1
     model = mlflow.keras.load_model(logged[0].model_uri)
     assert model.output_shape == (None, 4)
+    versions = client.search_model_versions("name='brain-mri-classifier'")
+    assert by_stage["train"].info.run_id in {version.run_id for version in versions}
 
 
 def test_a_fresh_clone_pulls_every_output_from_a_folder_remote_and_reproduces_nothing(repo, tmp_path):

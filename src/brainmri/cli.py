@@ -1,12 +1,16 @@
 """The `brainmri` command. Stages run through DVC (`dvc repro`); this command
-holds the tools around them."""
+holds the tools around them: check params, predict, serve, export."""
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import sys
+from pathlib import Path
 
 from brainmri import __version__
-from brainmri.params import load_params
+from brainmri.params import Params, load_params
 
 
 def check(args: argparse.Namespace) -> int:
@@ -15,13 +19,110 @@ def check(args: argparse.Namespace) -> int:
     return 0
 
 
+def project_params(path: str) -> Params:
+    """params.yaml when run inside the project; the schema's defaults anywhere else."""
+    if Path(path).is_file():
+        return load_params(path)
+    return Params.model_validate({"ingest": {"source": "."}})
+
+
+def predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from brainmri.images import open_image
+    from brainmri.inference import Predictor, image_files
+
+    params = project_params(args.params)
+    files = image_files(args.paths)
+    if not files:
+        raise SystemExit("brainmri predict: no image files found in " + ", ".join(args.paths))
+    predictor = Predictor.load(args.model, params.evaluate.review_threshold)
+    output = open(args.output, "w", newline="") if args.output else sys.stdout
+    columns = ["path", "predicted_class", "confidence", "needs_review",
+               *[f"p_{name}" for name in predictor.classes], "error"]
+    writer = csv.DictWriter(output, columns) if args.format == "csv" else None
+    if writer:
+        writer.writeheader()
+    if args.gradcam:
+        Path(args.gradcam).mkdir(parents=True, exist_ok=True)
+    failures = 0
+    progress = tqdm(total=len(files), unit="image", file=sys.stderr,
+                    disable=not any(Path(item).is_dir() for item in args.paths))
+    for number, result in enumerate(predictor.predict_files(files, args.batch_size)):
+        progress.update()
+        failures += "error" in result
+        if writer:
+            writer.writerow({key: result.get(key, "") for key in columns[:4] + ["error"]}
+                            | {f"p_{name}": p for name, p in result.get("probabilities", {}).items()})
+        else:
+            output.write(json.dumps(result) + "\n")
+        if args.gradcam and "error" not in result:
+            array = predictor.array(open_image(result["path"]))
+            png = predictor.gradcam_png(array, predictor.classes.index(result["predicted_class"]))
+            (Path(args.gradcam) / f"{number:05d}_{Path(result['path']).stem}.png").write_bytes(png)
+    progress.close()
+    if output is not sys.stdout:
+        output.close()
+    if failures:
+        print(f"brainmri predict: {failures} of {len(files)} files were not readable images", file=sys.stderr)
+    return 2 if failures else 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    from brainmri.inference import Predictor
+    from brainmri.webapp import create_app, run_server
+
+    params = project_params(args.params)
+    predictor = Predictor.load(args.model, params.evaluate.review_threshold)
+    app = create_app(predictor, max_upload_bytes=int(params.serve.max_upload_mb * 1024 * 1024))
+    run_server(app, args.host, args.port, threads=params.serve.threads)
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from brainmri.export import export_all
+
+    p = project_params(args.params).export
+    for summary in export_all(args.model, args.out, args.data, p.formats, p.calibration_images).values():
+        print(f"{Path(args.out) / summary['file']}: {summary['bytes']:,} bytes, max |TFLite - Keras| "
+              f"{summary['max_abs_difference']:.2g} on {summary['checked_images']} images")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="brainmri", description=__doc__)
     parser.add_argument("--version", action="version", version=f"brainmri {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
     check_parser = commands.add_parser("check", help="validate params.yaml without running anything")
     check_parser.add_argument("params", nargs="?", default="params.yaml")
     check_parser.set_defaults(handler=check)
+
+    model_help = "a model folder (default: models) or an MLflow model URI: runs:/<run>/model, models:/<name>/<version>"
+    predict_parser = commands.add_parser("predict", help="classify image files or folders")
+    predict_parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    predict_parser.add_argument("--model", default="models", help=model_help)
+    predict_parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    predict_parser.add_argument("--output", "-o", help="write here instead of standard output")
+    predict_parser.add_argument("--gradcam", metavar="DIR", help="also save a Grad-CAM overlay per image here")
+    predict_parser.add_argument("--batch-size", type=int, default=64)
+    predict_parser.add_argument("--params", default="params.yaml", help="for evaluate.review_threshold")
+    predict_parser.set_defaults(handler=predict)
+
+    serve_parser = commands.add_parser("serve", help="the web page and JSON API (production WSGI server)")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--model", default="models", help=model_help)
+    serve_parser.add_argument("--params", default="params.yaml", help="for serve.* and evaluate.review_threshold")
+    serve_parser.set_defaults(handler=serve)
+
+    export_parser = commands.add_parser("export", help="TFLite (float32, float16, int8) and ONNX files")
+    export_parser.add_argument("--model", default="models", help="model folder")
+    export_parser.add_argument("--out", default="exports")
+    export_parser.add_argument("--data", default="data/prepared", help="shards: int8 calibration images")
+    export_parser.add_argument("--params", default="params.yaml", help="for export.*")
+    export_parser.set_defaults(handler=export)
+
     args = parser.parse_args(argv)
     return args.handler(args)
 

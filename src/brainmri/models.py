@@ -189,6 +189,21 @@ def build_model(
     return model
 
 
+def without_augmentation(model: keras.Model) -> keras.Model:
+    """The same layers and weights minus the random augmentation layers, for export.
+
+    They are the identity at inference, but a traced graph still holds their
+    random ops, which TFLite cannot run. Every model here is a chain of
+    layers, so re-calling them in order rebuilds it.
+    """
+    inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name="image")
+    x = inputs
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.InputLayer) and not layer.name.startswith("random_"):
+            x = layer(x)
+    return keras.Model(inputs, x, name=model.name)
+
+
 def set_backbone_trainable(model: keras.Model, trainable: bool, top_layers: int | None = None) -> None:
     """Freeze or unfreeze a nested backbone; `top_layers` unfreezes only the last N.
 

@@ -28,6 +28,8 @@ class _Section(BaseModel):
 
 class TrackingParams(_Section):
     experiment: str = "brain-mri"
+    registered_model: str = Field("brain-mri-classifier", min_length=1,
+                                  description="MLflow registry name of the trained model")
     required: bool = Field(True, description="false: run on, with a warning, when MLflow cannot be reached")
 
 
@@ -146,6 +148,17 @@ class GradcamParams(_Section):
     alpha: float = Field(0.4, ge=0, le=1, description="heatmap opacity in overlays")
 
 
+class ExportParams(_Section):
+    formats: list[Literal["float32", "float16", "int8", "onnx"]] = Field(
+        ["float32", "float16", "int8", "onnx"], min_length=1, description="TFLite variants and ONNX")
+    calibration_images: int = Field(128, ge=1, description="int8: representative images, also the parity check set")
+
+
+class ServeParams(_Section):
+    max_upload_mb: float = Field(10.0, gt=0, description="larger uploads get 413")
+    threads: int = Field(8, ge=1, description="request threads of the WSGI server")
+
+
 class Params(_Section):
     tracking: TrackingParams = TrackingParams()
     ingest: IngestParams
@@ -155,6 +168,8 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     gradcam: GradcamParams = GradcamParams()
+    export: ExportParams = ExportParams()
+    serve: ServeParams = ServeParams()
 
     @field_validator("split")
     @classmethod

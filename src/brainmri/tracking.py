@@ -117,8 +117,9 @@ class StageRun:
 
         return [mlflow.keras.MlflowCallback()] if self.active else []
 
-    def log_keras_model(self, model: Any, example: Any) -> None:
-        """The model in MLflow's Keras format, with a signature from `example` inputs."""
+    def log_keras_model(self, model: Any, example: Any, registered_name: str | None = None) -> None:
+        """The model in MLflow's Keras format, with a signature from `example` inputs;
+        registered as a new version of `registered_name` in the model registry."""
         if not self.active:
             return
         from importlib.metadata import version
@@ -128,7 +129,8 @@ class StageRun:
 
         signature = infer_signature(example, model.predict(example, verbose=0))
         requirements = [f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy")]
-        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements)
+        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements,
+                               registered_model_name=registered_name)
 
 
 @contextmanager

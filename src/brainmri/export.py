@@ -1,0 +1,107 @@
+"""Deployment exports of the trained model: TFLite in float32, float16 and int8
+(calibrated on real images from the shards) and ONNX, each checked against the
+Keras model on the same images before it is kept.
+
+TFLite goes through a TensorFlow SavedModel (`model.export`), the route
+TensorFlow's converter supports for Keras 3 models; ONNX through Keras' own
+`model.export(format="onnx")` (tf2onnx underneath), checked with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Largest |TFLite - Keras| probability difference accepted per variant.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15, "onnx": 1e-4}
+
+
+def tflite_probabilities(model_bytes: bytes, images: np.ndarray) -> np.ndarray:
+    """Run a TFLite model image by image; (N, classes) probabilities (binary heads expanded)."""
+    import tensorflow as tf
+
+    interpreter = tf.lite.Interpreter(model_content=model_bytes)
+    interpreter.allocate_tensors()
+    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    rows = []
+    for image in images:
+        interpreter.set_tensor(source["index"], image[None].astype(source["dtype"]))
+        interpreter.invoke()
+        rows.append(interpreter.get_tensor(target["index"])[0].astype(np.float64))
+    scores = np.array(rows)
+    return np.concatenate([1 - scores, scores], axis=1) if scores.shape[1] == 1 else scores
+
+
+def onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
+    """Run an ONNX model with onnxruntime; (N, classes) probabilities (binary heads expanded)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores = session.run(None, {session.get_inputs()[0].name: images})[0].astype(np.float64)
+    return np.concatenate([1 - scores, scores], axis=1) if scores.shape[1] == 1 else scores
+
+
+def convert(saved_model: Path, variant: str, calibration: np.ndarray) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    if variant == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([image[None]] for image in calibration)
+    return converter.convert()
+
+
+def export_all(model_dir: str | Path, out_dir: str | Path, data_dir: str | Path,
+               variants: tuple[str, ...] = tuple(TOLERANCE), calibration_images: int = 128) -> dict[str, dict[str, Any]]:
+    """Write model_<variant>.tflite / model.onnx files and export.json (sizes, parity) into out_dir."""
+    from brainmri.models import class_probabilities, load_model, without_augmentation
+    from brainmri.shards import ShardIndex
+
+    model, meta = load_model(model_dir)
+    index = ShardIndex.load(data_dir)
+    split = "val" if index.size("val") else "train"
+    images = index.arrays(split)[0][:calibration_images]
+    if not len(images):
+        raise SystemExit(f"{data_dir}: no images to calibrate and check the exports with")
+    expected = class_probabilities(model, images)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, dict[str, Any]] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="export-"))
+    try:
+        inference = without_augmentation(model)
+        inference.predict(images[:1], verbose=0)  # Keras exports only a model that has been called
+        saved_model = scratch / "saved_model"
+        inference.export(str(saved_model), format="tf_saved_model", verbose=False)
+        for variant in variants:
+            if variant == "onnx":
+                inference.export(str(scratch / "model.onnx"), format="onnx", verbose=False)
+                data = (scratch / "model.onnx").read_bytes()
+                got = onnx_probabilities(scratch / "model.onnx", images)
+            else:
+                data = convert(saved_model, variant, images)
+                got = tflite_probabilities(data, images)
+            difference = float(np.abs(got - expected).max())
+            agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+            if difference > TOLERANCE[variant]:
+                raise SystemExit(f"export {variant}: TFLite differs from Keras by {difference:.4f} "
+                                 f"(> {TOLERANCE[variant]}) on {len(images)} {split} images; not written")
+            path = out / ("model.onnx" if variant == "onnx" else f"model_{variant}.tflite")
+            path.write_bytes(data)
+            report[variant] = {"file": path.name, "bytes": len(data), "max_abs_difference": round(difference, 6),
+                                 "top1_agreement": agreement, "tolerance": TOLERANCE[variant],
+                                 "checked_images": len(images)}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    (out / "export.json").write_text(json.dumps({**report, "classes": meta["classes"],
+                                                 "image_size": meta["image_size"], "channels": meta["channels"]},
+                                                indent=2, sort_keys=True) + "\n")
+    return report

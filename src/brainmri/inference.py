@@ -1,0 +1,146 @@
+"""Using a trained model on new images: the `brainmri predict` command and the
+web app share this code, and it decodes files exactly as the pipeline does
+(`brainmri.images`), so a file gets the same prediction everywhere."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from brainmri.images import normalise_mode, open_image, to_array
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class BadImage(ValueError):
+    """An input that is not a readable image; the message says why."""
+
+
+@dataclass
+class Predictor:
+    model: Any  # keras.Model
+    classes: list[str]
+    image_size: int
+    channels: int
+    version: str  # what is serving: the model folder's content hash, or the MLflow URI
+    review_threshold: float = 0.8
+
+    @classmethod
+    def load(cls, source: str | Path = "models", review_threshold: float = 0.8) -> "Predictor":
+        """From a model folder (`models/`) or an MLflow model URI (`runs:/<id>/model`, `models:/<name>/<version>`)."""
+        source = str(source)
+        if "://" in source or source.startswith(("runs:/", "models:/")):
+            return cls._from_mlflow(source, review_threshold)
+        from brainmri.models import MODEL_FILE, load_model
+
+        model, meta = load_model(source)
+        digest = hashlib.sha256((Path(source) / MODEL_FILE).read_bytes()).hexdigest()[:12]
+        return cls(model, meta["classes"], meta["image_size"], meta["channels"],
+                   f"{meta.get('model', 'model')}@sha256:{digest}", review_threshold)
+
+    @classmethod
+    def _from_mlflow(cls, uri: str, review_threshold: float) -> "Predictor":
+        import mlflow
+        import mlflow.keras
+
+        from brainmri.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri())
+        try:
+            model = mlflow.keras.load_model(uri)
+            # The train stage logs the class names beside the model, in the same run.
+            run_id = mlflow.models.get_model_info(uri).run_id
+            meta_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model_meta/model.json")
+        except Exception as error:  # MLflow raises several types for an unknown run, model or version
+            raise SystemExit(f"--model {uri}: cannot load it from MLflow at {tracking_uri()}: {error}") from None
+        meta = json.loads(Path(meta_path).read_text())
+        return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, review_threshold)
+
+    def array(self, image: Image.Image) -> np.ndarray:
+        return to_array(normalise_mode(image), self.image_size, self.channels)
+
+    def predict_arrays(self, arrays: np.ndarray) -> list[dict[str, Any]]:
+        from brainmri.models import class_probabilities
+
+        probabilities = class_probabilities(self.model, arrays)
+        results = []
+        for row in probabilities:
+            best = int(row.argmax())
+            results.append({
+                "predicted_class": self.classes[best],
+                "confidence": round(float(row[best]), 6),
+                "probabilities": {name: round(float(p), 6) for name, p in zip(self.classes, row)},
+                "needs_review": bool(row[best] < self.review_threshold),
+            })
+        return results
+
+    def predict_bytes(self, data: bytes, name: str = "upload") -> dict[str, Any]:
+        return self.predict_arrays(self.array(decode_bytes(data, name))[None])[0]
+
+    def predict_files(self, paths: Iterable[Path], batch_size: int = 64) -> Iterator[dict[str, Any]]:
+        """One result per file, in order; unreadable files give an `error` instead of stopping the run."""
+        batch: list[tuple[Path, np.ndarray]] = []
+        for path in paths:
+            try:
+                batch.append((path, self.array(open_image(path))))
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+                yield from self._flush(batch)
+                batch = []
+                yield {"path": str(path), "error": f"not a readable image: {error}"}
+                continue
+            if len(batch) == batch_size:
+                yield from self._flush(batch)
+                batch = []
+        yield from self._flush(batch)
+
+    def _flush(self, batch: list[tuple[Path, np.ndarray]]) -> Iterator[dict[str, Any]]:
+        if batch:
+            arrays = np.stack([array for _, array in batch])
+            for (path, _), result in zip(batch, self.predict_arrays(arrays)):
+                yield {"path": str(path), **result}
+
+    def gradcam_png(self, array: np.ndarray, class_index: int, alpha: float = 0.4) -> bytes:
+        """The Grad-CAM overlay of one (size, size, channels) image for one class, as PNG bytes."""
+        from brainmri.gradcam import gradcam_heatmaps, last_feature_map_layer, overlay, upsample
+
+        heatmaps, _ = gradcam_heatmaps(self.model, array[None], np.array([class_index]),
+                                       last_feature_map_layer(self.model))
+        picture = overlay(array, upsample(heatmaps[0], self.image_size), alpha)
+        buffer = io.BytesIO()
+        Image.fromarray((picture * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def decode_bytes(data: bytes, name: str = "upload") -> Image.Image:
+    """Fully decode uploaded bytes; BadImage says what is wrong with them."""
+    if not data:
+        raise BadImage(f"{name}: empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except UnidentifiedImageError:
+        raise BadImage(f"{name}: not an image file") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise BadImage(f"{name}: corrupt or truncated image ({error})") from None
+
+
+def image_files(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, and the image files under each folder (sorted, recursive)."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise SystemExit(f"brainmri predict: no such file or folder '{item}'")
+    return found
