@@ -38,7 +38,7 @@ def _conv_block(x, filters: int, name: str):
         # Group norm, not batch norm: it has no running statistics, so inference
         # computes exactly what training did. Trained from scratch at a high
         # learning rate, batch norm's running statistics lag the weights and
-        # validation accuracy swings (measured: see the README's training notes).
+        # validation accuracy swings (benchmarks/batchnorm_probe.py, README).
         x = layers.GroupNormalization(groups=max(1, min(8, filters // 4)), name=f"{name}_norm{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return layers.MaxPooling2D(name=f"{name}_pool")(x)
@@ -172,8 +172,9 @@ def build_model(
     x = layers.GlobalAveragePooling2D(name="pool")(features)
     if name != "compact_cnn":
         # Over a backbone's features. Not over a from-scratch CNN's: its pooled
-        # features drift every step, and a batch norm there predicted one class
-        # at inference while training accuracy was 0.78.
+        # features drift every step, and a batch norm there scored 0.73 on
+        # training images in training mode, 0.47 at inference
+        # (benchmarks/batchnorm_probe.py).
         x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     binary = num_classes == 2
