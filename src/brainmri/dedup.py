@@ -26,6 +26,7 @@ import pandas as pd
 from brainmri.images import load_array
 
 THUMBNAIL_SIZE = 64
+BLOCK_ROWS = 1024
 GROUP_COLUMNS = ["group", "path", "label", "subset", "match", "action"]
 
 
@@ -49,9 +50,14 @@ def candidate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
             if end - start < 2:
                 continue
             members = np.sort(order[start:end])
-            distances = np.bitwise_count(hashes[members][:, None] ^ hashes[members][None, :])
-            rows, columns = np.nonzero(np.triu(distances <= max_distance, k=1))
-            found.update(zip(members[rows].tolist(), members[columns].tolist()))
+            member_hashes = hashes[members]
+            # Row blocks bound memory: a band value shared by tens of thousands
+            # of images would otherwise need an n-by-n matrix (24 GB at 100k).
+            for first in range(0, len(members), BLOCK_ROWS):
+                block = member_hashes[first:first + BLOCK_ROWS]
+                close = np.bitwise_count(block[:, None] ^ member_hashes[None, :]) <= max_distance
+                rows, columns = np.nonzero(np.triu(close, k=first + 1))
+                found.update(zip(members[rows + first].tolist(), members[columns].tolist()))
     return np.array(sorted(found), dtype=np.int64).reshape(-1, 2)
 
 
