@@ -93,3 +93,14 @@ def test_copies_of_known_images_are_found_among_new_ones(dataset, tmp_path):
     copied = copies_of_known_images(candidates, known, DEFAULTS.hash_distance, DEFAULTS.min_correlation, 1)
     flags = dict(zip(candidates["path"].str.rsplit("/", n=1).str[-1], copied))
     assert flags == {"byte_copy.jpg": True, "new.png": False, "seen_before.jpg": True}
+
+
+def test_candidate_search_in_row_blocks_finds_the_same_pairs(monkeypatch):
+    from brainmri import dedup
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, 3000, dtype=np.uint64)
+    hashes[1500:] = hashes[:1500] ^ np.uint64(0b101)  # 1,500 pairs two bits apart
+    whole = dedup.candidate_pairs(hashes, 6)
+    monkeypatch.setattr(dedup, "BLOCK_ROWS", 7)
+    assert len(whole) >= 1500 and np.array_equal(dedup.candidate_pairs(hashes, 6), whole)
