@@ -27,6 +27,7 @@ from brainmri.images import load_array
 
 THUMBNAIL_SIZE = 64
 BLOCK_ROWS = 1024
+BLOCK_PAIRS = 8192
 GROUP_COLUMNS = ["group", "path", "label", "subset", "match", "action"]
 
 
@@ -124,9 +125,12 @@ def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlat
     involved = np.unique(pairs)
     lookup = {index: row for row, index in enumerate(involved)}
     thumbs = thumbnails(manifest["path"].to_numpy()[involved].tolist(), workers)
-    left = thumbs[[lookup[i] for i in pairs[:, 0]]]
-    right = thumbs[[lookup[j] for j in pairs[:, 1]]]
-    correlation = (left * right).mean(axis=1)
+    left = np.array([lookup[i] for i in pairs[:, 0]])
+    right = np.array([lookup[j] for j in pairs[:, 1]])
+    # In blocks of pairs: all pairs' thumbnails at once took over 24 GB at 100k images.
+    correlation = np.concatenate([
+        (thumbs[left[start:start + BLOCK_PAIRS]] * thumbs[right[start:start + BLOCK_PAIRS]]).mean(axis=1)
+        for start in range(0, len(pairs), BLOCK_PAIRS)])
     return pairs[correlation >= min_correlation]
 
 
