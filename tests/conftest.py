@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import yaml
 from PIL import Image
 
@@ -102,3 +105,35 @@ def create_project(repo: Path) -> Path:
 def stages_run(output: str) -> list[str]:
     """Stage names in the order `dvc repro` / `dvc exp run` ran them."""
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, name: str) -> None:
+    """Poll `url`/health until it answers; fail with the server's output if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{name} did not start:\n{process.stdout.read()}")
+        time.sleep(0.5)
+
+
+def wait_for_queue(repo: Path, timeout: float) -> str:
+    """`dvc queue status` once nothing is queued or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    pytest.fail(f"queue did not finish:\n{status}")

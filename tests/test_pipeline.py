@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CLASSES, create_project, run, stages_run, synthetic_image, update_params
+from conftest import CLASSES, create_project, run, stages_run, synthetic_image, update_params, wait_for_queue
 
 pytestmark = pytest.mark.pipeline
 
@@ -112,14 +112,7 @@ def test_queued_experiments_run_and_log_to_the_workspace_store(repo):
     run(["dvc", "exp", "run", "--queue", "-n", "queued-a", "-S", "train.lr=0.003"], repo)
     run(["dvc", "exp", "run", "--queue", "-n", "queued-b", "-S", "train.lr=0.005", "-S", "train.epochs=1"], repo)
     run(["dvc", "queue", "start", "--jobs", "1"], repo)
-    deadline = time.monotonic() + 420
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], repo).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    else:
-        pytest.fail(f"queue did not finish:\n{status}")
+    status = wait_for_queue(repo, timeout=420)
     assert status.count("Success") == 2, status + run(["dvc", "queue", "logs", "queued-b"], repo, check=False).stdout
 
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)

@@ -9,10 +9,8 @@ import csv
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +19,9 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import CLASSES, create_project, project_env, run, synthetic_image, update_params
+from conftest import (
+    CLASSES, create_project, free_port, project_env, run, synthetic_image, update_params, wait_until_healthy,
+)
 
 pytestmark = pytest.mark.pipeline
 MAX_UPLOAD_MB = 0.25
@@ -94,12 +94,6 @@ def test_predict_loads_the_registered_model_and_the_run_model_from_mlflow(repo):
     assert missing.returncode != 0 and "cannot load it from MLflow" in missing.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(repo):
     port = free_port()
@@ -107,16 +101,7 @@ def server(repo):
                                env=project_env(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start:\n{process.stdout.read()}")
-            time.sleep(0.5)
+        wait_until_healthy(url, process, timeout=90, name="brainmri serve")
         yield url
     finally:
         process.terminate()

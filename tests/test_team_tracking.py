@@ -6,27 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow.keras
 import pytest
-import requests
 from mlflow.tracking import MlflowClient
 
-from conftest import create_project, run
+from conftest import create_project, free_port, run, wait_for_queue, wait_until_healthy
 
 pytestmark = pytest.mark.pipeline
 TRAIN_AND_AFTER = ["train", "evaluate", "gradcam", "export"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +35,7 @@ def tracking_server(tmp_path_factory):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise AssertionError(f"mlflow server did not start:\n{server.stdout.read()}")
-            time.sleep(0.5)
+        wait_until_healthy(url, server, timeout=120, name="mlflow server")
         yield url
     finally:
         server.terminate()
@@ -72,14 +53,7 @@ def test_two_parallel_queued_experiments_log_everything_to_the_team_server(track
     for name, lr in lrs.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo, env=team)
     run(["dvc", "queue", "start", "--jobs", "2"], repo, env=team)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        status = run(["dvc", "queue", "status"], repo).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    else:
-        pytest.fail(f"queue did not finish:\n{status}")
+    status = wait_for_queue(repo, timeout=600)
     assert status.count("Success") == 2, status
 
     client = MlflowClient(tracking_uri=tracking_server)
