@@ -6,9 +6,10 @@ With pretrained weights the backbone is frozen first and the head trained;
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from brainmri.metrics import write_json
-from brainmri.models import APPLICATIONS, build_model, save_model, set_backbone_trainable
+from brainmri.models import APPLICATIONS, build_model, reestimate_batch_norm, save_model, set_backbone_trainable
 from brainmri.params import flatten, load_params
 from brainmri.shards import ShardIndex
 from brainmri.tracking import stage_run
@@ -19,6 +20,7 @@ from brainmri.training import (
 MODELS = Path("models")
 HISTORY = Path("metrics/train_history.csv")
 CHECKPOINT = Path("build/checkpoints/best.keras")  # scratch space, not a DVC output
+PRECISE_BN_IMAGES = 2048  # enough batches for stable means, a few seconds on a CPU
 
 params = load_params()
 p = params.train
@@ -38,7 +40,7 @@ with stage_run("train", params.tracking, flatten(p, "train")) as run:
     val_data = labelled_batches(index, "val", global_batch)
     with hardware.strategy.scope():
         model = build_model(p.model, num_classes, p.image_size, p.channels, p.width, p.dropout,
-                            weights=p.weights, augment=p.augment, seed=p.seed)
+                            weights=p.weights, augment=p.augment, seed=p.seed, norm=p.norm)
         pretrained = p.model in APPLICATIONS and p.weights is not None
         if pretrained:
             set_backbone_trainable(model, False)
@@ -60,6 +62,12 @@ with stage_run("train", params.tracking, flatten(p, "train")) as run:
                           callbacks=callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), append=True),
                           **fit).history
         history = {key: history[key] + tuned.get(key, []) for key in history}
+
+    if p.model == "compact_cnn" and p.norm == "batch":
+        images, _, _ = index.arrays("train")
+        sample = np.random.default_rng(p.seed).permutation(len(images))[:PRECISE_BN_IMAGES]
+        reestimate_batch_norm(model, images[sample], p.batch_size)  # shuffled: mixed-class batches
+        print(f"train: batch-norm statistics re-estimated over {len(sample)} training images")
 
     metadata = {"classes": index.classes, "image_size": p.image_size, "channels": p.channels, "model": p.model}
     save_model(model, MODELS, metadata)

@@ -32,23 +32,29 @@ def per_image_standardization(inputs):
                                      name="standardize")(x)
 
 
-def _conv_block(x, filters: int, name: str):
+def _normalization(filters: int, norm: str, name: str) -> layers.Layer:
+    if norm == "batch":
+        # Momentum 0.9, not Keras' 0.99: over ~150 steps an epoch the slower
+        # average lags the weights. The train stage also re-estimates the
+        # statistics once training ends (reestimate_batch_norm).
+        return layers.BatchNormalization(momentum=0.9, name=name)
+    # Group norm has no running statistics: inference computes exactly what training did.
+    return layers.GroupNormalization(groups=max(1, min(8, filters // 4)), name=name)
+
+
+def _conv_block(x, filters: int, norm: str, name: str):
     for i in (1, 2):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv{i}")(x)
-        # Group norm, not batch norm: it has no running statistics, so inference
-        # computes exactly what training did. Trained from scratch at a high
-        # learning rate, batch norm's running statistics lag the weights and
-        # validation accuracy swings (benchmarks/batchnorm_probe.py, README).
-        x = layers.GroupNormalization(groups=max(1, min(8, filters // 4)), name=f"{name}_norm{i}")(x)
+        x = _normalization(filters, norm, f"{name}_norm{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return layers.MaxPooling2D(name=f"{name}_pool")(x)
 
 
-def compact_cnn(inputs, width: int):
+def compact_cnn(inputs, width: int, norm: str = "group"):
     """Four conv blocks (width, 2w, 4w, 8w filters): small enough to train on a CPU."""
     x = per_image_standardization(inputs)
     for block, multiplier in enumerate((1, 2, 4, 8), start=1):
-        x = _conv_block(x, width * multiplier, name=f"block{block}")
+        x = _conv_block(x, width * multiplier, norm, name=f"block{block}")
     return x
 
 
@@ -146,7 +152,7 @@ def random_augmentation(x, augment: AugmentParams | None, seed: int):
 
 def build_model(
     name: str, num_classes: int, image_size: int, channels: int, width: int = 16, dropout: float = 0.3,
-    weights: str | None = None, augment: AugmentParams | None = None, seed: int = 42,
+    weights: str | None = None, augment: AugmentParams | None = None, seed: int = 42, norm: str = "group",
 ) -> keras.Model:
     """A classifier over uint8 (image_size, image_size, channels) inputs returning class probabilities.
 
@@ -165,7 +171,7 @@ def build_model(
     # Random layers work on float pixels in 0-255; the model's own scaling follows.
     x = random_augmentation(layers.Rescaling(1.0, name="to_float")(inputs), augment, seed)
     if name == "compact_cnn":
-        features = compact_cnn(x, width)
+        features = compact_cnn(x, width, norm)
     else:
         x = imagenet_preprocessing(x, APPLICATIONS[name][1])
         features = application_backbone(name, image_size, weights)(x)
@@ -203,6 +209,30 @@ def without_augmentation(model: keras.Model) -> keras.Model:
         if not isinstance(layer, keras.layers.InputLayer) and not layer.name.startswith("random_"):
             x = layer(x)
     return keras.Model(inputs, x, name=model.name)
+
+
+def reestimate_batch_norm(model: keras.Model, images, batch_size: int = 32) -> int:
+    """Replace batch norm's moving averages by the mean statistics over `images` ("precise BN").
+
+    The moving averages mix statistics from earlier, different weights; after
+    training they are recomputed with the final weights, augmentation off, as
+    the plain average over the batches. Returns the number of layers updated.
+    """
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    if not norms:
+        return 0
+    saved = [layer.momentum for layer in norms]
+    # Calling the same layer objects without the random layers updates the model's own statistics.
+    plain = without_augmentation(model)
+    try:
+        for step, start in enumerate(range(0, len(images), batch_size), start=1):
+            for layer in norms:
+                layer.momentum = (step - 1) / step  # a running mean: every batch weighs the same
+            plain(images[start:start + batch_size], training=True)
+    finally:
+        for layer, momentum in zip(norms, saved):
+            layer.momentum = momentum
+    return len(norms)
 
 
 def set_backbone_trainable(model: keras.Model, trainable: bool, top_layers: int | None = None) -> None:

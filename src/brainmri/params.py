@@ -113,6 +113,7 @@ class TrainParams(_Section):
     channels: Literal[1, 3] = 1
     seed: int = 42
     width: int = Field(16, ge=4, description="filters of the first compact_cnn block")
+    norm: Literal["group", "batch"] = Field("group", description="compact_cnn's normalisation layers")
     dropout: float = Field(0.3, ge=0, lt=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
