@@ -9,7 +9,9 @@ import keras
 import numpy as np
 
 from brainmri.metrics import write_json
-from brainmri.models import APPLICATIONS, build_model, reestimate_batch_norm, save_model, set_backbone_trainable
+from brainmri.models import (
+    APPLICATIONS, build_model, float32_copy, reestimate_batch_norm, save_model, set_backbone_trainable,
+)
 from brainmri.params import flatten, load_params
 from brainmri.shards import ShardIndex
 from brainmri.tracking import stage_run
@@ -34,13 +36,17 @@ with stage_run("train", params.tracking, flatten(p, "train")) as run:
     if (index.image_size, index.channels) != (p.image_size, p.channels):
         raise SystemExit("data/prepared was written for another image size or channel count: rerun balance")
     num_classes = len(index.classes)
+
+    def build(weights: str | None) -> keras.Model:
+        return build_model(p.model, num_classes, p.image_size, p.channels, p.width, p.dropout,
+                           weights=weights, augment=p.augment, seed=p.seed, norm=p.norm)
+
     global_batch = p.batch_size * hardware.replicas
     steps = steps_per_epoch(index, global_batch)
     train_data = labelled_batches(index, "train", global_batch, shuffle_seed=p.seed)
     val_data = labelled_batches(index, "val", global_batch)
     with hardware.strategy.scope():
-        model = build_model(p.model, num_classes, p.image_size, p.channels, p.width, p.dropout,
-                            weights=p.weights, augment=p.augment, seed=p.seed, norm=p.norm)
+        model = build(p.weights)
         pretrained = p.model in APPLICATIONS and p.weights is not None
         if pretrained:
             set_backbone_trainable(model, False)
@@ -63,13 +69,19 @@ with stage_run("train", params.tracking, flatten(p, "train")) as run:
                           **fit).history
         history = {key: history[key] + tuned.get(key, []) for key in history}
 
+    if hardware.precision != "float32":
+        # The saved model computes in float32 whatever training used: the same
+        # answers on every machine, and exporters that know no bfloat16.
+        keras.mixed_precision.set_global_policy("float32")
+        model = float32_copy(model, build(None))
     if p.model == "compact_cnn" and p.norm == "batch":
         images, _, _ = index.arrays("train")
         sample = np.random.default_rng(p.seed).permutation(len(images))[:PRECISE_BN_IMAGES]
         reestimate_batch_norm(model, images[sample], p.batch_size)  # shuffled: mixed-class batches
         print(f"train: batch-norm statistics re-estimated over {len(sample)} training images")
 
-    metadata = {"classes": index.classes, "image_size": p.image_size, "channels": p.channels, "model": p.model}
+    metadata = {"classes": index.classes, "image_size": p.image_size, "channels": p.channels, "model": p.model,
+                "trained_precision": hardware.precision}
     save_model(model, MODELS, metadata)
     best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
     summary = {

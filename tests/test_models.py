@@ -6,7 +6,7 @@ import pytest
 
 from brainmri.models import (
     APPLICATIONS, BACKBONE_LAYER, build_model, class_probabilities, flip_tta_probabilities, imagenet_preprocessing,
-    load_model, save_model, set_backbone_trainable, without_augmentation,
+    load_model, reestimate_batch_norm, save_model, set_backbone_trainable, without_augmentation,
 )
 from brainmri.params import AugmentParams, TrainParams
 from brainmri.training import compile_model
@@ -173,6 +173,32 @@ def test_augmentation_is_random_in_training_and_the_identity_at_inference():
     assert not any(layer.name.startswith("random_") for layer in exported.layers)
     assert any(layer.name.startswith("random_") for layer in model.layers)
     np.testing.assert_allclose(exported(images, training=False).numpy(), inference, atol=1e-6)
+
+
+def test_batch_norm_statistics_become_the_mean_over_the_given_batches():
+    model = build_model("compact_cnn", 4, 32, 1, width=4, dropout=0.0, norm="batch")
+    images, _ = tiny_batch(4, count=16)
+    conv = keras.Model(model.inputs, model.get_layer("block1_conv1").output)
+    batch_means = [conv(images[start:start + 8]).numpy().mean(axis=(0, 1, 2)) for start in (0, 8)]
+    assert reestimate_batch_norm(model, images, batch_size=8) == 8
+    norm = model.get_layer("block1_norm1")
+    np.testing.assert_allclose(norm.moving_mean.numpy(), np.mean(batch_means, axis=0), rtol=1e-4, atol=1e-6)
+    assert norm.momentum == 0.9  # the training momentum is back
+    # Estimated over one batch, inference computes exactly what training did on it.
+    reestimate_batch_norm(model, images, batch_size=16)
+    np.testing.assert_allclose(model(images, training=False).numpy(), model(images, training=True).numpy(),
+                               atol=1e-5)
+
+
+def test_batch_norm_re_estimation_skips_the_random_layers():
+    model = build_model("compact_cnn", 4, 32, 1, width=4, norm="batch", augment=AugmentParams(rotation=30, zoom=0.3))
+    images, _ = tiny_batch(4, count=16)
+    reestimate_batch_norm(model, images, batch_size=8)
+    first = [layer.moving_variance.numpy().copy() for layer in model.layers if "norm" in layer.name]
+    reestimate_batch_norm(model, images, batch_size=8)  # random rotations would give other statistics
+    for before, layer in zip(first, [layer for layer in model.layers if "norm" in layer.name]):
+        np.testing.assert_allclose(layer.moving_variance.numpy(), before, rtol=1e-5)
+    assert reestimate_batch_norm(build_model("compact_cnn", 4, 32, 1, width=4, norm="group"), images) == 0
 
 
 def test_a_crash_while_saving_leaves_the_previous_model_intact(tmp_path, monkeypatch):

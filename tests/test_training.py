@@ -4,8 +4,10 @@ import signal
 import subprocess
 
 import keras
+import numpy as np
 import pytest
 
+from brainmri.models import build_model, float32_copy
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
 from brainmri.training import class_weights, configure_hardware, learning_rate
@@ -20,14 +22,31 @@ def test_a_gpu_request_without_a_gpu_is_a_clear_error():
             configure_hardware(TrainParams(device="gpu"))
 
 
-def test_cpu_defaults_to_full_precision_on_one_device():
-    hardware = configure_hardware(TrainParams())
+@pytest.mark.parametrize("native_bfloat16, setting, expected", [
+    (False, "auto", "float32"), (True, "auto", "mixed_bfloat16"), (True, False, "float32"),
+    (False, True, "mixed_bfloat16"),
+])
+def test_cpu_precision_follows_the_processor(monkeypatch, native_bfloat16, setting, expected):
+    monkeypatch.setattr("brainmri.training.cpu_has_bfloat16", lambda: native_bfloat16)
+    hardware = configure_hardware(TrainParams(device="cpu", mixed_precision=setting))
     try:
-        assert hardware.describe() == {"device": "cpu", "replicas": 1, "mixed_precision": False,
+        assert hardware.describe() == {"device": "cpu", "replicas": 1, "precision": expected,
                                        "strategy": "_DefaultDistributionStrategy"}
-        assert keras.mixed_precision.global_policy().name == "float32"
+        assert keras.mixed_precision.global_policy().name == expected
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_a_model_trained_in_bfloat16_is_saved_computing_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        trained = build_model("compact_cnn", 4, 32, 1, width=4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    copy = float32_copy(trained, build_model("compact_cnn", 4, 32, 1, width=4))
+    assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
+    for source, target in zip(trained.weights, copy.weights):
+        np.testing.assert_array_equal(source.numpy(), target.numpy())
 
 
 def test_cosine_schedule_warms_up_then_decays():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import tempfile
 from pathlib import Path
 
 import keras
@@ -50,7 +51,7 @@ def _conv_block(x, filters: int, norm: str, name: str):
     return layers.MaxPooling2D(name=f"{name}_pool")(x)
 
 
-def compact_cnn(inputs, width: int, norm: str = "group"):
+def compact_cnn(inputs, width: int, norm: str = "batch"):
     """Four conv blocks (width, 2w, 4w, 8w filters): small enough to train on a CPU."""
     x = per_image_standardization(inputs)
     for block, multiplier in enumerate((1, 2, 4, 8), start=1):
@@ -152,7 +153,7 @@ def random_augmentation(x, augment: AugmentParams | None, seed: int):
 
 def build_model(
     name: str, num_classes: int, image_size: int, channels: int, width: int = 16, dropout: float = 0.3,
-    weights: str | None = None, augment: AugmentParams | None = None, seed: int = 42, norm: str = "group",
+    weights: str | None = None, augment: AugmentParams | None = None, seed: int = 42, norm: str = "batch",
 ) -> keras.Model:
     """A classifier over uint8 (image_size, image_size, channels) inputs returning class probabilities.
 
@@ -233,6 +234,19 @@ def reestimate_batch_norm(model: keras.Model, images, batch_size: int = 32) -> i
         for layer, momentum in zip(norms, saved):
             layer.momentum = momentum
     return len(norms)
+
+
+def float32_copy(trained: keras.Model, fresh: keras.Model) -> keras.Model:
+    """`fresh` (the same architecture, built under the float32 policy) with `trained`'s weights.
+
+    Goes through a weights file: Keras matches it layer by layer, whatever
+    each layer's trainable flag (which reorders `get_weights()`).
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trained.weights.h5"
+        trained.save_weights(path)
+        fresh.load_weights(path)
+    return fresh
 
 
 def set_backbone_trainable(model: keras.Model, trainable: bool, top_layers: int | None = None) -> None:

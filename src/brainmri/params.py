@@ -113,7 +113,8 @@ class TrainParams(_Section):
     channels: Literal[1, 3] = 1
     seed: int = 42
     width: int = Field(16, ge=4, description="filters of the first compact_cnn block")
-    norm: Literal["group", "batch"] = Field("group", description="compact_cnn's normalisation layers")
+    norm: Literal["batch", "group"] = Field(
+        "batch", description="compact_cnn normalisation: batch (re-estimated after training) or group")
     dropout: float = Field(0.3, ge=0, lt=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
@@ -122,7 +123,8 @@ class TrainParams(_Section):
     reduce_lr_patience: int = Field(3, ge=1)
     fine_tune: FineTuneParams = FineTuneParams()
     device: Literal["auto", "cpu", "gpu"] = "auto"
-    mixed_precision: bool | Literal["auto"] = Field("auto", description="auto: mixed_float16 on GPU only")
+    mixed_precision: bool | Literal["auto"] = Field(
+        "auto", description="auto: float16 on GPU, bfloat16 on CPUs with native bfloat16, else float32")
     xla: bool | Literal["auto"] = Field("auto", description="XLA compilation; auto: Keras decides per model")
     strategy: Literal["auto", "single", "mirrored"] = "auto"
     deterministic: bool = Field(False, description="TensorFlow op determinism (slower)")

