@@ -14,7 +14,9 @@ as the balance stage stores them. Measured, in images per second:
 - `input_image_data_generator`: iterating flow_from_directory over the JPEGs
   with the seeds' augmentation (rotation, shift, zoom, flip);
 - `train_tfdata` and `train_image_data_generator`: `model.fit` of the default
-  model (params.yaml's train section) fed by each.
+  model (params.yaml's train section) fed by each, in the precision the train
+  stage picks on this machine (`precision`);
+- `train_tfdata_float32`: the same in float32, when that precision is mixed.
 
 Prints one JSON line; the README's table comes from it.
 """
@@ -73,9 +75,10 @@ def main() -> None:
     from brainmri.models import build_model
     from brainmri.params import load_params
     from brainmri.shards import Record, ShardIndex, write_split
-    from brainmri.training import compile_model, labelled_batches
+    from brainmri.training import compile_model, configure_hardware, labelled_batches
 
     p = load_params().train
+    precision = configure_hardware(p).precision  # as the train stage: bfloat16 where the CPU has it
     classes = sorted(d.name for d in Path(args.source).iterdir() if d.is_dir())
     per_class = args.images // len(classes)
     work = Path(tempfile.mkdtemp(prefix="throughput-"))
@@ -108,17 +111,21 @@ def main() -> None:
             "input_tfdata": rate(tfdata, args.steps * 4, p.batch_size),
             "input_image_data_generator": rate(flow_uint8, args.steps, p.batch_size),
         }
-        for name, data in (("train_tfdata", tfdata), ("train_image_data_generator", flow_uint8)):
+        runs = [("train_tfdata", tfdata, precision), ("train_image_data_generator", flow_uint8, precision)]
+        if precision != "float32":
+            runs.append(("train_tfdata_float32", tfdata, "float32"))
+        for name, data, policy in runs:
+            keras.mixed_precision.set_global_policy(policy)
             keras.utils.set_random_seed(p.seed)
             model = build_model(p.model, len(classes), p.image_size, p.channels, p.width, p.dropout,
-                                augment=p.augment, seed=p.seed)
+                                augment=p.augment, seed=p.seed, norm=p.norm)
             compile_model(model, p, len(classes), steps_per_epoch=args.steps)
             results[name] = fit_rate(model, data, args.steps, p.batch_size)
     finally:
         shutil.rmtree(work)
     print(json.dumps({
         "source": args.source, "images": len(records), "batch_size": p.batch_size, "model": p.model,
-        "image_size": p.image_size, "channels": p.channels,
+        "image_size": p.image_size, "channels": p.channels, "precision": precision,
         **{f"{key}_images_per_s": round(value, 1) for key, value in results.items()},
         "input_over_train_step": round(results["input_tfdata"] / results["train_tfdata"], 1),
         "input_tfdata_over_image_data_generator": round(
