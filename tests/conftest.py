@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +128,20 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, name
             process.kill()
             raise AssertionError(f"{name} did not start:\n{process.stdout.read()}")
         time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], port: int, name: str, timeout: float, stop_timeout: float,
+                   **popen) -> Iterator[str]:
+    """Start `command` (serving on 127.0.0.1:`port`), yield its URL once /health answers, stop it after."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process, timeout=timeout, name=name)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=stop_timeout)
 
 
 def wait_for_queue(repo: Path, timeout: float) -> str:

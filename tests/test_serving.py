@@ -20,7 +20,7 @@ import requests
 from PIL import Image
 
 from conftest import (
-    CLASSES, create_project, free_port, project_env, run, synthetic_image, update_params, wait_until_healthy,
+    CLASSES, create_project, free_port, project_env, run, running_server, synthetic_image, update_params,
 )
 
 pytestmark = pytest.mark.pipeline
@@ -97,15 +97,9 @@ def test_predict_loads_the_registered_model_and_the_run_model_from_mlflow(repo):
 @pytest.fixture(scope="module")
 def server(repo):
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "brainmri.cli", "serve", "--port", str(port)], cwd=repo,
-                               env=project_env(repo), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, process, timeout=90, name="brainmri serve")
+    with running_server([sys.executable, "-m", "brainmri.cli", "serve", "--port", str(port)], port,
+                        "brainmri serve", timeout=90, stop_timeout=30, cwd=repo, env=project_env(repo)) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_health_reports_the_loaded_model(server):

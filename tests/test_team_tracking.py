@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import mlflow.keras
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import create_project, free_port, run, wait_for_queue, wait_until_healthy
+from conftest import create_project, free_port, run, running_server, wait_for_queue
 
 pytestmark = pytest.mark.pipeline
 TRAIN_AND_AFTER = ["train", "evaluate", "gradcam", "export"]
@@ -27,19 +26,14 @@ def tracking_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("team")
     database = pgserver.get_server(str(root / "pgdata"), cleanup_mode="stop")
     port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", database.get_uri(),
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", database.get_uri(),
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]
     try:
-        wait_until_healthy(url, server, timeout=120, name="mlflow server")
-        yield url
+        with running_server(command, port, "mlflow server", timeout=120, stop_timeout=60,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as url:
+            yield url
     finally:
-        server.terminate()
-        server.wait(timeout=60)
         database.cleanup()
 
 
