@@ -6,11 +6,11 @@ With pretrained weights the backbone is frozen first and the head trained;
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from brainmri.metrics import write_json
 from brainmri.models import (
-    APPLICATIONS, build_model, float32_copy, reestimate_batch_norm, save_model, set_backbone_trainable,
+    APPLICATIONS, PRECISE_BN_IMAGES, build_model, float32_copy, reestimate_batch_norm, save_model,
+    set_backbone_trainable,
 )
 from brainmri.params import flatten, load_params
 from brainmri.shards import ShardIndex
@@ -22,7 +22,6 @@ from brainmri.training import (
 MODELS = Path("models")
 HISTORY = Path("metrics/train_history.csv")
 CHECKPOINT = Path("build/checkpoints/best.keras")  # scratch space, not a DVC output
-PRECISE_BN_IMAGES = 2048  # enough batches for stable means, a few seconds on a CPU
 
 params = load_params()
 p = params.train
@@ -76,9 +75,9 @@ with stage_run("train", params.tracking, flatten(p, "train")) as run:
         model = float32_copy(model, build(None))
     if p.model == "compact_cnn" and p.norm == "batch":
         images, _, _ = index.arrays("train")
-        sample = np.random.default_rng(p.seed).permutation(len(images))[:PRECISE_BN_IMAGES]
-        reestimate_batch_norm(model, images[sample], p.batch_size)  # shuffled: mixed-class batches
-        print(f"train: batch-norm statistics re-estimated over {len(sample)} training images")
+        reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
+        used = min(len(images), PRECISE_BN_IMAGES)
+        print(f"train: batch-norm statistics re-estimated over {used} training images")
 
     metadata = {"classes": index.classes, "image_size": p.image_size, "channels": p.channels, "model": p.model,
                 "trained_precision": hardware.precision}

@@ -20,6 +20,7 @@ from brainmri.params import AugmentParams
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
+PRECISE_BN_IMAGES = 2048  # batch-norm re-estimation: enough batches for stable means, seconds on a CPU
 
 
 def per_image_standardization(inputs):
@@ -212,16 +213,19 @@ def without_augmentation(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, x, name=model.name)
 
 
-def reestimate_batch_norm(model: keras.Model, images, batch_size: int = 32) -> int:
+def reestimate_batch_norm(model: keras.Model, images, batch_size: int = 32, max_images: int = PRECISE_BN_IMAGES,
+                          seed: int = 0) -> int:
     """Replace batch norm's moving averages by the mean statistics over `images` ("precise BN").
 
     The moving averages mix statistics from earlier, different weights; after
     training they are recomputed with the final weights, augmentation off, as
-    the plain average over the batches. Returns the number of layers updated.
+    the plain average over the batches of up to `max_images` images, shuffled
+    by `seed` so that batches mix classes. Returns the number of layers updated.
     """
     norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
     if not norms:
         return 0
+    images = images[np.random.default_rng(seed).permutation(len(images))[:max_images]]
     saved = [layer.momentum for layer in norms]
     # Calling the same layer objects without the random layers updates the model's own statistics.
     plain = without_augmentation(model)
