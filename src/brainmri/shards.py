@@ -90,7 +90,11 @@ class ShardIndex:
             return (image, label, example["path"]) if with_paths else (image, label)
 
         files = [str(self.folder / name) for name in self.files[split]]
-        return tf.data.TFRecordDataset(files).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+        # The count is known from the index: with it, `fit` runs exactly the epoch's
+        # batches instead of stepping until the records run out (that extra call
+        # still advanced the optimizer's step counter, and so the LR schedule).
+        records = tf.data.TFRecordDataset(files).apply(tf.data.experimental.assert_cardinality(self.size(split)))
+        return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """The whole split in memory (evaluation and Grad-CAM sets are small)."""
