@@ -31,7 +31,7 @@ def test_cpu_precision_follows_the_processor(monkeypatch, native_bfloat16, setti
     hardware = configure_hardware(TrainParams(device="cpu", mixed_precision=setting))
     try:
         assert hardware.describe() == {"device": "cpu", "replicas": 1, "precision": expected,
-                                       "strategy": "_DefaultDistributionStrategy"}
+                                       "strategy": "_DefaultDistributionStrategy", "workers": 1}
         assert keras.mixed_precision.global_policy().name == expected
     finally:
         keras.mixed_precision.set_global_policy("float32")

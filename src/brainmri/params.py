@@ -126,7 +126,8 @@ class TrainParams(_Section):
     mixed_precision: bool | Literal["auto"] = Field(
         "auto", description="auto: float16 on GPU, bfloat16 on CPUs with native bfloat16, else float32")
     xla: bool | Literal["auto"] = Field("auto", description="XLA compilation; auto: Keras decides per model")
-    strategy: Literal["auto", "single", "mirrored"] = "auto"
+    strategy: Literal["auto", "single", "mirrored", "multi_worker"] = Field(
+        "auto", description="multi_worker: one process per machine, the cluster in TF_CONFIG")
     deterministic: bool = Field(False, description="TensorFlow op determinism (slower)")
 
     @field_validator("weights", mode="before")

@@ -149,13 +149,17 @@ def _fail_fast_http() -> Iterator[None]:
 
 
 @contextmanager
-def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any]) -> Iterator[StageRun]:
+def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any], log: bool = True) -> Iterator[StageRun]:
     """Open the MLflow run of one stage, tagged and with its params logged.
 
     The store is contacted before the stage does any work: if it cannot be
     reached the stage stops naming the URI, or, with `tracking.required:
-    false`, warns once and runs without logging.
+    false`, warns once and runs without logging. `log=False` (a non-chief
+    worker of multi-worker training) contacts nothing and logs nothing.
     """
+    if not log:
+        yield StageRun(active=False)
+        return
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     try:

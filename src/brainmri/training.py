@@ -2,11 +2,13 @@
 early stopping on the best weights, LR schedule (cosine with warm-up, or
 reduction on plateau), best checkpoint, per-epoch history as CSV (a DVC plot)
 and per-epoch MLflow metrics; and the hardware it runs on (CPU, one or more
-GPUs with mixed precision)."""
+GPUs with mixed precision, several machines)."""
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from brainmri import multi_worker
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
 
@@ -25,10 +28,15 @@ class Hardware:
     device: str  # "cpu" or "gpu"
     replicas: int
     precision: str  # the Keras dtype policy training runs under
+    multi_worker: bool = False  # MultiWorkerMirroredStrategy: a cluster from TF_CONFIG
+    workers: int = 1  # processes training together, one per machine
+    chief: bool = True  # the one that writes models/ and metrics/ and logs to MLflow
 
     def describe(self) -> dict[str, Any]:
+        # TensorFlow's MultiWorkerMirroredStrategy is a CollectiveAllReduceStrategy by class name.
+        strategy = "MultiWorkerMirroredStrategy" if self.multi_worker else type(self.strategy).__name__
         return {"device": self.device, "replicas": self.replicas, "precision": self.precision,
-                "strategy": type(self.strategy).__name__}
+                "strategy": strategy, "workers": self.workers}
 
 
 def cpu_has_bfloat16() -> bool:
@@ -48,9 +56,15 @@ def configure_hardware(params: TrainParams) -> Hardware:
     """
     import tensorflow as tf
 
+    cluster = multi_worker.cluster_from_tf_config() if params.strategy == "multi_worker" else None
+    if cluster is None and os.environ.get("TF_CONFIG"):
+        print(f"WARNING: TF_CONFIG is set but train.strategy is {params.strategy}: training on this machine "
+              "alone (set train.strategy: multi_worker to join the cluster)", file=sys.stderr)
     if params.device == "cpu":
         tf.config.set_visible_devices([], "GPU")
-    gpus = tf.config.list_logical_devices("GPU")
+    # Physical, not logical devices: listing logical ones starts the runtime, after which
+    # MultiWorkerMirroredStrategy can no longer configure its collectives.
+    gpus = [] if params.device == "cpu" else tf.config.list_physical_devices("GPU")
     if params.device == "gpu" and not gpus:
         raise SystemExit("train.device=gpu, but TensorFlow sees no GPU: install tensorflow[and-cuda] on a "
                          "machine with an NVIDIA driver, or set train.device to auto or cpu")
@@ -65,6 +79,14 @@ def configure_hardware(params: TrainParams) -> Hardware:
         mixed = bool(params.mixed_precision)
     precision = ("mixed_float16" if device == "gpu" else "mixed_bfloat16") if mixed else "float32"
     keras.mixed_precision.set_global_policy(precision)
+    if cluster is not None:
+        print(f"train: {cluster.task} of a {cluster.workers}-worker cluster, waiting for all to start", flush=True)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()  # uses all local GPUs, or the CPU
+        chief = multi_worker.is_chief(strategy)
+        print(f"train: all {cluster.workers} workers connected; this one "
+              f"{'is the chief: it writes the outputs and logs to MLflow' if chief else 'writes nothing'}")
+        return Hardware(strategy, device, strategy.num_replicas_in_sync, precision, multi_worker=True,
+                        workers=cluster.workers, chief=chief)
     if params.strategy == "mirrored" or (params.strategy == "auto" and len(gpus) > 1):
         strategy = tf.distribute.MirroredStrategy()
     elif params.strategy == "single":
@@ -74,7 +96,8 @@ def configure_hardware(params: TrainParams) -> Hardware:
     return Hardware(strategy, device, strategy.num_replicas_in_sync, precision)
 
 
-def labelled_batches(index: ShardIndex, split: str, batch_size: int, shuffle_seed: int | None = None):
+def labelled_batches(index: ShardIndex, split: str, batch_size: int, shuffle_seed: int | None = None,
+                     drop_remainder: bool = False):
     """Batches of (uint8 images, one-hot or 0/1 targets) for `fit`.
 
     The decoded split is cached in memory after the first pass, so later
@@ -100,7 +123,7 @@ def labelled_batches(index: ShardIndex, split: str, batch_size: int, shuffle_see
     # in every other epoch of a full-data run (py-spy: ~RootDataset::Iterator).
     # Parallel maps then use one call per core.
     options.autotune.enabled = False
-    return data.batch(batch_size).prefetch(2).with_options(options)
+    return data.batch(batch_size, drop_remainder=drop_remainder).prefetch(2).with_options(options)
 
 
 def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:
@@ -146,23 +169,36 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self.start
 
 
-def callbacks(params: TrainParams, history_csv: Path, checkpoint: Path, extra: list, append: bool = False) -> list:
-    history_csv.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+def callbacks(params: TrainParams, history_csv: Path, checkpoint: Path, extra: list, append: bool = False,
+              chief: bool = True) -> list:
+    """Early stopping and the LR plateau on every worker (all see the same logs); files and `extra`
+    (MLflow) on the chief only."""
     chosen = [
         EpochTimer(),  # first, so the callbacks after it see the time
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.early_stopping_patience,
                                       restore_best_weights=True),
-        keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
-        keras.callbacks.CSVLogger(history_csv, append=append),
-        *extra,
     ]
     if params.lr_schedule == "plateau":
-        chosen.insert(2, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
-                                                           patience=params.reduce_lr_patience,
-                                                           min_lr=params.lr / 100))
+        chosen.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                        patience=params.reduce_lr_patience, min_lr=params.lr / 100))
+    if chief:
+        history_csv.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        chosen += [keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
+                   keras.callbacks.CSVLogger(history_csv, append=append), *extra]
     return chosen
 
 
-def steps_per_epoch(index: ShardIndex, global_batch: int) -> int:
-    return max(math.ceil(index.size("train") / global_batch), 1)
+def fit_model(model: keras.Model, hardware: Hardware, train_data, val_data, epochs: int, callbacks: list,
+              class_weight: dict[int, float] | None = None, initial_epoch: int = 0) -> dict[str, list[float]]:
+    """`model.fit` on one machine; across machines the same epochs in `multi_worker`'s loop. Returns the history."""
+    if hardware.multi_worker:
+        return multi_worker.fit_across_workers(model, hardware.strategy, train_data, val_data, epochs, callbacks,
+                                               class_weight, initial_epoch)
+    return model.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
+                     callbacks=callbacks, class_weight=class_weight, verbose=2).history
+
+
+def steps_per_epoch(index: ShardIndex, global_batch: int, drop_remainder: bool = False) -> int:
+    images = index.size("train")
+    return max(images // global_batch if drop_remainder else math.ceil(images / global_batch), 1)
