@@ -66,9 +66,10 @@ with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief
     print(f"train: {p.model}, {model.count_params():,} parameters, {hardware.describe()}")
     for key, value in hardware.describe().items():
         run.set_tag(f"brainmri.train.{key}", str(value))
-    weights = class_weights(index, p.class_weight)
+    weight_per_class = class_weights(index, p.class_weight)
     history = fit_model(model, hardware, train_data, val_data, p.epochs,
-                        callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief), weights)
+                        callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief),
+                        weight_per_class)
     if p.fine_tune.epochs:
         done = len(history["val_loss"])
         with hardware.strategy.scope():
@@ -77,7 +78,7 @@ with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief
                           steps_per_epoch=steps, warmup_epochs=0)
         tuned = fit_model(model, hardware, train_data, val_data, done + p.fine_tune.epochs,
                           callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), append=True, chief=hardware.chief),
-                          weights, initial_epoch=done)
+                          weight_per_class, initial_epoch=done)
         history = {key: history[key] + tuned.get(key, []) for key in history}
 
     if hardware.multi_worker:
