@@ -18,6 +18,8 @@ import requests
 import yaml
 from PIL import Image
 
+from brainmri.shards import Record, ShardIndex, write_split
+
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
 
@@ -45,6 +47,22 @@ def make_dataset(root: Path, per_class: int = 8, classes: list[str] = CLASSES, s
             else:
                 synthetic_image(class_index, variant, size).save(folder / f"{label}_{variant:03d}.jpg", quality=95)
     return root
+
+
+def write_prepared_data(folder: Path, sizes: dict[str, list[int]], image_size: int = 32) -> ShardIndex:
+    """data/prepared as the balance stage writes it: `sizes` gives each split's images per class."""
+    folder.mkdir(parents=True)
+    files, counts = {}, {}
+    for split, per_class in sizes.items():
+        offset = 100 * list(sizes).index(split)  # other variants in every split
+        records = [Record(np.asarray(synthetic_image(label, offset + variant, image_size))[..., None], label,
+                          f"{CLASSES[label]}/{split}{variant}.png", False)
+                   for label, count in enumerate(per_class) for variant in range(count)]
+        files[split] = write_split(records, folder, split, shard_size=32)
+        counts[split] = dict(zip(CLASSES, per_class))
+    index = ShardIndex(folder, CLASSES, image_size, 1, files, counts)
+    index.save()
+    return index
 
 
 @pytest.fixture

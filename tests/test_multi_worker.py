@@ -19,28 +19,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from brainmri.params import TrainParams
-from brainmri.shards import Record, ShardIndex, write_split
 from brainmri.training import configure_hardware
-from conftest import CLASSES, PROJECT, TINY_PARAMS, free_port, project_env, synthetic_image
+from conftest import PROJECT, TINY_PARAMS, free_port, project_env, write_prepared_data
 
-IMAGE_SIZE = 32
 # Images per class. 17 validation images in global batches of 2 x 4 leave a last batch of one:
 # one worker's share of it is empty.
 SPLIT_SIZES = {"train": [12, 12, 12, 12], "val": [5, 4, 4, 4]}
-
-
-def write_prepared_data(folder: Path) -> None:
-    """data/prepared as the balance stage writes it, from synthetic slices."""
-    folder.mkdir(parents=True)
-    files, counts = {}, {}
-    for split, per_class in SPLIT_SIZES.items():
-        offset = 100 if split == "val" else 0  # other variants than training's
-        records = [Record(np.asarray(synthetic_image(label, offset + variant, IMAGE_SIZE))[..., None], label,
-                          f"{CLASSES[label]}/{split}{variant}.png", False)
-                   for label, count in enumerate(per_class) for variant in range(count)]
-        files[split] = write_split(records, folder, split, shard_size=32)
-        counts[split] = dict(zip(CLASSES, per_class))
-    ShardIndex(folder, CLASSES, IMAGE_SIZE, 1, files, counts).save()
 
 
 def host_folder(root: Path, name: str, data: Path, train_changes: dict) -> Path:
@@ -67,7 +51,7 @@ def train_on_two_workers(tmp_path: Path, train_changes: dict | None = None, work
                          single_process_changes: dict | None = None) -> list[subprocess.CompletedProcess]:
     """Chief and worker; with `single_process_changes` also a one-process run beside them (same data)."""
     data = tmp_path / "prepared"
-    write_prepared_data(data)
+    write_prepared_data(data, SPLIT_SIZES)
     changes = {"strategy": "multi_worker", **(train_changes or {})}
     hosts = [host_folder(tmp_path, "chief", data, changes),
              host_folder(tmp_path, "worker", data, {**changes, **(worker_changes or {})})]

@@ -10,8 +10,8 @@ import pytest
 from brainmri.models import build_model, float32_copy
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
-from brainmri.training import class_weights, configure_hardware, learning_rate
-from conftest import create_project, project_env, run, update_params
+from brainmri.training import class_weights, compile_model, configure_hardware, labelled_batches, learning_rate
+from conftest import create_project, project_env, run, update_params, write_prepared_data
 
 
 def test_a_gpu_request_without_a_gpu_is_a_clear_error():
@@ -54,6 +54,24 @@ def test_cosine_schedule_warms_up_then_decays():
     rates = [float(schedule(step)) for step in (0, 10, 50, 99)]
     assert rates[0] < rates[1] == pytest.approx(1e-3) and rates[1] > rates[2] > rates[3]
     assert learning_rate(TrainParams(lr_schedule="plateau"), 1e-3, 10, 10, 1) == 1e-3
+
+
+def test_fit_takes_exactly_one_optimizer_step_per_batch_of_the_shards(tmp_path):
+    # Without the record count, fit stepped until the shards ran out, and that failing
+    # extra call still advanced the step counter that the LR schedule reads.
+    index = write_prepared_data(tmp_path / "prepared", {"train": [12, 12, 12, 12]})
+    model = build_model("compact_cnn", 4, 32, 1, width=4)
+    compile_model(model, TrainParams(image_size=32, width=4), 4, epochs=2, steps_per_epoch=3)
+    model.fit(labelled_batches(index, "train", 16, shuffle_seed=0), epochs=2, verbose=0)
+    assert int(model.optimizer.iterations.numpy()) == 2 * 3
+
+
+def test_shards_holding_fewer_records_than_their_index_lists_are_an_error(tmp_path):
+    index = write_prepared_data(tmp_path / "prepared", {"train": [2, 2, 2, 2]})
+    short = ShardIndex(index.folder, index.classes, index.image_size, index.channels, index.files,
+                       {"train": {**index.counts["train"], "glioma": 3}})
+    with pytest.raises(Exception, match="expected to contain 9 element"):
+        list(short.dataset("train"))
 
 
 def test_balanced_class_weights_offset_class_frequency(tmp_path):
