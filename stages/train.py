@@ -46,7 +46,7 @@ with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief
 
     def build(weights: str | None) -> keras.Model:
         return build_model(p.model, num_classes, p.image_size, p.channels, p.width, p.dropout,
-                           weights=weights, augment=p.augment, seed=p.seed, norm=p.norm)
+                           weights=weights, augment=p.augment, seed=p.seed, norm=p.norm, pooling=p.pooling)
 
     global_batch = p.batch_size * hardware.replicas
     # Across machines every worker needs a share of every training batch: the last partial one is dropped.

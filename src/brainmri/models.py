@@ -74,6 +74,7 @@ APPLICATIONS: dict[str, tuple[str, str]] = {
     "densenet121": ("DenseNet121", "torch"),
 }
 MODELS = ("compact_cnn", *APPLICATIONS)
+POOLINGS = ("avg", "max")
 BACKBONE_LAYER = "backbone"
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
@@ -155,14 +156,20 @@ def random_augmentation(x, augment: AugmentParams | None, seed: int):
 def build_model(
     name: str, num_classes: int, image_size: int, channels: int, width: int = 16, dropout: float = 0.3,
     weights: str | None = None, augment: AugmentParams | None = None, seed: int = 42, norm: str = "batch",
+    pooling: str = "avg",
 ) -> keras.Model:
     """A classifier over uint8 (image_size, image_size, channels) inputs returning class probabilities.
 
-    Head: global average pooling, batch norm (backbones only), dropout, dense;
-    one sigmoid unit for two classes, softmax otherwise.
+    Head: global pooling (`avg` or `max`), batch norm (backbones only),
+    dropout, dense; one sigmoid unit for two classes, softmax otherwise.
+    Max pooling makes each feature count only where it is strongest, so the
+    class must be decided by one local pattern (the lesion) rather than by
+    evidence summed over the whole slice (its anatomy and view).
     """
     if name not in MODELS:
         raise SystemExit(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    if pooling not in POOLINGS:
+        raise SystemExit(f"train.pooling: '{pooling}' is not one of {', '.join(POOLINGS)}")
     if num_classes < 2:
         raise SystemExit(f"need at least 2 classes to train, got {num_classes}")
     if weights == "imagenet" and name == "compact_cnn":
@@ -177,7 +184,8 @@ def build_model(
     else:
         x = imagenet_preprocessing(x, APPLICATIONS[name][1])
         features = application_backbone(name, image_size, weights)(x)
-    x = layers.GlobalAveragePooling2D(name="pool")(features)
+    pool = layers.GlobalAveragePooling2D if pooling == "avg" else layers.GlobalMaxPooling2D
+    x = pool(name="pool")(features)
     if name != "compact_cnn":
         # Over a backbone's features. Not over a from-scratch CNN's: its pooled
         # features drift every step, and a batch norm there scored 0.73 on

@@ -115,6 +115,9 @@ class TrainParams(_Section):
     width: int = Field(16, ge=4, description="filters of the first compact_cnn block")
     norm: Literal["batch", "group"] = Field(
         "batch", description="compact_cnn normalisation: batch (re-estimated after training) or group")
+    pooling: Literal["avg", "max"] = Field(
+        "avg", description="global pooling of the last feature map: avg sums evidence over the slice, max takes "
+                           "each feature where it is strongest")
     dropout: float = Field(0.3, ge=0, lt=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
