@@ -31,8 +31,6 @@ CHECKPOINT = Path("build/checkpoints/best.keras")  # scratch space, not a DVC ou
 params = load_params()
 p = params.train
 hardware = configure_hardware(p)  # first: devices cannot change once TensorFlow runs
-if p.fine_tune.epochs and (p.model not in APPLICATIONS or p.weights is None):
-    raise SystemExit("train.fine_tune.epochs needs a keras.applications train.model with pretrained train.weights")
 
 with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief) as run:
     keras.utils.set_random_seed(p.seed)

@@ -8,6 +8,7 @@ import yaml
 from conftest import PROJECT
 
 STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "export"]
+VALIDATED = "data/interim/params.validated"
 
 
 def package_imports(path: Path) -> set[str]:
@@ -32,8 +33,8 @@ def package_imports(path: Path) -> set[str]:
 
 def test_stages_are_in_dag_order_and_declare_every_module_they_import():
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    assert list(stages) == STAGES
-    for name in STAGES:
+    assert list(stages) == ["validate", *STAGES]
+    for name in ["validate", *STAGES]:
         script = f"stages/{name}.py"
         deps = set(stages[name]["deps"])
         assert stages[name]["cmd"] == f"python {script}" and script in deps
@@ -51,3 +52,12 @@ def test_stages_declare_only_their_own_params_sections():
         upstream = set(STAGES[: STAGES.index(name)])
         assert sections - {name} <= upstream | {"train", "tracking"}, f"{name} reads downstream params {sections}"
     assert stages["ingest"]["params"] == ["ingest"]
+
+
+def test_every_stage_waits_for_the_params_check():
+    # DVC deletes a stage's outputs before running it: a bad params.yaml must fail before that.
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    assert stages["validate"]["deps"] == ["stages/validate.py", "src/brainmri/params.py", "params.yaml"]
+    assert stages["validate"]["outs"] == [{VALIDATED: {"persist": True}}]
+    for name in STAGES:
+        assert VALIDATED in stages[name]["deps"], name

@@ -1,7 +1,11 @@
+import subprocess
+import sys
+
 import numpy as np
+import pytest
 from PIL import Image
 
-from brainmri.images import load_array, normalise_mode, open_image, to_array
+from brainmri.images import DecodeLimits, ImageTooLarge, load_array, normalise_mode, open_image, to_array
 
 
 def test_every_mode_becomes_8_bit_grey_or_rgb():
@@ -41,6 +45,27 @@ def test_non_square_images_are_padded_not_stretched():
     array = to_array(wide, 20, 1)
     assert array.shape == (20, 20, 1)
     assert array[0, 10, 0] == 0 and array[10, 10, 0] == 200  # black bands above and below
+
+
+def test_a_long_thin_image_is_resized_before_it_is_padded():
+    # Padding first would build a 60000 x 60000 square (3.6 GB) before shrinking it.
+    # The peak resident memory of a fresh process (VmHWM; ru_maxrss would carry pytest's over the exec).
+    code = ("import re; from PIL import Image; from brainmri.images import to_array; "
+            "a = to_array(Image.new('L', (60000, 1), 200), 128, 1); "
+            "peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+            "print(a.shape, a[63, :, 0].min(), a[0, 0, 0], peak)")
+    shape, line_value, corner, peak_kb = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.rsplit(" ", 3)
+    assert shape == "(128, 128, 1)" and int(line_value) > 0 and int(corner) == 0
+    assert int(peak_kb) < 300_000
+
+
+def test_limits_name_what_a_header_declares_too_much_of():
+    limits = DecodeLimits(max_pixels=1000, max_side=100, max_aspect=4)
+    limits.check(40, 10)  # within every limit
+    for size, named in [((40, 40), "max_pixels=1000"), ((101, 5), "max_side=100"), ((41, 10), "max_aspect=4")]:
+        with pytest.raises(ImageTooLarge, match=f"{size[0]}x{size[1]} exceeds ingest.{named}"):
+            limits.check(*size)
 
 
 def test_grey_and_rgb_files_load_to_the_requested_channels(dataset):

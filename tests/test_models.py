@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from brainmri.models import (
-    APPLICATIONS, BACKBONE_LAYER, build_model, class_probabilities, flip_tta_probabilities, imagenet_preprocessing,
+    APPLICATIONS, BACKBONE_LAYER, MODELS, build_model, class_probabilities, flip_tta_probabilities, imagenet_preprocessing,
     load_model, reestimate_batch_norm, save_model, set_backbone_trainable, without_augmentation,
 )
 from brainmri.params import AugmentParams, TrainParams
@@ -219,3 +219,20 @@ def test_a_crash_while_saving_leaves_the_previous_model_intact(tmp_path, monkeyp
     loaded, _ = load_model(tmp_path)
     np.testing.assert_allclose(class_probabilities(loaded, images), expected, atol=1e-6)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.keras"]
+
+
+def test_the_params_schema_names_exactly_the_models_that_can_be_built():
+    assert set(MODELS) == {"compact_cnn", *APPLICATIONS}
+
+
+@pytest.mark.parametrize("pooling, layer_type", [("avg", keras.layers.GlobalAveragePooling2D),
+                                                 ("max", keras.layers.GlobalMaxPooling2D)])
+def test_the_head_pools_the_feature_map_as_asked(pooling, layer_type):
+    model = build_model("compact_cnn", 4, 32, 1, width=4, pooling=pooling)
+    assert isinstance(model.get_layer("pool"), layer_type)
+    images, targets = tiny_batch(4)
+    compile_model(model, TrainParams(image_size=32), 4)
+    model.fit(images, targets, epochs=1, verbose=0)
+    assert class_probabilities(model, images).shape == (8, 4)
+    with pytest.raises(SystemExit, match="train.pooling"):
+        build_model("compact_cnn", 4, 32, 1, pooling="median")

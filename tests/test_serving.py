@@ -11,6 +11,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -66,13 +67,16 @@ def test_predict_writes_csv_and_grad_cam_and_reports_unreadable_files(repo, tmp_
     for index in range(3):
         synthetic_image(index, 600 + index).save(images / f"scan{index}.png")
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.new("L", (60000, 1), 128).save(images / "thin.png")
     out = tmp_path / "out.csv"
     result = brainmri(repo, "predict", str(images), "--format", "csv", "-o", str(out),
                       "--gradcam", str(tmp_path / "cams"), check=False)
-    assert result.returncode == 2 and "1 of 4 files were not readable images" in result.stderr
+    assert result.returncode == 2 and "2 of 5 files were not readable images" in result.stderr
     rows = list(csv.DictReader(out.open()))
-    assert [Path(row["path"]).name for row in rows] == ["broken.jpg", "scan0.png", "scan1.png", "scan2.png"]
+    assert [Path(row["path"]).name for row in rows] == ["broken.jpg", "scan0.png", "scan1.png", "scan2.png",
+                                                        "thin.png"]
     assert "not a readable image" in rows[0]["error"] and rows[1]["error"] == ""
+    assert "60000x1 exceeds ingest.max_side" in rows[4]["error"]
     assert {f"p_{name}" for name in CLASSES} <= set(rows[1])
     cams = sorted((tmp_path / "cams").iterdir())
     assert len(cams) == 3 and all(Image.open(cam).size == (32, 32) for cam in cams)
@@ -127,6 +131,35 @@ def test_predict_endpoint_returns_the_prediction_with_the_model_version(server):
 def test_bad_uploads_get_a_clear_error_and_the_server_keeps_serving(server, files, status, message):
     response = requests.post(f"{server}/predict", files=files, timeout=60)
     assert response.status_code == status and message in response.json()["error"]
+    assert requests.post(f"{server}/predict", files={"file": ("ok.png", png_bytes())}, timeout=60).ok
+
+
+def thin_png(width: int) -> bytes:
+    """A 1-pixel-high PNG of a few hundred bytes whose square would need width x width pixels."""
+    buffer = io.BytesIO()
+    Image.new("L", (width, 1), 128).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def server_rss_mb(url: str) -> float:
+    port = url.rsplit(":", 1)[1]
+    pid = next(line.split()[-1].split(",")[1].split("=")[1] for line in subprocess.run(
+        ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout.splitlines())
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
+
+
+def test_a_tiny_upload_declaring_a_huge_image_is_refused_fast_without_memory(server):
+    data = thin_png(60000)
+    assert len(data) < 1000
+    before = server_rss_mb(server)
+    start = time.perf_counter()
+    response = requests.post(f"{server}/predict", files={"file": ("thin.png", data)}, timeout=60)
+    assert time.perf_counter() - start < 2
+    assert response.status_code == 400 and "ingest.max_side=16384" in response.json()["error"]
+    assert server_rss_mb(server) - before < 300
+    elongated = requests.post(f"{server}/predict", files={"file": ("thin.png", thin_png(3000))}, timeout=60)
+    assert elongated.status_code == 400 and "ingest.max_aspect=20" in elongated.json()["error"]
     assert requests.post(f"{server}/predict", files={"file": ("ok.png", png_bytes())}, timeout=60).ok
 
 

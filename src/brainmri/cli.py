@@ -31,12 +31,13 @@ def predict(args: argparse.Namespace) -> int:
 
     from brainmri.images import open_image
     from brainmri.inference import Predictor, image_files
+    from brainmri.ingest import decode_limits
 
     params = project_params(args.params)
     files = image_files(args.paths)
     if not files:
         raise SystemExit("brainmri predict: no image files found in " + ", ".join(args.paths))
-    predictor = Predictor.load(args.model, params.evaluate.review_threshold)
+    predictor = Predictor.load(args.model, decode_limits(params.ingest), params.evaluate.review_threshold)
     output = open(args.output, "w", newline="") if args.output else sys.stdout
     columns = ["path", "predicted_class", "confidence", "needs_review",
                *[f"p_{name}" for name in predictor.classes], "error"]
@@ -57,7 +58,7 @@ def predict(args: argparse.Namespace) -> int:
         else:
             output.write(json.dumps(result) + "\n")
         if args.gradcam and "error" not in result:
-            array = predictor.array(open_image(result["path"]))
+            array = predictor.array(open_image(result["path"], predictor.limits))
             png = predictor.gradcam_png(array, predictor.classes.index(result["predicted_class"]))
             (Path(args.gradcam) / f"{number:05d}_{Path(result['path']).stem}.png").write_bytes(png)
     progress.close()
@@ -70,10 +71,11 @@ def predict(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from brainmri.inference import Predictor
+    from brainmri.ingest import decode_limits
     from brainmri.webapp import create_app, run_server
 
     params = project_params(args.params)
-    predictor = Predictor.load(args.model, params.evaluate.review_threshold)
+    predictor = Predictor.load(args.model, decode_limits(params.ingest), params.evaluate.review_threshold)
     app = create_app(predictor, max_upload_bytes=int(params.serve.max_upload_mb * 1024 * 1024))
     run_server(app, args.host, args.port, threads=params.serve.threads)
     return 0

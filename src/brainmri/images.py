@@ -4,6 +4,7 @@ and Grad-CAM see the same pixels for the same file."""
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,34 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Fully decode a file, apply its EXIF orientation, return it as 8-bit L or RGB."""
+class ImageTooLarge(ValueError):
+    """An image whose header declares dimensions past the limits; it is never decoded."""
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What an image's header may declare before it is decoded (ingest's max_pixels, max_side, max_aspect)."""
+
+    max_pixels: int
+    max_side: int
+    max_aspect: float
+
+    def check(self, width: int, height: int) -> None:
+        """Raise ImageTooLarge naming the limit that width x height exceeds."""
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(f"{width}x{height} exceeds ingest.max_pixels={self.max_pixels}")
+        if max(width, height) > self.max_side:
+            raise ImageTooLarge(f"{width}x{height} exceeds ingest.max_side={self.max_side}")
+        if max(width, height) > self.max_aspect * max(min(width, height), 1):
+            raise ImageTooLarge(f"{width}x{height} exceeds ingest.max_aspect={self.max_aspect:g}")
+
+
+def open_image(path: str | Path, limits: DecodeLimits | None = None) -> Image.Image:
+    """Fully decode a file (after checking its header against `limits`), apply its EXIF orientation,
+    return it as 8-bit L or RGB."""
     with Image.open(path) as image:
+        if limits is not None:
+            limits.check(*image.size)
         image.load()
         image = ImageOps.exif_transpose(image)
     return normalise_mode(image)
@@ -46,17 +72,24 @@ def normalise_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
+def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """The image's size once its longer side is scaled to `size`, keeping its aspect ratio."""
+    scale = size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Pad to a square on black, resize to `size`, return uint8 (size, size, channels)."""
+    """Resize the longer side to `size`, centre on a black square, return uint8 (size, size, channels).
+
+    Resizing comes before padding, so a long thin image never becomes a huge square in memory."""
     image = image.convert("L" if channels == 1 else "RGB")
-    width, height = image.size
-    side = max(width, height)
-    if width != height:
-        square = Image.new(image.mode, (side, side), 0)
-        square.paste(image, ((side - width) // 2, (side - height) // 2))
+    width, height = fitted_size(*image.size, size)
+    if (width, height) != image.size:
+        image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+    if (width, height) != (size, size):
+        square = Image.new(image.mode, (size, size), 0)
+        square.paste(image, ((size - width) // 2, (size - height) // 2))
         image = square
-    if side != size:
-        image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
     array = np.asarray(image, dtype=np.uint8)
     return array[..., None] if channels == 1 else array
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from brainmri.images import normalise_mode, open_image, to_array
+from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, to_array
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -31,23 +31,24 @@ class Predictor:
     image_size: int
     channels: int
     version: str  # what is serving: the model folder's content hash, or the MLflow URI
+    limits: DecodeLimits  # what an image header may declare before it is decoded
     review_threshold: float = 0.8
 
     @classmethod
-    def load(cls, source: str | Path = "models", review_threshold: float = 0.8) -> "Predictor":
+    def load(cls, source: str | Path, limits: DecodeLimits, review_threshold: float = 0.8) -> "Predictor":
         """From a model folder (`models/`) or an MLflow model URI (`runs:/<id>/model`, `models:/<name>/<version>`)."""
         source = str(source)
         if "://" in source or source.startswith(("runs:/", "models:/")):
-            return cls._from_mlflow(source, review_threshold)
+            return cls._from_mlflow(source, limits, review_threshold)
         from brainmri.models import MODEL_FILE, load_model
 
         model, meta = load_model(source)
         digest = hashlib.sha256((Path(source) / MODEL_FILE).read_bytes()).hexdigest()[:12]
         return cls(model, meta["classes"], meta["image_size"], meta["channels"],
-                   f"{meta.get('model', 'model')}@sha256:{digest}", review_threshold)
+                   f"{meta.get('model', 'model')}@sha256:{digest}", limits, review_threshold)
 
     @classmethod
-    def _from_mlflow(cls, uri: str, review_threshold: float) -> "Predictor":
+    def _from_mlflow(cls, uri: str, limits: DecodeLimits, review_threshold: float) -> "Predictor":
         import mlflow
         import mlflow.keras
 
@@ -62,7 +63,7 @@ class Predictor:
         except Exception as error:  # MLflow raises several types for an unknown run, model or version
             raise SystemExit(f"--model {uri}: cannot load it from MLflow at {tracking_uri()}: {error}") from None
         meta = json.loads(Path(meta_path).read_text())
-        return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, review_threshold)
+        return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, limits, review_threshold)
 
     def array(self, image: Image.Image) -> np.ndarray:
         return to_array(normalise_mode(image), self.image_size, self.channels)
@@ -83,14 +84,14 @@ class Predictor:
         return results
 
     def predict_bytes(self, data: bytes, name: str = "upload") -> dict[str, Any]:
-        return self.predict_arrays(self.array(decode_bytes(data, name))[None])[0]
+        return self.predict_arrays(self.array(decode_bytes(data, name, self.limits))[None])[0]
 
     def predict_files(self, paths: Iterable[Path], batch_size: int = 64) -> Iterator[dict[str, Any]]:
         """One result per file, in order; unreadable files give an `error` instead of stopping the run."""
         batch: list[tuple[Path, np.ndarray]] = []
         for path in paths:
             try:
-                batch.append((path, self.array(open_image(path))))
+                batch.append((path, self.array(open_image(path, self.limits))))
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
                 yield from self._flush(batch)
                 batch = []
@@ -119,16 +120,19 @@ class Predictor:
         return buffer.getvalue()
 
 
-def decode_bytes(data: bytes, name: str = "upload") -> Image.Image:
-    """Fully decode uploaded bytes; BadImage says what is wrong with them."""
+def decode_bytes(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
+    """Fully decode uploaded bytes (after checking the header against `limits`); BadImage says what is wrong."""
     if not data:
         raise BadImage(f"{name}: empty file")
     try:
         with Image.open(io.BytesIO(data)) as image:
+            limits.check(*image.size)
             image.load()
             return ImageOps.exif_transpose(image)
     except UnidentifiedImageError:
         raise BadImage(f"{name}: not an image file") from None
+    except ImageTooLarge as error:
+        raise BadImage(f"{name}: {error}") from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise BadImage(f"{name}: corrupt or truncated image ({error})") from None
 

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from brainmri.params import AugmentParams
+from brainmri.params import MODEL_NAMES, AugmentParams
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
@@ -73,7 +73,7 @@ APPLICATIONS: dict[str, tuple[str, str]] = {
     "mobilenet_v3_large": ("MobileNetV3Large", "builtin"),
     "densenet121": ("DenseNet121", "torch"),
 }
-MODELS = ("compact_cnn", *APPLICATIONS)
+MODELS = MODEL_NAMES  # compact_cnn and every key of APPLICATIONS
 POOLINGS = ("avg", "max")
 BACKBONE_LAYER = "backbone"
 

@@ -39,7 +39,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int) -> Flask:
         name = upload.filename or "upload"
         data = upload.read()
         try:
-            image = predictor.array(decode_bytes(data, name))
+            image = predictor.array(decode_bytes(data, name, predictor.limits))
         except BadImage as error:
             return jsonify(error=str(error)), 400
         result = {"path": name, **predictor.predict_arrays(image[None])[0], "model_version": predictor.version}

@@ -1,0 +1,25 @@
+"""validate: check the whole params.yaml, and the folders it names, before
+anything else runs.
+
+DVC deletes a stage's outputs just before it runs the stage's command. Every
+other stage depends on this one's output, so a typo or a missing folder stops
+`dvc repro` here, with the key named, while every built output is still in
+place. The output's content never changes, so passing the check reruns
+nothing downstream by itself."""
+
+from pathlib import Path
+
+from brainmri.params import check_folders, load_params
+
+VALIDATED = Path("data/interim/params.validated")
+
+
+def main() -> None:
+    check_folders(load_params())  # a ParamsError ends the process with the key named
+    VALIDATED.parent.mkdir(parents=True, exist_ok=True)
+    VALIDATED.write_text("params.yaml and the folders it names are valid\n")
+    print("validate: params.yaml is valid")
+
+
+if __name__ == "__main__":
+    main()
