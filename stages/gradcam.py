@@ -1,14 +1,18 @@
-"""gradcam: heatmaps for a fixed, class-balanced sample of test images, drawn
-as per-class grids and per-image panels, and checked: how much of each heatmap
-lies on the brain, and (where the manifest has boxes) whether it points at them."""
+"""gradcam: explain a fixed, class-balanced sample of test images and check the
+explanations: how much of each heatmap lies on the brain, whether removing the
+most-highlighted pixels first hurts the model more than removing random ones
+(deletion/insertion), and, where boxes exist (a YOLO-annotated test split or
+`gradcam.annotated`), whether the heatmaps point at the lesion."""
 
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from brainmri.gradcam import (box_mask, brain_mask, class_grid, energy_inside, gradcam_heatmaps, heatmap_iou,
-                              last_feature_map_layer, overlay_panel, pointing_hit, upsample)
+from brainmri.gradcam import (class_balanced_sample, class_grid, heatmaps_at_image_size, last_feature_map_layer,
+                              overlay_panel)
+from brainmri.localisation import (box_mask, box_rectangles, brain_mask, deletion_insertion, energy_inside,
+                                   load_annotated_set, mean_defined, score_against_boxes, summarise_box_scores)
 from brainmri.manifest import read_manifest
 from brainmri.metrics import write_json
 from brainmri.models import class_probabilities, load_model
@@ -19,64 +23,116 @@ from brainmri.tracking import stage_run
 OUT = Path("reports/gradcam")
 
 
-def round_robin(labels: np.ndarray, count: int) -> np.ndarray:
-    """Indices taking each class in turn, so every class is explained."""
-    queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    chosen = []
-    while len(chosen) < count and any(queues):
-        chosen += [queue.pop(0) for queue in queues if queue][: count - len(chosen)]
-    return np.array(chosen, dtype=int)
+def caption(path: str, truth: str, guess: str, confidence: float, flat: bool) -> str:
+    return (f"{Path(path).name}\ntrue {truth}, predicted {guess} ({confidence:.2f})"
+            + ("  MISCLASSIFIED" if truth != guess else "") + ("  [flat heatmap]" if flat else ""))
 
 
-def mean(values: list[float]) -> float:
-    defined = [v for v in values if v == v]
-    return float(np.mean(defined)) if defined else float("nan")
-
-
-params = load_params()
-p = params.gradcam
-with stage_run("gradcam", params.tracking, flatten(p, "gradcam")) as run:
-    model, meta = load_model("models")
-    classes = meta["classes"]
-    images, labels, paths = ShardIndex.load("data/prepared").arrays("test")
-    boxes = read_manifest("data/interim/split.csv", ["path", "boxes", "width", "height"]).set_index("path")
-    picked = round_robin(labels, p.num_images)
-    images, labels, paths = images[picked], labels[picked], [paths[i] for i in picked]
-    probabilities = class_probabilities(model, images)
-    predicted = probabilities.argmax(axis=1)
-    layer = p.layer or last_feature_map_layer(model)
-    heatmaps, flat = gradcam_heatmaps(model, images, predicted, layer, p.method)
-
-    shutil.rmtree(OUT, ignore_errors=True)
-    rows, energies, hits, ious = [], [], [], []
-    for rank, (image, heatmap, path) in enumerate(zip(images, heatmaps, paths)):
-        full = upsample(heatmap, image.shape[0])
-        energies.append(energy_inside(full, brain_mask(image)))
-        row = boxes.loc[path]
-        if row["boxes"]:
-            mask = box_mask(row["boxes"], int(row["width"]), int(row["height"]), image.shape[0])
-            hits.append(float(pointing_hit(full, mask)) if not flat[rank] else 0.0)
-            ious.append(heatmap_iou(full, mask))
-        truth, guess = classes[labels[rank]], classes[predicted[rank]]
-        wrong = truth != guess
-        caption = (f"{Path(path).name}\ntrue {truth}, predicted {guess} ({probabilities[rank].max():.2f})"
-                   + ("  MISCLASSIFIED" if wrong else "") + ("  [flat heatmap]" if flat[rank] else ""))
-        overlay_panel(image, full, caption, OUT / "images" / f"{rank:03d}_{truth}_as_{guess}.png", p.alpha,
-                      bool(flat[rank]), wrong)
-        rows.append({"image": image, "heatmap": full, "flat": bool(flat[rank]), "wrong": wrong,
-                     "caption": caption, "truth": truth})
+def draw(rows: list[dict], classes: list[str], title: str, prefix: str, alpha: float) -> None:
+    """A grid per true class, and (for the test sample) one panel per image."""
     for name in classes:
         members = [row for row in rows if row["truth"] == name]
         if members:
-            class_grid(members, p.alpha, f"{p.method} on '{layer}': true class {name}", OUT / f"grid_{name}.png")
-    if flat.any():
-        print(f"gradcam: {int(flat.sum())} of {len(flat)} heatmaps are flat (zero gradient); marked in their PNGs")
+            class_grid(members, alpha, f"{title}: true class {name}", OUT / f"{prefix}{name}.png")
 
-    summary = {"images": len(picked), "flat_heatmaps": int(flat.sum()), "energy_in_brain": mean(energies),
-               "boxed_images": len(hits), "pointing_game": mean(hits), "box_iou": mean(ious)}
-    write_json(summary, "metrics/gradcam.json")
-    run.log_metrics(summary)
-    run.log_param("gradcam.layer_used", layer)
-    run.log_artifacts(str(OUT), "gradcam")
-    print(f"gradcam: {len(picked)} {p.method} heatmaps from layer '{layer}' in {OUT}/; "
-          f"{summary['energy_in_brain']:.0%} of their energy on the brain")
+
+def explain_test_sample(model, classes, p, layer, index, boxes):
+    """Heatmaps of a class-balanced test sample: panels, energy on the brain, boxes if the manifest has them,
+    and the deletion/insertion check."""
+    images, labels, paths = index.arrays("test")
+    picked = class_balanced_sample(labels, max(p.num_images, p.faithfulness_images))
+    images, labels, paths = images[picked], labels[picked], [paths[i] for i in picked]
+    probabilities = class_probabilities(model, images)
+    predicted = probabilities.argmax(axis=1)
+    heatmaps, flat = heatmaps_at_image_size(model, images, predicted, layer, p.method)
+    summary = {"images": int(min(p.num_images, len(picked))), "flat_heatmaps": int(flat.sum()),
+               "energy_in_brain": mean_defined([energy_inside(h, brain_mask(i)) for h, i in zip(heatmaps, images)])}
+
+    rows, masks, boxed = [], [], []
+    for rank in range(len(picked)):
+        row = boxes.loc[paths[rank]]
+        rectangles = box_rectangles(row["boxes"], int(row["width"]), int(row["height"]), images.shape[1])
+        if rectangles:
+            masks.append(box_mask(row["boxes"], int(row["width"]), int(row["height"]), images.shape[1]))
+            boxed.append(rank)
+        if rank < p.num_images:
+            truth, guess = classes[labels[rank]], classes[predicted[rank]]
+            text = caption(paths[rank], truth, guess, probabilities[rank].max(), bool(flat[rank]))
+            overlay_panel(images[rank], heatmaps[rank], text, OUT / "images" / f"{rank:03d}_{truth}_as_{guess}.png",
+                          p.alpha, bool(flat[rank]), truth != guess, rectangles)
+            rows.append({"image": images[rank], "heatmap": heatmaps[rank], "flat": bool(flat[rank]),
+                         "wrong": truth != guess, "caption": text, "truth": truth, "boxes": rectangles})
+    draw(rows, classes, f"{p.method} on '{layer}'", "grid_", p.alpha)
+    if boxed:
+        scores = score_against_boxes(heatmaps[boxed], flat[boxed], np.stack(masks),
+                                     [classes[labels[i]] for i in boxed])
+        summary.update(summarise_box_scores(scores, "boxes.", p.seed))
+    if p.faithfulness_images:
+        chosen = slice(0, p.faithfulness_images)
+        summary.update({f"faithfulness.{key}": value for key, value in deletion_insertion(
+            lambda batch: class_probabilities(model, batch), images[chosen], heatmaps[chosen], predicted[chosen],
+            p.faithfulness_steps, p.seed).items()})
+        summary["faithfulness.images"] = len(images[chosen])
+    return summary
+
+
+def explain_annotated(model, classes, meta, params, layer) -> dict:
+    """Score the heatmaps of the true class against the boxes of `gradcam.annotated`; draw a grid per class."""
+    p = params.gradcam
+    annotated = load_annotated_set(params.ingest, p.annotated, classes, meta["image_size"], meta["channels"])
+    heatmaps, flat = heatmaps_at_image_size(model, annotated.images, annotated.labels, layer, p.method)
+    size = annotated.images.shape[1]
+    geometry = list(zip(annotated.rows["boxes"], annotated.rows["width"].astype(int),
+                        annotated.rows["height"].astype(int)))
+    masks = np.stack([box_mask(b, w, h, size) for b, w, h in geometry])
+    truths = [classes[label] for label in annotated.labels]
+    scores = score_against_boxes(heatmaps, flat, masks, truths)
+    predicted = class_probabilities(model, annotated.images).argmax(axis=1)
+    summary = summarise_box_scores(scores, "annotated.", p.seed)
+    summary.update({"annotated.accuracy": float((predicted == annotated.labels).mean()),
+                    "annotated.rejected": len(annotated.rejects), "annotated.unboxed": annotated.unboxed})
+
+    rows = []
+    for label in np.unique(annotated.labels):
+        members = np.flatnonzero(annotated.labels == label)
+        for rank in members[np.linspace(0, len(members) - 1, min(p.num_images, len(members))).astype(int)]:
+            hit = scores["pointing_game"][rank] == 1
+            text = (f"{Path(annotated.rows['path'][rank]).name}: predicted {classes[predicted[rank]]}\n"
+                    f"heatmap peak {'inside' if hit else 'OUTSIDE'} the box" + ("  [flat]" if flat[rank] else ""))
+            rows.append({"image": annotated.images[rank], "heatmap": heatmaps[rank], "flat": bool(flat[rank]),
+                         "wrong": not hit, "truth": truths[rank], "caption": text,
+                         "boxes": box_rectangles(*geometry[rank], size)})
+    draw(rows, classes, f"{p.method} on '{layer}', annotated boxes", "annotated_", p.alpha)
+    return summary
+
+
+def main() -> None:
+    params = load_params()
+    p = params.gradcam
+    with stage_run("gradcam", params.tracking, flatten(p, "gradcam")) as run:
+        model, meta = load_model("models")
+        classes = meta["classes"]
+        index = ShardIndex.load("data/prepared")
+        boxes = read_manifest("data/interim/split.csv", ["path", "boxes", "width", "height"]).set_index("path")
+        layer = p.layer or last_feature_map_layer(model)
+        shutil.rmtree(OUT, ignore_errors=True)
+        summary = explain_test_sample(model, classes, p, layer, index, boxes)
+        if p.annotated:
+            summary.update(explain_annotated(model, classes, meta, params, layer))
+        write_json(summary, "metrics/gradcam.json")
+        run.log_metrics(summary)
+        run.log_param("gradcam.layer_used", layer)
+        run.log_artifacts(str(OUT), "gradcam")
+        print(f"gradcam: {summary['images']} {p.method} heatmaps from layer '{layer}' in {OUT}/; "
+              f"{summary['energy_in_brain']:.0%} of their energy on the brain")
+        if summary["flat_heatmaps"]:
+            print(f"gradcam: {summary['flat_heatmaps']} heatmaps are flat (zero gradient); marked in their PNGs")
+        if p.annotated:
+            print(f"gradcam: pointing game {summary['annotated.pointing_game']:.2f} on "
+                  f"{summary['annotated.images']} annotated images (uniform heatmap "
+                  f"{summary['annotated.baseline_uniform.pointing_game']:.2f}, centre point "
+                  f"{summary['annotated.baseline_centre.pointing_game']:.2f})")
+
+
+if __name__ == "__main__":
+    main()

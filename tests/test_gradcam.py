@@ -2,8 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from brainmri.gradcam import (box_mask, energy_inside, gradcam_heatmaps, heatmap_iou, last_feature_map_layer,
-                              overlay_panel, pointing_hit)
+from brainmri.gradcam import (class_balanced_sample, gradcam_heatmaps, heatmaps_at_image_size,
+                              last_feature_map_layer, overlay_panel)
 from brainmri.models import build_model, class_probabilities
 from brainmri.params import TrainParams
 from brainmri.training import compile_model
@@ -40,7 +40,7 @@ def bar_model() -> keras.Model:
     return model
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "hirescam", "layercam"])
 def test_heatmap_peak_falls_on_the_class_defining_object(bar_model, method):
     test_images, test_labels, centres = bar_images(40, seed=1)
     assert (class_probabilities(bar_model, test_images).argmax(axis=1) == test_labels).mean() >= 0.9
@@ -120,28 +120,6 @@ def test_unknown_layer_and_method_are_named():
         gradcam_heatmaps(model, images, np.array([0]), "block4_relu2", "lime")
 
 
-def test_energy_pointing_and_iou_by_hand():
-    heatmap = np.zeros((10, 10))
-    heatmap[2:4, 2:4] = 1.0  # 4 hot pixels
-    heatmap[8, 8] = 0.5
-    mask = np.zeros((10, 10), dtype=bool)
-    mask[0:5, 0:5] = True
-    assert energy_inside(heatmap, mask) == pytest.approx(4 / 4.5)
-    assert pointing_hit(heatmap, mask)
-    # hot (>= half the peak): the 4 pixels in the box and the 0.5 outside; union 25 + 1
-    assert heatmap_iou(heatmap, mask) == pytest.approx(4 / 26)
-    assert np.isnan(energy_inside(np.zeros((10, 10)), mask))
-
-
-def test_yolo_boxes_land_where_the_model_sees_them():
-    # A 200x100 image is padded to 200x200 (50 px bands above and below), then resized to 20.
-    # Box: x 80..120, y 30..70 (+50 padding = 80..120) -> pixels 8..11 on both axes at 1/10 scale.
-    mask = box_mask("0 0.5 0.5 0.2 0.4", width=200, height=100, size=20)
-    rows, columns = np.nonzero(mask)
-    assert (rows.min(), rows.max(), columns.min(), columns.max()) == (8, 11, 8, 11)
-    assert not box_mask("", 200, 100, 20).any()
-
-
 def test_zero_gradient_heatmaps_are_flagged_not_divided_by_zero(tmp_path):
     model = build_model("compact_cnn", 3, SIZE, 1, width=4)
     for layer in model.layers:  # a model with no signal at all
@@ -149,10 +127,24 @@ def test_zero_gradient_heatmaps_are_flagged_not_divided_by_zero(tmp_path):
     images, _, _ = bar_images(2)
     heatmaps, flat = gradcam_heatmaps(model, images, np.array([0, 1]), last_feature_map_layer(model))
     assert flat.all() and np.isfinite(heatmaps).all() and heatmaps.max() == 0
-    overlay_panel(images[0], heatmaps[0], "flat", tmp_path / "flat.png", 0.4, flat=True)
+    overlay_panel(images[0], heatmaps[0], "flat", tmp_path / "flat.png", 0.4, flat=True, boxes=[(2, 3, 10, 12)])
     assert (tmp_path / "flat.png").stat().st_size > 0
 
 
 def test_feature_map_layer_is_the_last_convolutional_activation():
     model = build_model("compact_cnn", 4, SIZE, 1, width=4)
     assert last_feature_map_layer(model) == "block4_relu2"
+
+
+def test_heatmaps_come_at_image_size_in_batches(bar_model):
+    images, labels, _ = bar_images(5)
+    heatmaps, flat = heatmaps_at_image_size(bar_model, images, labels, last_feature_map_layer(bar_model),
+                                            batch_size=2)
+    assert heatmaps.shape == (5, SIZE, SIZE) and flat.shape == (5,)
+    assert heatmaps.min() >= 0 and heatmaps.max() <= 1
+
+
+def test_class_balanced_sample_takes_each_class_in_turn():
+    labels = np.array([2, 0, 0, 1, 0, 2])
+    assert class_balanced_sample(labels, 4).tolist() == [1, 3, 0, 2]
+    assert sorted(class_balanced_sample(labels, 99).tolist()) == list(range(6))

@@ -19,8 +19,9 @@ from conftest import CLASSES, create_project, run, stages_run, synthetic_image, 
 
 pytestmark = pytest.mark.pipeline
 
-ALL_STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "export"]
-DOWNSTREAM_OF_TRAIN = ["train", "evaluate", "gradcam", "export"]
+ALL_STAGES = ["validate", "ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "export"]
+# A params change reruns the params check first.
+DOWNSTREAM_OF_TRAIN = ["validate", "train", "evaluate", "gradcam", "export"]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +138,7 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
     (external / "glioma" / "broken.png").write_bytes(b"")
     result = run(["dvc", "exp", "run", "-n", "external", "-S", f"evaluate.external={external}",
                   "-S", "evaluate.tta=true"], repo)
-    assert stages_run(result.stdout) == ["evaluate"]
+    assert stages_run(result.stdout) == ["validate", "evaluate"]
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert metrics["external.images"] == 8
     assert metrics["external.leaked_removed"] == 1 and metrics["external.rejected"] == 1
@@ -277,19 +278,26 @@ def test_an_experiment_travels_through_the_git_remote(repo, tmp_path):
     assert data["metrics"]["metrics/train.json"]["data"]["epochs_run"] == 1
 
 
-@pytest.mark.parametrize("change, named", [
-    ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'"),
-    ({"ingest": {"source": "data/nowhere"}}, "data/nowhere"),
-    ({"train": {"model": "resnet9000"}}, "train.model: unknown model 'resnet9000'"),
-    ({"train": {"fine_tune": {"epochs": 2}}}, "train.fine_tune.epochs needs"),
+@pytest.mark.parametrize("change, named, kept", [
+    ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'", "models/model.keras"),
+    ({"train": {"image_size": 0}}, "'train.image_size'", "data/prepared/index.json"),
+    ({"ingest": {"source": "data/nowhere"}}, "ingest.source: folder 'data/nowhere' does not exist",
+     "data/interim/manifest.csv"),
+    ({"train": {"model": "resnet9000"}}, "unknown model 'resnet9000'", "models/model.keras"),
+    ({"train": {"fine_tune": {"epochs": 2}}}, "train.fine_tune.epochs needs", "models/model.keras"),
 ])
-def test_bad_input_stops_the_pipeline_naming_the_key_or_path(repo, change, named):
+def test_bad_params_stop_the_pipeline_naming_the_key_and_keep_every_output(repo, change, named, kept):
+    run(["dvc", "repro"], repo)  # everything built (nothing to do when earlier tests built it)
     update_params(repo / "params.yaml", change)
     result = run(["dvc", "repro"], repo, check=False)
     assert result.returncode != 0
     assert named in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
-    back_to_baseline(repo)  # DVC removed the failed stage's outputs before running it
+    assert stages_run(result.stdout) == ["validate"]
+    for output in (kept, "models/model.keras", "data/prepared/index.json", "metrics/train_history.csv"):
+        assert (repo / output).is_file(), f"{output} deleted by a failed params check"
+    run(["git", "checkout", "--", "params.yaml"], repo)
+    assert "up to date" in run(["dvc", "status"], repo).stdout  # nothing to rebuild
 
 
 def test_tracking_outage_stops_the_stage_or_with_the_switch_off_warns_and_completes(repo):
@@ -327,5 +335,25 @@ def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tm
     manifest = (repo / "data" / "interim" / "manifest.csv").read_text()
     assert "0 0.3 0.3 0.25 0.25" in manifest
     gradcam = json.loads((repo / "metrics" / "gradcam.json").read_text())
-    assert gradcam["boxed_images"] == gradcam["images"] == 4
-    assert 0.0 <= gradcam["pointing_game"] <= 1.0 and 0.0 <= gradcam["box_iou"] <= 1.0
+    test_images = json.loads((repo / "metrics" / "split.json").read_text())["test.total"]
+    assert gradcam["images"] == 4 and gradcam["boxes.images"] == gradcam["faithfulness.images"] == test_images
+    assert 0.0 <= gradcam["boxes.pointing_game"] <= 1.0 and 0.0 <= gradcam["boxes.box_iou"] <= 1.0
+    assert gradcam["boxes.pointing_game_ci_low"] <= gradcam["boxes.pointing_game"] <= gradcam[
+        "boxes.pointing_game_ci_high"]
+    assert {"faithfulness.deletion_auc", "faithfulness.insertion_auc_random"} <= set(gradcam)
+
+    # An annotated folder in the other YOLO layout, a label file beside each image, is scored too.
+    annotated = tmp_path / "annotated"
+    for class_index, (name, (cx, cy)) in enumerate([("left", (0.3, 0.3)), ("right", (0.7, 0.3))]):
+        (annotated / name).mkdir(parents=True)
+        for variant in range(100, 103):
+            synthetic_image(class_index, variant).save(annotated / name / f"{variant}.png")
+            (annotated / name / f"{variant}.txt").write_text(f"7 {cx} {cy} 0.25 0.25\n")
+    update_params(repo / "params.yaml", {"gradcam": {"annotated": str(annotated)}})
+    result = run(["dvc", "repro"], repo)
+    assert stages_run(result.stdout) == ["validate", "gradcam"] and "annotated images (uniform heatmap" in result.stdout
+    gradcam = json.loads((repo / "metrics" / "gradcam.json").read_text())
+    assert gradcam["annotated.images"] == 6 and gradcam["annotated.box_share"] == pytest.approx(1 / 16, rel=0.3)
+    assert 0.0 <= gradcam["annotated.pointing_game.left"] <= 1.0
+    assert gradcam["annotated.baseline_centre.pointing_game"] == 0.0  # the blobs are off centre
+    assert (repo / "reports" / "gradcam" / "annotated_right.png").is_file()

@@ -1,9 +1,10 @@
-"""Grad-CAM and Grad-CAM++ heatmaps, their overlays, and checks of where they point.
+"""Grad-CAM heatmaps (and the Grad-CAM++, HiResCAM and LayerCAM variants) and their overlays.
 
 The gradient is taken of the log-probability of the explained class rather
 than the probability itself: a softmax output near 1.0 has a vanishing
 gradient, the log keeps it informative. Heatmaps that still come out flat are
-reported as such, never written as silently blank images.
+reported as such, never written as silently blank images. How well they
+point at lesions is scored in `brainmri.localisation`.
 
 A backbone from `keras.applications` sits in the classifier as one nested
 model; its last feature map is not reachable as a tensor of the outer graph,
@@ -21,7 +22,7 @@ import numpy as np
 from brainmri.figures import pyplot, save
 
 FLAT_EPSILON = 1e-8
-METHODS = ("gradcam", "gradcam++")
+METHODS = ("gradcam", "gradcam++", "hirescam", "layercam")
 
 
 def _spatial(layer: keras.layers.Layer) -> bool:
@@ -76,20 +77,54 @@ def gradcam_heatmaps(model: keras.Model, images: np.ndarray, class_indices: np.n
         scores = tf.math.log(chosen + 1e-12)
     gradients = tf.cast(tape.gradient(scores, features), tf.float64)
     features = tf.cast(features, tf.float64)
-    if method == "gradcam":
-        weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+    if method == "hirescam":
+        # HiResCAM (Draelos & Carin 2020): gradient times activation location by
+        # location, without averaging the gradient over the map first.
+        cams = tf.reduce_sum(gradients * features, axis=-1)
+    elif method == "layercam":
+        # LayerCAM (Jiang et al. 2021): the same with positive gradients only.
+        cams = tf.reduce_sum(tf.nn.relu(gradients) * features, axis=-1)
     else:
-        # Grad-CAM++ (Chattopadhyay et al. 2018): pixel-wise weights from the
-        # second and third powers of the gradient, positive gradients only.
-        squared, cubed = gradients ** 2, gradients ** 3
-        denominator = 2 * squared + tf.reduce_sum(features, axis=(1, 2), keepdims=True) * cubed
-        alphas = tf.math.divide_no_nan(squared, denominator)
-        weights = tf.reduce_sum(alphas * tf.nn.relu(gradients), axis=(1, 2), keepdims=True)
-    cams = tf.nn.relu(tf.reduce_sum(features * weights, axis=-1)).numpy()
+        if method == "gradcam":
+            weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+        else:
+            # Grad-CAM++ (Chattopadhyay et al. 2018): pixel-wise weights from the
+            # second and third powers of the gradient, positive gradients only.
+            squared, cubed = gradients ** 2, gradients ** 3
+            denominator = 2 * squared + tf.reduce_sum(features, axis=(1, 2), keepdims=True) * cubed
+            alphas = tf.math.divide_no_nan(squared, denominator)
+            weights = tf.reduce_sum(alphas * tf.nn.relu(gradients), axis=(1, 2), keepdims=True)
+        cams = tf.reduce_sum(features * weights, axis=-1)
+    return _normalised(tf.nn.relu(cams).numpy())
+
+
+def _normalised(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each heatmap divided by its peak, and a mask of the flat (all-zero or NaN) ones, set to zero."""
     peaks = cams.max(axis=(1, 2))
     flat = ~(peaks > FLAT_EPSILON)  # NaN counts as flat too
     cams = np.where(flat[:, None, None], 0.0, cams / np.where(flat, 1.0, peaks)[:, None, None])
     return cams, flat
+
+
+def heatmaps_at_image_size(model: keras.Model, images: np.ndarray, class_indices: np.ndarray, layer_name: str,
+                           method: str = "gradcam", batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmaps upsampled to the images' side, computed a batch at a time, and the flat mask."""
+    heatmaps, flat = [], []
+    for start in range(0, len(images), batch_size):
+        batch = slice(start, start + batch_size)
+        maps, flags = gradcam_heatmaps(model, images[batch], class_indices[batch], layer_name, method)
+        heatmaps += [upsample(heatmap, images.shape[1]) for heatmap in maps]
+        flat.append(flags)
+    return np.stack(heatmaps), np.concatenate(flat)
+
+
+def class_balanced_sample(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices taking each class in turn (in index order within a class), so every class is explained."""
+    queues = [list(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    chosen = []
+    while len(chosen) < count and any(queues):
+        chosen += [queue.pop(0) for queue in queues if queue][: count - len(chosen)]
+    return np.array(chosen, dtype=int)
 
 
 def upsample(heatmap: np.ndarray, size: int) -> np.ndarray:
@@ -98,44 +133,6 @@ def upsample(heatmap: np.ndarray, size: int) -> np.ndarray:
 
     resized = Image.fromarray(heatmap.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized, dtype=np.float64), 0.0, 1.0)
-
-
-def brain_mask(image: np.ndarray, black_level: int = 10) -> np.ndarray:
-    """Non-background pixels (MRI air is near black)."""
-    grey = image.mean(axis=-1) if image.ndim == 3 else image
-    return grey > black_level
-
-
-def energy_inside(heatmap: np.ndarray, mask: np.ndarray) -> float:
-    """Share of the heatmap's total mass that falls inside `mask` (NaN for a flat heatmap)."""
-    total = heatmap.sum()
-    return float((heatmap * mask).sum() / total) if total > 0 else float("nan")
-
-
-def box_mask(boxes: str, width: int, height: int, size: int) -> np.ndarray:
-    """YOLO boxes (relative to the original image) drawn on the padded, resized square the model saw."""
-    mask = np.zeros((size, size), dtype=bool)
-    side = max(width, height)
-    scale = size / side
-    left, top = (side - width) / 2, (side - height) / 2
-    for box in filter(None, boxes.split(";")):
-        _, cx, cy, w, h = (float(v) for v in box.split())
-        x0, x1 = (left + (cx - w / 2) * width) * scale, (left + (cx + w / 2) * width) * scale
-        y0, y1 = (top + (cy - h / 2) * height) * scale, (top + (cy + h / 2) * height) * scale
-        mask[max(int(np.floor(y0)), 0):int(np.ceil(y1)), max(int(np.floor(x0)), 0):int(np.ceil(x1))] = True
-    return mask
-
-
-def pointing_hit(heatmap: np.ndarray, mask: np.ndarray) -> bool:
-    """Pointing game: does the heatmap's peak fall inside the box?"""
-    return bool(mask[np.unravel_index(heatmap.argmax(), heatmap.shape)])
-
-
-def heatmap_iou(heatmap: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
-    """IoU of the heatmap thresholded at `threshold` of its peak with the box mask."""
-    hot = heatmap >= threshold
-    union = (hot | mask).sum()
-    return float((hot & mask).sum() / union) if union else float("nan")
 
 
 def _rgb(image: np.ndarray) -> np.ndarray:
@@ -152,31 +149,41 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip((1 - alpha) * _rgb(image) / 255.0 + alpha * colour(heatmap), 0, 1)
 
 
-def _panel_row(axes, image: np.ndarray, heatmap: np.ndarray, alpha: float, flat: bool) -> None:
+Rectangle = tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
+
+
+def _panel_row(axes, image: np.ndarray, heatmap: np.ndarray, alpha: float, flat: bool,
+               boxes: list[Rectangle] = ()) -> None:
+    from matplotlib.patches import Rectangle as Patch
+
     if heatmap.shape != image.shape[:2]:
         heatmap = upsample(heatmap, image.shape[0])
     pictures = (_rgb(image), colour(heatmap), overlay(image, heatmap, alpha))
     for axis, picture, name in zip(axes, pictures, ("image", "heatmap", "overlay")):
         axis.imshow(picture)
+        # Pixel (i, j) covers [j - 0.5, j + 0.5] in imshow's coordinates.
+        for x0, y0, x1, y1 in boxes:
+            axis.add_patch(Patch((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime",
+                                 linewidth=1.2))
         axis.set_title(f"{name}: flat (no signal)" if flat and name != "image" else name, fontsize=7)
         axis.axis("off")
 
 
 def overlay_panel(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path, alpha: float,
-                  flat: bool, wrong: bool = False) -> None:
-    """One image: original | heatmap | overlay, with its caption."""
+                  flat: bool, wrong: bool = False, boxes: list[Rectangle] = ()) -> None:
+    """One image: original | heatmap | overlay, with its caption and any ground-truth boxes drawn."""
     figure, axes = pyplot().subplots(1, 3, figsize=(7.5, 2.9))
-    _panel_row(axes, image, heatmap, alpha, flat)
+    _panel_row(axes, image, heatmap, alpha, flat, boxes)
     figure.suptitle(title, fontsize=9, color="red" if wrong else "black")
     save(figure, path)
 
 
 def class_grid(rows: list[dict], alpha: float, title: str, path: Path) -> None:
     """Several images of one true class, a row each: original | heatmap | overlay,
-    captioned with the prediction; misclassified rows in red."""
+    captioned with the prediction; misclassified rows in red; a row's `boxes`, if any, drawn."""
     figure, axes = pyplot().subplots(len(rows), 3, figsize=(6.6, 2.7 * len(rows) + 0.5), squeeze=False)
     for row_axes, row in zip(axes, rows):
-        _panel_row(row_axes, row["image"], row["heatmap"], alpha, row["flat"])
+        _panel_row(row_axes, row["image"], row["heatmap"], alpha, row["flat"], row.get("boxes", ()))
         for axis in row_axes[::2]:
             axis.set_title("")
         # One caption per row, over the middle panel; the flat marker stays in it.

@@ -10,6 +10,9 @@ Three layouts are understood:
 - YOLO: ``source/images/**/<name>.jpg`` + ``source/labels/**/<name>.txt``
   whose lines are ``class_id cx cy w h``; the image's label is its first box's
   class, named by ``ingest.classes``, and all boxes are kept in the manifest.
+
+In the folder layouts a YOLO label file beside an image (``<name>.txt`` next
+to ``<name>.jpg``) adds its boxes to the manifest; the folder names the class.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from brainmri.data import DataError
-from brainmri.images import open_image, sha256_file
+from brainmri.images import DecodeLimits, ImageTooLarge, open_image, sha256_file
 from brainmri.manifest import MANIFEST_COLUMNS, REJECT_COLUMNS
 from brainmri.params import IngestParams
 
@@ -84,6 +87,22 @@ def _class_folders(parent: Path, wanted: list[str] | None) -> list[Path]:
     return [parent / name for name in wanted]
 
 
+def read_yolo_boxes(label_file: Path) -> str:
+    """The boxes of a YOLO label file as "class cx cy w h" joined by ';'.
+
+    Raises FileNotFoundError, or ValueError for a line that is not five numbers."""
+    boxes = []
+    for line in label_file.read_text().splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 5:
+            raise ValueError(f"'{line}' is not 'class cx cy w h'")
+        class_id, *geometry = int(fields[0]), *map(float, fields[1:])
+        boxes.append(f"{class_id} " + " ".join(f"{value:.6g}" for value in geometry))
+    return ";".join(boxes)
+
+
 def _yolo_candidates(source: Path, params: IngestParams, root: Path, extensions: set[str],
                      rejects: list[dict]) -> list[Candidate]:
     if not params.classes:
@@ -93,24 +112,39 @@ def _yolo_candidates(source: Path, params: IngestParams, root: Path, extensions:
         relative = image.relative_to(source / "images")
         label_file = (source / "labels" / relative).with_suffix(".txt")
         subset = relative.parts[0] if len(relative.parts) > 1 else ""
-        reason = None
+        reason, boxes = None, ""
         try:
-            rows = [line.split() for line in label_file.read_text().splitlines() if line.strip()]
-            boxes = [(int(r[0]), *map(float, r[1:5])) for r in rows]
+            boxes = read_yolo_boxes(label_file)
         except FileNotFoundError:
             reason = f"no label file {label_file.as_posix()}"
-        except (ValueError, IndexError):
+        except ValueError:
             reason = f"malformed label file {label_file.as_posix()}"
         else:
-            if not boxes:
+            class_ids = [int(box.split()[0]) for box in boxes.split(";") if box]
+            if not class_ids:
                 reason = "label file has no boxes: class unknown"
-            elif not all(0 <= box[0] < len(params.classes) for box in boxes):
+            elif not all(0 <= class_id < len(params.classes) for class_id in class_ids):
                 reason = f"class id outside ingest.classes (0..{len(params.classes) - 1})"
         if reason:
             rejects.append({"path": image.as_posix(), "label": "", "reason": reason})
             continue
-        text = ";".join(f"{b[0]} {b[1]:.6g} {b[2]:.6g} {b[3]:.6g} {b[4]:.6g}" for b in boxes)
-        candidates.append(Candidate(image.as_posix(), params.classes[boxes[0][0]], subset, text))
+        candidates.append(Candidate(image.as_posix(), params.classes[class_ids[0]], subset, boxes))
+    return candidates
+
+
+def _folder_candidates(folder: Path, root: Path, extensions: set[str], rejects: list[dict],
+                       subset: str) -> list[Candidate]:
+    """A class folder's images, each with the boxes of a YOLO label file beside it, if there is one."""
+    candidates = []
+    for image in _walk(folder, root, extensions, rejects, folder.name):
+        label_file = image.with_suffix(".txt")
+        try:
+            boxes = read_yolo_boxes(label_file) if label_file.is_file() else ""
+        except ValueError:
+            rejects.append({"path": image.as_posix(), "label": folder.name,
+                            "reason": f"malformed label file {label_file.as_posix()}"})
+            continue
+        candidates.append(Candidate(image.as_posix(), folder.name, subset, boxes))
     return candidates
 
 
@@ -132,24 +166,31 @@ def discover(params: IngestParams) -> tuple[list[Candidate], list[dict], str, li
     for parent, subset in parents:
         for folder in _class_folders(parent, params.classes):
             classes.add(folder.name)
-            candidates += [Candidate(p.as_posix(), folder.name, subset)
-                           for p in _walk(folder, root, extensions, rejects, folder.name)]
+            candidates += _folder_candidates(folder, root, extensions, rejects, subset)
     return candidates, rejects, "split-folders" if split_layout else "folder-per-class", sorted(classes)
 
 
-def inspect(candidate: Candidate, max_pixels: int) -> dict:
+def decode_limits(params: IngestParams) -> DecodeLimits:
+    """What an image header may declare before decoding, for ingest, predict and serve alike."""
+    return DecodeLimits(params.max_pixels, params.max_side, params.max_aspect)
+
+
+def inspect(candidate: Candidate, limits: DecodeLimits) -> dict:
     """Decode one file fully: its manifest row, or a row with a `reason` to reject it."""
     path = Path(candidate.path)
     row = {"path": candidate.path, "label": candidate.label}
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as exc:  # e.g. a link to a file that does not exist
+        return {**row, "reason": f"cannot read: {exc.strerror}"}
     if size == 0:
         return {**row, "reason": "empty file"}
     try:
         with Image.open(path) as header:  # reads the header only
-            (width, height), mode = header.size, header.mode
-        if width * height > max_pixels:  # a decompression bomb is never expanded
-            return {**row, "reason": f"{width}x{height} exceeds ingest.max_pixels={max_pixels}"}
-        image = open_image(path)
+            mode = header.mode
+        image = open_image(path, limits)  # a decompression bomb is never expanded
+    except ImageTooLarge as exc:
+        return {**row, "reason": str(exc)}
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return {**row, "reason": f"cannot decode: {exc}"}
     grey = image.convert("L")
@@ -170,14 +211,14 @@ def inspect(candidate: Candidate, max_pixels: int) -> dict:
     }
 
 
-def _inspect_star(args: tuple[Candidate, int]) -> dict:
+def _inspect_star(args: tuple[Candidate, DecodeLimits]) -> dict:
     return inspect(*args)
 
 
-def inspect_all(candidates: list[Candidate], max_pixels: int, workers: int) -> list[dict]:
+def inspect_all(candidates: list[Candidate], limits: DecodeLimits, workers: int) -> list[dict]:
     """Decode in worker processes (decoding is CPU-bound); results keep the input order."""
     workers = workers or os.cpu_count() or 1
-    jobs = [(candidate, max_pixels) for candidate in candidates]
+    jobs = [(candidate, limits) for candidate in candidates]
     if workers == 1 or len(jobs) < 64:
         return [_inspect_star(job) for job in jobs]
     with ProcessPoolExecutor(workers) as pool:
@@ -211,7 +252,7 @@ def flag_outliers(images: pd.DataFrame, params: IngestParams) -> pd.Series:
 def scan(params: IngestParams, min_classes: int = 2) -> Scan:
     """Discover, decode and check every image; `min_classes` is 1 for an extra test folder."""
     candidates, rejects, layout, labels = discover(params)
-    rows = inspect_all(candidates, params.max_pixels, params.workers)
+    rows = inspect_all(candidates, decode_limits(params), params.workers)
     rejects += [{key: row[key] for key in REJECT_COLUMNS} for row in rows if "reason" in row]
     images = pd.DataFrame([row for row in rows if "reason" not in row], columns=MANIFEST_COLUMNS[:-1])
     images["outlier"] = flag_outliers(images, params) if len(images) else pd.Series(dtype=str)

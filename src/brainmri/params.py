@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(SystemExit):
@@ -46,6 +46,8 @@ class IngestParams(_Section):
     extensions: list[str] = [".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"]
     min_per_class: int = Field(2, ge=1)
     max_pixels: int = Field(40_000_000, ge=1, description="larger images are rejected undecoded")
+    max_side: int = Field(16_384, ge=1, description="images with a longer side are rejected undecoded")
+    max_aspect: float = Field(20.0, ge=1, description="images more elongated than this are rejected undecoded")
     workers: int = Field(0, ge=0, description="decoding processes; 0: one per CPU core")
     outliers: OutlierParams = OutlierParams()
 
@@ -100,6 +102,11 @@ class FineTuneParams(_Section):
     lr: float = Field(1e-5, gt=0)
 
 
+# The compact CNN and the keras.applications backbones that brainmri.models builds.
+MODEL_NAMES = ("compact_cnn", "resnet50", "resnet101", "inception_v3", "efficientnet_b0", "efficientnetv2_b0",
+               "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "densenet121")
+
+
 class TrainParams(_Section):
     model: str = "compact_cnn"
     weights: str | None = Field(None, description="none, imagenet, or a weights file for the backbone")
@@ -139,6 +146,20 @@ class TrainParams(_Section):
         # `dvc exp run -S train.weights=none` writes the string "none".
         return None if isinstance(value, str) and value.lower() in {"none", "null", ""} else value
 
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODEL_NAMES:
+            raise ValueError(f"unknown model '{value}'; choose one of {', '.join(MODEL_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _fine_tune_needs_a_pretrained_backbone(self) -> "TrainParams":
+        if self.fine_tune.epochs and (self.model == "compact_cnn" or self.weights is None):
+            raise ValueError("train.fine_tune.epochs needs a keras.applications train.model with pretrained "
+                             "train.weights")
+        return self
+
 
 class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
@@ -149,10 +170,15 @@ class EvaluateParams(_Section):
 
 
 class GradcamParams(_Section):
-    num_images: int = Field(8, ge=1, description="test images explained, taken from each class in turn")
+    num_images: int = Field(8, ge=1, description="test images drawn, taken from each class in turn")
     layer: str | None = None
-    method: Literal["gradcam", "gradcam++"] = "gradcam"
+    method: Literal["gradcam", "gradcam++", "hirescam", "layercam"] = "gradcam"
     alpha: float = Field(0.4, ge=0, le=1, description="heatmap opacity in overlays")
+    annotated: str | None = Field(None, description="a folder of box-annotated images whose boxes the heatmaps "
+                                                    "are scored against (evaluation only)")
+    faithfulness_images: int = Field(200, ge=0, description="test images for the deletion/insertion check; 0: off")
+    faithfulness_steps: int = Field(16, ge=2, description="points on each deletion/insertion curve")
+    seed: int = Field(0, description="bootstrap resampling and the random pixel order")
 
 
 class ExportParams(_Section):
@@ -211,6 +237,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except ValidationError as exc:
         problems = "; ".join(_describe(e) for e in exc.errors())
         raise ParamsError(f"{path}: {problems}") from None
+
+
+def check_folders(params: Params) -> None:
+    """Raise ParamsError for a folder that params.yaml names but that does not exist."""
+    named = {"ingest.source": params.ingest.source, "evaluate.external": params.evaluate.external,
+             "gradcam.annotated": params.gradcam.annotated}
+    for key, folder in named.items():
+        if folder is not None and not Path(folder).is_dir():
+            raise ParamsError(f"{key}: folder '{folder}' does not exist")
 
 
 def flatten(section: BaseModel, prefix: str) -> dict[str, Any]:

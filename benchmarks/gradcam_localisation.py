@@ -1,0 +1,66 @@
+"""Benchmark: where a trained model's heatmaps point, on box-annotated slices.
+
+    python benchmarks/gradcam_localisation.py PROJECT ANNOTATED [--methods ...] [--layers ...]
+
+PROJECT is a project folder after `dvc repro` (its `models/` and, when there,
+`metrics/evaluate.json` are read); ANNOTATED a folder of box-annotated images
+(one folder per class with a YOLO `.txt` beside each image, or YOLO's
+images/ + labels/), e.g. the Figshare tumour boxes. For every method and
+layer asked for, the heatmap of the true class is scored against the box:
+pointing game, energy inside the box and box IoU, overall and per class with
+95% bootstrap intervals, beside a uniform heatmap and a fixed centre point on
+the same images. Prints one JSON line per method and layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+from brainmri.gradcam import METHODS, heatmaps_at_image_size, last_feature_map_layer
+from brainmri.localisation import box_mask, load_annotated_set, score_against_boxes, summarise_box_scores
+from brainmri.models import class_probabilities, load_model
+from brainmri.params import IngestParams
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("project", type=Path, help="project folder holding models/ (and metrics/)")
+    parser.add_argument("annotated", help="folder of box-annotated images")
+    parser.add_argument("--methods", nargs="+", default=["gradcam"], choices=METHODS)
+    parser.add_argument("--layers", nargs="+", default=[None], help="feature-map layers (default: the last)")
+    parser.add_argument("--label", default="", help="a name for the recipe, copied into the output")
+    args = parser.parse_args()
+
+    model, meta = load_model(args.project / "models")
+    classes = meta["classes"]
+    annotated = load_annotated_set(IngestParams(source=args.annotated), args.annotated, classes,
+                                   meta["image_size"], meta["channels"])
+    size = annotated.images.shape[1]
+    masks = [box_mask(row.boxes, int(row.width), int(row.height), size) for row in annotated.rows.itertuples()]
+    truths = [classes[label] for label in annotated.labels]
+    accuracy = float((class_probabilities(model, annotated.images).argmax(axis=1) == annotated.labels).mean())
+    evaluate_file = args.project / "metrics" / "evaluate.json"
+    test_split = json.loads(evaluate_file.read_text()) if evaluate_file.is_file() else {}
+    for layer in args.layers:
+        layer = layer or last_feature_map_layer(model)
+        for method in args.methods:
+            start = time.perf_counter()
+            heatmaps, flat = heatmaps_at_image_size(model, annotated.images, annotated.labels, layer, method)
+            summary = summarise_box_scores(score_against_boxes(heatmaps, flat, masks, truths))
+            print(json.dumps({
+                "date": date.today().isoformat(), "label": args.label, "method": method, "layer": layer,
+                "annotated": args.annotated, "annotated_accuracy": accuracy, "flat_heatmaps": int(flat.sum()),
+                "test_macro_f1": test_split.get("macro_f1"), "test_accuracy": test_split.get("accuracy"),
+                **summary, "seconds": round(time.perf_counter() - start, 1),
+                "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

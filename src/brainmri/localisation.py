@@ -1,0 +1,223 @@
+"""Where explanations point, and whether they are faithful to the model.
+
+With boxes (a YOLO-annotated test split or `gradcam.annotated`), each
+heatmap is scored against the tumour box: the pointing game (is the peak in
+the box?), the share of the heatmap's mass inside it, and the IoU of its hot
+part with it, per class with bootstrap intervals, beside what two heatmaps
+that know nothing score on the same images: a uniform one (the box's share
+of the image) and a fixed point at the image centre.
+
+Without boxes, deletion and insertion (Petsiuk et al. 2018, RISE) test the
+heatmap against the model itself: removing the most-highlighted pixels first
+should lower the explained class's probability faster than removing random
+pixels, and revealing them first should raise it faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from brainmri.data import DataError
+from brainmri.images import fitted_size, load_array
+from brainmri.ingest import scan
+from brainmri.params import IngestParams
+
+BOX_METRICS = ("pointing_game", "energy_in_box", "box_iou")
+BASELINES = ("uniform", "centre")
+
+
+def box_rectangles(boxes: str, width: int, height: int, size: int) -> list[tuple[float, float, float, float]]:
+    """YOLO boxes ("class cx cy w h" relative to the original image, joined by ';') as (x0, y0, x1, y1)
+    pixels of the square the model saw (`brainmri.images.to_array`: resized, then centred)."""
+    fitted_width, fitted_height = fitted_size(width, height, size)
+    left, top = (size - fitted_width) // 2, (size - fitted_height) // 2
+    rectangles = []
+    for box in filter(None, boxes.split(";")):
+        _, cx, cy, w, h = (float(v) for v in box.split())
+        rectangles.append((left + (cx - w / 2) * fitted_width, top + (cy - h / 2) * fitted_height,
+                           left + (cx + w / 2) * fitted_width, top + (cy + h / 2) * fitted_height))
+    return rectangles
+
+
+def box_mask(boxes: str, width: int, height: int, size: int) -> np.ndarray:
+    """The pixels of the model's input square covered by any of the boxes."""
+    mask = np.zeros((size, size), dtype=bool)
+    for x0, y0, x1, y1 in box_rectangles(boxes, width, height, size):
+        mask[max(int(np.floor(y0)), 0):int(np.ceil(y1)), max(int(np.floor(x0)), 0):int(np.ceil(x1))] = True
+    return mask
+
+
+def brain_mask(image: np.ndarray, black_level: int = 10) -> np.ndarray:
+    """Non-background pixels (MRI air is near black)."""
+    grey = image.mean(axis=-1) if image.ndim == 3 else image
+    return grey > black_level
+
+
+def energy_inside(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Share of the heatmap's total mass that falls inside `mask` (NaN for an all-zero heatmap)."""
+    total = heatmap.sum()
+    return float((heatmap * mask).sum() / total) if total > 0 else float("nan")
+
+
+def pointing_score(heatmap: np.ndarray, mask: np.ndarray) -> float:
+    """Pointing game: 1 if the heatmap's peak falls inside the box, else 0.
+
+    Where several pixels share the peak, the share of them inside the box: a
+    flat heatmap then scores the box's share of the image, what a peak placed
+    at random would score on average."""
+    peaks = heatmap >= heatmap.max()
+    return float((peaks & mask).sum() / peaks.sum())
+
+
+def heatmap_iou(heatmap: np.ndarray, mask: np.ndarray, threshold: float = 0.5) -> float:
+    """IoU of the heatmap thresholded at `threshold` of its peak with the box mask."""
+    peak = heatmap.max()
+    hot = heatmap >= threshold * peak if peak > 0 else np.ones_like(mask)
+    union = (hot | mask).sum()
+    return float((hot & mask).sum() / union) if union else float("nan")
+
+
+def baseline_heatmap(name: str, size: int) -> np.ndarray:
+    """A heatmap that knows nothing of the image: uniform, or one point at the centre."""
+    if name == "uniform":
+        return np.ones((size, size))
+    heatmap = np.zeros((size, size))
+    middle = slice((size - 1) // 2, size // 2 + 1)  # the one or four centre pixels
+    heatmap[middle, middle] = 1.0
+    return heatmap
+
+
+def box_scores(heatmap: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    return {"pointing_game": pointing_score(heatmap, mask), "energy_in_box": energy_inside(heatmap, mask),
+            "box_iou": heatmap_iou(heatmap, mask)}
+
+
+def score_against_boxes(heatmaps: np.ndarray, flat: np.ndarray, masks: np.ndarray,
+                        labels: list[str]) -> pd.DataFrame:
+    """One row per image: its label, its heatmap's scores, the baselines' scores and the box's share.
+
+    A flat heatmap (no gradient signal) points nowhere: it scores 0 throughout."""
+    rows = []
+    for heatmap, is_flat, mask, label in zip(heatmaps, flat, masks, labels):
+        scores = dict.fromkeys(BOX_METRICS, 0.0) if is_flat else box_scores(heatmap, mask)
+        row = {"label": label, "box_share": float(mask.mean()), **scores}
+        for name in BASELINES:
+            scores = box_scores(baseline_heatmap(name, mask.shape[0]), mask)
+            row.update({f"{name}.{metric}": value for metric, value in scores.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def bootstrap_interval(values: np.ndarray, confidence: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean over the defined (non-NaN) values."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def summarise_box_scores(scores: pd.DataFrame, prefix: str = "", seed: int = 0) -> dict[str, float]:
+    """Flat metrics: each score overall and per class with its 95% bootstrap interval, the baselines' means."""
+    summary: dict[str, float] = {f"{prefix}images": len(scores)}
+    groups = [("", scores)] + [(f".{label}", group) for label, group in scores.groupby("label", sort=True)]
+    for suffix, group in groups:
+        summary[f"{prefix}box_share{suffix}"] = mean_defined(group["box_share"])
+        for metric in BOX_METRICS:
+            summary[f"{prefix}{metric}{suffix}"] = mean_defined(group[metric])
+            low, high = bootstrap_interval(group[metric].to_numpy(), seed=seed)
+            summary[f"{prefix}{metric}_ci_low{suffix}"] = low
+            summary[f"{prefix}{metric}_ci_high{suffix}"] = high
+            for name in BASELINES:
+                summary[f"{prefix}baseline_{name}.{metric}{suffix}"] = mean_defined(group[f"{name}.{metric}"])
+    return summary
+
+
+def _masked(images: np.ndarray, order: np.ndarray, count: int, insertion: bool) -> np.ndarray:
+    """Deletion: the images with their first `count` pixels of `order` set to black.
+    Insertion: black images showing only those pixels."""
+    flat = images.reshape(len(images), -1, images.shape[-1])
+    keep = np.zeros(flat.shape[:2], dtype=bool)
+    np.put_along_axis(keep, order[:, :count], True, axis=1)
+    shown = keep if insertion else ~keep
+    return (flat * shown[..., None]).reshape(images.shape).astype(images.dtype)
+
+
+def _curve_auc(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, order: np.ndarray,
+               class_indices: np.ndarray, steps: int, insertion: bool) -> np.ndarray:
+    """Per image: the area under the explained class's probability as pixels are removed or revealed."""
+    pixels = order.shape[1]
+    curve = []
+    for step in range(steps + 1):
+        probabilities = predict(_masked(images, order, round(step / steps * pixels), insertion))
+        curve.append(probabilities[np.arange(len(images)), class_indices])
+    return np.trapezoid(np.stack(curve, axis=1), dx=1 / steps, axis=1)
+
+
+def deletion_insertion(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, heatmaps: np.ndarray,
+                       class_indices: np.ndarray, steps: int = 16, seed: int = 0) -> dict[str, float]:
+    """Deletion and insertion AUCs of the heatmaps' pixel order and of a random order (means over images).
+
+    `predict` maps uint8 images to (N, classes) probabilities; `heatmaps` are at
+    the images' resolution. Faithful heatmaps give a deletion AUC below the
+    random one and an insertion AUC above it."""
+    rng = np.random.default_rng(seed)
+    pixels = heatmaps[0].size
+    # Ties (flat regions) are broken at random rather than by raster order.
+    jitter = rng.random((len(images), pixels))
+    by_heatmap = np.lexsort((jitter, -heatmaps.reshape(len(images), -1)), axis=1)
+    at_random = np.argsort(rng.random((len(images), pixels)), axis=1)
+    result = {}
+    for kind, insertion in (("deletion", False), ("insertion", True)):
+        for suffix, order in (("", by_heatmap), ("_random", at_random)):
+            auc = _curve_auc(predict, images, order, class_indices, steps, insertion)
+            result[f"{kind}_auc{suffix}"] = float(auc.mean())
+    return result
+
+
+def mean_defined(values) -> float:
+    """Mean of the non-NaN values; NaN if there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+@dataclass(frozen=True)
+class AnnotatedSet:
+    images: np.ndarray      # (N, size, size, channels) uint8, as the model sees them
+    labels: np.ndarray      # class indices into the model's classes
+    rows: pd.DataFrame      # path, label, boxes, width, height of each image
+    rejects: pd.DataFrame   # files that could not be used, with the reason
+    unboxed: int            # readable images without a box (not scored)
+
+
+def load_annotated_set(ingest: IngestParams, folder: str, classes: list[str], size: int,
+                       channels: int) -> AnnotatedSet:
+    """The box-annotated images of `folder`, read and checked like ingest reads its source.
+
+    Folder per class with a YOLO file beside each image (the folder names the
+    class), or YOLO's images/ + labels/ with class ids named by `ingest.classes`."""
+    yolo = (Path(folder) / "images").is_dir() and (Path(folder) / "labels").is_dir()
+    found = scan(ingest.model_copy(update={"source": folder, "classes": ingest.classes if yolo else None,
+                                           "min_per_class": 1}), min_classes=1)
+    unknown = sorted(set(found.images["label"]) - set(classes))
+    if unknown:
+        raise DataError(f"gradcam.annotated: classes {unknown} in '{folder}' are not among the model's "
+                        f"classes {classes}")
+    boxed = found.images[found.images["boxes"] != ""].reset_index(drop=True)
+    if boxed.empty:
+        raise DataError(f"gradcam.annotated: no image in '{folder}' has a YOLO box")
+    images = np.stack([load_array(path, size, channels) for path in boxed["path"]])
+    labels = np.array([classes.index(label) for label in boxed["label"]], dtype=np.int32)
+    return AnnotatedSet(images, labels, boxed[["path", "label", "boxes", "width", "height"]], found.rejects,
+                        len(found.images) - len(boxed))
