@@ -30,8 +30,11 @@ def probe_model(size: int, channels: int, classes: int, conv_norm: str, head_bat
     for filters in (16, 32, 64, 128):
         for _ in range(2):
             x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-            x = (layers.BatchNormalization(momentum=0.9)(x) if conv_norm == "batch"
-                 else layers.GroupNormalization(groups=min(8, filters // 4))(x))
+            x = (
+                layers.BatchNormalization(momentum=0.9)(x)
+                if conv_norm == "batch"
+                else layers.GroupNormalization(groups=min(8, filters // 4))(x)
+            )
             x = layers.Activation("relu")(x)
         x = layers.MaxPooling2D()(x)
     x = layers.GlobalAveragePooling2D()(x)
@@ -51,7 +54,7 @@ def main() -> None:
     index = ShardIndex.load(args.shards)
     images, labels, _ = index.arrays("train")
     val_images, val_labels, _ = index.arrays("val")
-    chosen = np.random.default_rng(0).permutation(len(images))[:args.images]
+    chosen = np.random.default_rng(0).permutation(len(images))[: args.images]
     images, labels = images[chosen], labels[chosen]
     targets = keras.utils.to_categorical(labels, len(index.classes))
     sample = slice(0, 400)
@@ -61,12 +64,22 @@ def main() -> None:
         model.fit(images, targets, batch_size=32, epochs=args.epochs, verbose=0)
         training_mode = model(images[sample], training=True).numpy().argmax(1)
         inference_mode = model.predict(images[sample], verbose=0).argmax(1)
-        print(json.dumps({
-            "conv_norm": conv_norm, "head_batch_norm": head, "images": len(images), "epochs": args.epochs,
-            "train_images_training_mode_accuracy": round(float((training_mode == labels[sample]).mean()), 3),
-            "train_images_inference_mode_accuracy": round(float((inference_mode == labels[sample]).mean()), 3),
-            "val_accuracy": round(float((model.predict(val_images, verbose=0).argmax(1) == val_labels).mean()), 3),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "conv_norm": conv_norm,
+                    "head_batch_norm": head,
+                    "images": len(images),
+                    "epochs": args.epochs,
+                    "train_images_training_mode_accuracy": round(float((training_mode == labels[sample]).mean()), 3),
+                    "train_images_inference_mode_accuracy": round(float((inference_mode == labels[sample]).mean()), 3),
+                    "val_accuracy": round(
+                        float((model.predict(val_images, verbose=0).argmax(1) == val_labels).mean()), 3
+                    ),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,11 @@ def main() -> None:
         for assignment in args.set:
             set_param(params, assignment)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               "PYTHONPATH": str(repo / "src")}
+        env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(repo / "src"),
+        }
         env.pop("MLFLOW_TRACKING_URI", None)
         start = time.perf_counter()
         result = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
@@ -69,18 +72,28 @@ def main() -> None:
         with open(repo / "metrics" / "train_history.csv") as handle:
             epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(handle)]
         counts = json.loads((repo / "data" / "prepared" / "index.json").read_text())["counts"]
-        print(json.dumps({
-            "commit": commit, "source": args.source, "overrides": args.set,
-            "repro_wall_s": round(wall), "test_images": sum(counts["test"].values()),
-            "train_images_per_epoch": sum(counts["train"].values()),
-            "accuracy": evaluate["accuracy"], "macro_f1": evaluate["macro_f1"],
-            "balanced_accuracy": evaluate["balanced_accuracy"],
-            "per_class_f1": {key[3:]: value for key, value in evaluate.items() if key.startswith("f1.")},
-            **{key: value for key, value in evaluate.items() if key in ("tta.accuracy", "tta.macro_f1")},
-            "epochs_run": train["epochs_run"], "best_epoch": train["best_epoch"],
-            "median_epoch_s": round(sorted(epoch_seconds)[len(epoch_seconds) // 2], 1),
-            "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        }))
+        print(
+            json.dumps(
+                {
+                    "commit": commit,
+                    "source": args.source,
+                    "overrides": args.set,
+                    "repro_wall_s": round(wall),
+                    "test_images": sum(counts["test"].values()),
+                    "train_images_per_epoch": sum(counts["train"].values()),
+                    "accuracy": evaluate["accuracy"],
+                    "macro_f1": evaluate["macro_f1"],
+                    "balanced_accuracy": evaluate["balanced_accuracy"],
+                    "per_class_f1": {key[3:]: value for key, value in evaluate.items() if key.startswith("f1.")},
+                    **{key: value for key, value in evaluate.items() if key in ("tta.accuracy", "tta.macro_f1")},
+                    "epochs_run": train["epochs_run"],
+                    "best_epoch": train["best_epoch"],
+                    "median_epoch_s": round(sorted(epoch_seconds)[len(epoch_seconds) // 2], 1),
+                    "cpus": os.cpu_count(),
+                    "machine": platform.processor() or platform.machine(),
+                }
+            )
+        )
     finally:
         if args.keep:
             print(f"workspace kept: {work}", file=sys.stderr)

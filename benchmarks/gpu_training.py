@@ -103,7 +103,7 @@ def main() -> None:
     phase(f"keras {keras.__version__} on {keras.backend.backend()}, {device}", started)
     data = np.load(io.BytesIO(lzma.decompress(Path(args.arrays).read_bytes())))
     classes = [str(c) for c in data["classes"]]
-    x, y = data["train_x"][:args.limit], data["train_y"][:args.limit]
+    x, y = data["train_x"][: args.limit], data["train_y"][: args.limit]
     phase(f"data loaded: train {x.shape}, val {data['val_x'].shape}, test {data['test_x'].shape}", started)
     defaults = load_params().train
     onehot = np.eye(len(classes), dtype="float32")
@@ -111,8 +111,16 @@ def main() -> None:
     def timed_steps(model_name: str, size: int, channels: int, batch: int, mixed: bool, steps: int) -> float:
         keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
         keras.utils.set_random_seed(0)
-        model = build_model(model_name, len(classes), size, channels, defaults.width, defaults.dropout,
-                            augment=None if args.no_augment else defaults.augment, norm=defaults.norm)
+        model = build_model(
+            model_name,
+            len(classes),
+            size,
+            channels,
+            defaults.width,
+            defaults.dropout,
+            augment=None if args.no_augment else defaults.augment,
+            norm=defaults.norm,
+        )
         compile_model(model, defaults, len(classes), steps_per_epoch=steps)
         rng = np.random.default_rng(0)
         if (size, size, channels) == x.shape[1:]:
@@ -120,7 +128,7 @@ def main() -> None:
         else:  # a backbone's input size: random pixels cost the same
             images = rng.integers(0, 256, (batch * steps, size, size, channels), dtype=np.uint8)
         targets = onehot[rng.integers(0, len(classes), batch * steps)]
-        model.fit(images[:batch * 3], targets[:batch * 3], batch_size=batch, epochs=1, verbose=0)  # warm-up
+        model.fit(images[: batch * 3], targets[: batch * 3], batch_size=batch, epochs=1, verbose=0)  # warm-up
         sync()
         begin = time.perf_counter()
         model.fit(images, targets, batch_size=batch, epochs=1, verbose=0, shuffle=False)
@@ -132,14 +140,28 @@ def main() -> None:
         phase(f"smoke: compact_cnn 5 steps of 32 at {rate:.0f} images/s", started)
 
     if "throughput" in args.phases:
-        for model_name, size, channels, batch, steps in (("compact_cnn", 128, 1, 32, 60),
-                                                         ("compact_cnn", 128, 1, 256, 20),
-                                                         ("resnet50", 224, 3, 64, 20)):
+        for model_name, size, channels, batch, steps in (
+            ("compact_cnn", 128, 1, 32, 60),
+            ("compact_cnn", 128, 1, 256, 20),
+            ("resnet50", 224, 3, 64, 20),
+        ):
             for mixed in (False, True):
                 rate = timed_steps(model_name, size, channels, batch, mixed, steps)
-                emit(out, {"phase": "throughput", "device": device, "backend": keras.backend.backend(),
-                           "model": model_name, "image_size": size, "channels": channels, "batch": batch,
-                           "mixed_precision": mixed, "augment": not args.no_augment, "train_images_per_s": round(rate, 1)})
+                emit(
+                    out,
+                    {
+                        "phase": "throughput",
+                        "device": device,
+                        "backend": keras.backend.backend(),
+                        "model": model_name,
+                        "image_size": size,
+                        "channels": channels,
+                        "batch": batch,
+                        "mixed_precision": mixed,
+                        "augment": not args.no_augment,
+                        "train_images_per_s": round(rate, 1),
+                    },
+                )
         phase("throughput done", started)
 
     if "recipes" in args.phases:
@@ -152,19 +174,40 @@ def main() -> None:
                 continue
             p = defaults.model_copy(update=RECIPES[name] | ({"epochs": args.epochs} if args.epochs else {}))
             keras.utils.set_random_seed(p.seed)
-            model = build_model("compact_cnn", len(classes), p.image_size, p.channels, p.width, p.dropout,
-                                augment=None if args.no_augment else p.augment, seed=p.seed, norm=p.norm)
+            model = build_model(
+                "compact_cnn",
+                len(classes),
+                p.image_size,
+                p.channels,
+                p.width,
+                p.dropout,
+                augment=None if args.no_augment else p.augment,
+                seed=p.seed,
+                norm=p.norm,
+            )
             steps = int(np.ceil(len(x) / p.batch_size))
             compile_model(model, p, len(classes), steps_per_epoch=steps)
             begin = time.perf_counter()
-            history = model.fit(x, onehot[y], batch_size=p.batch_size, epochs=p.epochs, verbose=0,
-                                validation_data=(data["val_x"], onehot[data["val_y"]]))
+            history = model.fit(
+                x,
+                onehot[y],
+                batch_size=p.batch_size,
+                epochs=p.epochs,
+                verbose=0,
+                validation_data=(data["val_x"], onehot[data["val_y"]]),
+            )
             seconds = time.perf_counter() - begin
             reestimate_batch_norm(model, x, p.batch_size, seed=p.seed)  # as the train stage; none for group norm
-            record = {"phase": "recipes", "recipe": name, "changes": RECIPES[name], "device": device,
-                      "augment": not args.no_augment,
-                      "epochs": p.epochs, "fit_s": round(seconds, 1),
-                      "val_accuracy_by_epoch": [round(v, 3) for v in history.history["val_accuracy"]]}
+            record = {
+                "phase": "recipes",
+                "recipe": name,
+                "changes": RECIPES[name],
+                "device": device,
+                "augment": not args.no_augment,
+                "epochs": p.epochs,
+                "fit_s": round(seconds, 1),
+                "val_accuracy_by_epoch": [round(v, 3) for v in history.history["val_accuracy"]],
+            }
             for split in ("val", "test"):
                 predicted = model.predict(data[f"{split}_x"], batch_size=256, verbose=0).argmax(1)
                 truth = data[f"{split}_y"]

@@ -39,8 +39,9 @@ def main() -> None:
 
     model, meta = load_model(args.project / "models")
     classes = meta["classes"]
-    annotated = load_annotated_set(IngestParams(source=args.annotated), args.annotated, classes,
-                                   meta["image_size"], meta["channels"])
+    annotated = load_annotated_set(
+        IngestParams(source=args.annotated), args.annotated, classes, meta["image_size"], meta["channels"]
+    )
     size = annotated.images.shape[1]
     masks = [box_mask(row.boxes, int(row.width), int(row.height), size) for row in annotated.rows.itertuples()]
     truths = [classes[label] for label in annotated.labels]
@@ -53,13 +54,26 @@ def main() -> None:
             start = time.perf_counter()
             heatmaps, flat = heatmaps_at_image_size(model, annotated.images, annotated.labels, layer, method)
             summary = summarise_box_scores(score_against_boxes(heatmaps, flat, masks, truths))
-            print(json.dumps({
-                "date": date.today().isoformat(), "label": args.label, "method": method, "layer": layer,
-                "annotated": args.annotated, "annotated_accuracy": accuracy, "flat_heatmaps": int(flat.sum()),
-                "test_macro_f1": test_split.get("macro_f1"), "test_accuracy": test_split.get("accuracy"),
-                **summary, "seconds": round(time.perf_counter() - start, 1),
-                "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-            }), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "date": date.today().isoformat(),
+                        "label": args.label,
+                        "method": method,
+                        "layer": layer,
+                        "annotated": args.annotated,
+                        "annotated_accuracy": accuracy,
+                        "flat_heatmaps": int(flat.sum()),
+                        "test_macro_f1": test_split.get("macro_f1"),
+                        "test_accuracy": test_split.get("accuracy"),
+                        **summary,
+                        "seconds": round(time.perf_counter() - start, 1),
+                        "cpus": os.cpu_count(),
+                        "machine": platform.processor() or platform.machine(),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

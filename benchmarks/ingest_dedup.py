@@ -34,23 +34,32 @@ def main() -> None:
         start = time.perf_counter()
         scanned = scan(ingest)
         after_ingest = time.perf_counter()
-        result = find_duplicates(scanned.images, params.dedup.near, params.dedup.hash_distance,
-                                 params.dedup.min_correlation, params.dedup.workers)
+        result = find_duplicates(
+            scanned.images,
+            params.dedup.near,
+            params.dedup.hash_distance,
+            params.dedup.min_correlation,
+            params.dedup.workers,
+        )
         end = time.perf_counter()
         timing = {"ingest_s": after_ingest - start, "dedup_s": end - after_ingest, "total_s": end - start}
         if best is None or timing["total_s"] < best["total_s"]:
             best = timing
-    print(json.dumps({
-        "source": args.source,
-        "images": len(scanned.images),
-        "rejected": len(scanned.rejects),
-        **result.summary(),
-        "largest_group": int(result.groups["group"].value_counts().max()) if len(result.groups) else 1,
-        **{key: round(value, 2) for key, value in best.items()},
-        "repeats": args.repeat,
-        "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "source": args.source,
+                "images": len(scanned.images),
+                "rejected": len(scanned.rejects),
+                **result.summary(),
+                "largest_group": int(result.groups["group"].value_counts().max()) if len(result.groups) else 1,
+                **{key: round(value, 2) for key, value in best.items()},
+                "repeats": args.repeat,
+                "cpus": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

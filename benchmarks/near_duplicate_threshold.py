@@ -49,16 +49,25 @@ def main() -> None:
     distance = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
     merged = (distance <= dedup.hash_distance) & (correlation >= dedup.min_correlation)
     confirmed = near_duplicate_pairs(manifest, dedup.hash_distance, dedup.min_correlation, dedup.workers)
-    print(json.dumps({
-        "adjacent_slice_pairs": len(pairs),
-        "adjacent_correlation_percentiles": dict(zip(["50", "90", "99", "99.9", "max"],
-                                                     np.percentile(correlation, [50, 90, 99, 99.9, 100]).round(4).tolist())),
-        "adjacent_phash_distance_min": int(distance.min()),
-        "adjacent_pairs_merged_by_thresholds": int(merged.sum()),
-        "hash_distance": dedup.hash_distance,
-        "min_correlation": dedup.min_correlation,
-        "near_duplicate_pairs_confirmed_in_folder": len(confirmed),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "adjacent_slice_pairs": len(pairs),
+                "adjacent_correlation_percentiles": dict(
+                    zip(
+                        ["50", "90", "99", "99.9", "max"],
+                        np.percentile(correlation, [50, 90, 99, 99.9, 100]).round(4).tolist(),
+                    )
+                ),
+                "adjacent_phash_distance_min": int(distance.min()),
+                "adjacent_pairs_merged_by_thresholds": int(merged.sum()),
+                "hash_distance": dedup.hash_distance,
+                "min_correlation": dedup.min_correlation,
+                "near_duplicate_pairs_confirmed_in_folder": len(confirmed),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

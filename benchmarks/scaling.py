@@ -95,23 +95,40 @@ def measure(folder: Path, pairs: list[tuple], repeat: int) -> dict:
         start = time.perf_counter()
         scanned = scan(ingest)
         scanned_at = time.perf_counter()
-        result = find_duplicates(scanned.images, params.dedup.near, params.dedup.hash_distance,
-                                 params.dedup.min_correlation, params.dedup.workers)
+        result = find_duplicates(
+            scanned.images,
+            params.dedup.near,
+            params.dedup.hash_distance,
+            params.dedup.min_correlation,
+            params.dedup.workers,
+        )
         end = time.perf_counter()
         hashes = hash_values(scanned.images["phash"])
         search_start = time.perf_counter()
         candidates = candidate_pairs(hashes, params.dedup.hash_distance)
         search = time.perf_counter() - search_start
-        timing = {"ingest_s": scanned_at - start, "dedup_s": end - scanned_at, "total_s": end - start,
-                  "search_only_s": search}
+        timing = {
+            "ingest_s": scanned_at - start,
+            "dedup_s": end - scanned_at,
+            "total_s": end - start,
+            "search_only_s": search,
+        }
         best = timing if best is None or timing["total_s"] < best["total_s"] else best
     group_of = dict(zip(result.groups["path"], result.groups["group"]))
-    found = {kind: sum(1 for a, b, k in pairs if k == kind and a in group_of and group_of.get(a) == group_of.get(b))
-             for kind in ("exact", "near")}
-    return {"images": len(scanned.images), **result.summary(), "candidate_pairs": len(candidates),
-            "planted_exact": sum(k == "exact" for *_, k in pairs), "found_exact": found["exact"],
-            "planted_near": sum(k == "near" for *_, k in pairs), "found_near": found["near"],
-            **{key: round(value, 2) for key, value in best.items()}}
+    found = {
+        kind: sum(1 for a, b, k in pairs if k == kind and a in group_of and group_of.get(a) == group_of.get(b))
+        for kind in ("exact", "near")
+    }
+    return {
+        "images": len(scanned.images),
+        **result.summary(),
+        "candidate_pairs": len(candidates),
+        "planted_exact": sum(k == "exact" for *_, k in pairs),
+        "found_exact": found["exact"],
+        "planted_near": sum(k == "near" for *_, k in pairs),
+        "found_near": found["near"],
+        **{key: round(value, 2) for key, value in best.items()},
+    }
 
 
 def main() -> None:
@@ -136,8 +153,17 @@ def main() -> None:
             start = time.perf_counter()
             pairs = make_set(sources, size, folder, args.planted, workers)
             generated = time.perf_counter() - start
-            print(json.dumps({"set": f"derived-{size}", "generate_s": round(generated, 1),
-                              **measure(folder, pairs, args.repeat), **machine}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "set": f"derived-{size}",
+                        "generate_s": round(generated, 1),
+                        **measure(folder, pairs, args.repeat),
+                        **machine,
+                    }
+                ),
+                flush=True,
+            )
             if not args.keep:
                 shutil.rmtree(folder)
     finally:

@@ -36,8 +36,11 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "brainmri.cli", "serve", "--port", str(port),
-                               "--model", args.model], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "brainmri.cli", "serve", "--port", str(port), "--model", args.model],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while True:
             try:
@@ -60,18 +63,29 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "brainmri.cli", "predict", args.images, "--model", args.model,
-                    "-o", os.devnull], check=True, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "brainmri.cli", "predict", args.images, "--model", args.model, "-o", os.devnull],
+        check=True,
+        stderr=subprocess.DEVNULL,
+    )
     predict_seconds = time.perf_counter() - start
     milliseconds = np.array(latencies) * 1000
-    print(json.dumps({
-        "model": args.model, "images": args.images, "requests": len(latencies),
-        "api_latency_p50_ms": round(float(np.percentile(milliseconds, 50)), 1),
-        "api_latency_p95_ms": round(float(np.percentile(milliseconds, 95)), 1),
-        "predict_files": len(files), "predict_wall_s": round(predict_seconds, 1),
-        "predict_images_per_s": round(len(files) / predict_seconds, 1),
-        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-    }))
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "images": args.images,
+                "requests": len(latencies),
+                "api_latency_p50_ms": round(float(np.percentile(milliseconds, 50)), 1),
+                "api_latency_p95_ms": round(float(np.percentile(milliseconds, 95)), 1),
+                "predict_files": len(files),
+                "predict_wall_s": round(predict_seconds, 1),
+                "predict_images_per_s": round(len(files) / predict_seconds, 1),
+                "cpus": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

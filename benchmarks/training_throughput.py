@@ -98,11 +98,16 @@ def main() -> None:
 
         tfdata = labelled_batches(index, "train", p.batch_size, shuffle_seed=p.seed).repeat()
         generator = tf.keras.preprocessing.image.ImageDataGenerator(
-            rotation_range=10, width_shift_range=0.05, height_shift_range=0.05, zoom_range=0.1,
-            horizontal_flip=True)
+            rotation_range=10, width_shift_range=0.05, height_shift_range=0.05, zoom_range=0.1, horizontal_flip=True
+        )
         flow = generator.flow_from_directory(
-            work / "folders", target_size=(p.image_size, p.image_size), batch_size=p.batch_size,
-            color_mode="grayscale" if p.channels == 1 else "rgb", class_mode="categorical", seed=p.seed)
+            work / "folders",
+            target_size=(p.image_size, p.image_size),
+            batch_size=p.batch_size,
+            color_mode="grayscale" if p.channels == 1 else "rgb",
+            class_mode="categorical",
+            seed=p.seed,
+        )
         # The model takes uint8 pixels; the generator yields floats in 0-255.
         flow_uint8 = ((images.astype("uint8"), targets) for images, targets in flow)
 
@@ -117,24 +122,46 @@ def main() -> None:
         for name, data, policy in runs:
             keras.mixed_precision.set_global_policy(policy)
             keras.utils.set_random_seed(p.seed)
-            model = build_model(p.model, len(classes), p.image_size, p.channels, p.width, p.dropout,
-                                augment=p.augment, seed=p.seed, norm=p.norm)
+            model = build_model(
+                p.model,
+                len(classes),
+                p.image_size,
+                p.channels,
+                p.width,
+                p.dropout,
+                augment=p.augment,
+                seed=p.seed,
+                norm=p.norm,
+            )
             compile_model(model, p, len(classes), steps_per_epoch=args.steps)
             results[name] = fit_rate(model, data, args.steps, p.batch_size)
     finally:
         shutil.rmtree(work)
-    print(json.dumps({
-        "source": args.source, "images": len(records), "batch_size": p.batch_size, "model": p.model,
-        "image_size": p.image_size, "channels": p.channels, "precision": precision,
-        **{f"{key}_images_per_s": round(value, 1) for key, value in results.items()},
-        "input_over_train_step": round(results["input_tfdata"] / results["train_tfdata"], 1),
-        "input_tfdata_over_image_data_generator": round(
-            results["input_tfdata"] / results["input_image_data_generator"], 1),
-        "train_tfdata_over_image_data_generator": round(
-            results["train_tfdata"] / results["train_image_data_generator"], 2),
-        "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "tensorflow": tf.__version__, "keras": keras.__version__,
-    }))
+    print(
+        json.dumps(
+            {
+                "source": args.source,
+                "images": len(records),
+                "batch_size": p.batch_size,
+                "model": p.model,
+                "image_size": p.image_size,
+                "channels": p.channels,
+                "precision": precision,
+                **{f"{key}_images_per_s": round(value, 1) for key, value in results.items()},
+                "input_over_train_step": round(results["input_tfdata"] / results["train_tfdata"], 1),
+                "input_tfdata_over_image_data_generator": round(
+                    results["input_tfdata"] / results["input_image_data_generator"], 1
+                ),
+                "train_tfdata_over_image_data_generator": round(
+                    results["train_tfdata"] / results["train_image_data_generator"], 2
+                ),
+                "cpus": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(),
+                "tensorflow": tf.__version__,
+                "keras": keras.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ training-ready TFRecord shards for train, val and test."""
 import shutil
 from pathlib import Path
 
-
 from brainmri.balance import balanced_training_records, plain_records
 from brainmri.data import SPLITS
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
@@ -28,8 +27,9 @@ with stage_run("balance", params.tracking, logged) as run:
     for name in SPLITS:
         rows = split[split["split"] == name]
         if name == "train":
-            records = balanced_training_records(rows, classes, size, channels, params.balance.target,
-                                                params.balance.seed, params.balance.augment)
+            records = balanced_training_records(
+                rows, classes, size, channels, params.balance.target, params.balance.seed, params.balance.augment
+            )
             augmented = sum(record.augmented for record in records)
         else:
             records = plain_records(rows, classes, size, channels)
@@ -37,8 +37,10 @@ with stage_run("balance", params.tracking, logged) as run:
         counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
     ShardIndex(OUT, classes, size, channels, files, counts).save()
 
-    summary = {**{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
-               "train.augmented": augmented}
+    summary = {
+        **{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
+        "train.augmented": augmented,
+    }
     write_json(summary, "metrics/balance.json")
     run.log_metrics(summary)
     run.log_artifact(str(OUT / "index.json"), "balance")

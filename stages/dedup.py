@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-
 from brainmri.dedup import find_duplicates
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
@@ -24,6 +23,8 @@ with stage_run("dedup", params.tracking, flatten(p, "dedup")) as run:
     run.log_metrics(summary)
     for path in (KEPT, GROUPS):
         run.log_artifact(str(path), "dedup")
-    print(f"dedup: kept {summary['kept_images']} of {summary['input_images']} "
-          f"({summary['exact_duplicates_removed']} exact and {summary['near_duplicates_removed']} near copies, "
-          f"{summary['conflicting_images_removed']} in {summary['conflicting_groups']} groups with conflicting labels)")
+    print(
+        f"dedup: kept {summary['kept_images']} of {summary['input_images']} "
+        f"({summary['exact_duplicates_removed']} exact and {summary['near_duplicates_removed']} near copies, "
+        f"{summary['conflicting_images_removed']} in {summary['conflicting_groups']} groups with conflicting labels)"
+    )

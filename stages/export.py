@@ -9,11 +9,17 @@ params = load_params()
 p = params.export
 with stage_run("export", params.tracking, flatten(p, "export")) as run:
     report = export_all("models", "exports", "data/prepared", p.formats, p.calibration_images)
-    summary = {f"{variant}.{key}": value for variant, values in report.items()
-               for key, value in values.items() if key != "file"}
+    summary = {
+        f"{variant}.{key}": value
+        for variant, values in report.items()
+        for key, value in values.items()
+        if key != "file"
+    }
     write_json(summary, "metrics/export.json")
     run.log_metrics(summary)
     run.log_artifacts("exports", "exports")
     for values in report.values():
-        print(f"export: exports/{values['file']} ({values['bytes']:,} bytes), "
-              f"max |TFLite - Keras| {values['max_abs_difference']:.2g}")
+        print(
+            f"export: exports/{values['file']} ({values['bytes']:,} bytes), "
+            f"max |TFLite - Keras| {values['max_abs_difference']:.2g}"
+        )

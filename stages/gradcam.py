@@ -9,10 +9,24 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmri.gradcam import (class_balanced_sample, class_grid, heatmaps_at_image_size, last_feature_map_layer,
-                              overlay_panel)
-from brainmri.localisation import (box_mask, box_rectangles, brain_mask, deletion_insertion, energy_inside,
-                                   load_annotated_set, mean_defined, score_against_boxes, summarise_box_scores)
+from brainmri.gradcam import (
+    class_balanced_sample,
+    class_grid,
+    heatmaps_at_image_size,
+    last_feature_map_layer,
+    overlay_panel,
+)
+from brainmri.localisation import (
+    box_mask,
+    box_rectangles,
+    brain_mask,
+    deletion_insertion,
+    energy_inside,
+    load_annotated_set,
+    mean_defined,
+    score_against_boxes,
+    summarise_box_scores,
+)
 from brainmri.manifest import read_manifest
 from brainmri.metrics import write_json
 from brainmri.models import class_probabilities, load_model
@@ -24,8 +38,11 @@ OUT = Path("reports/gradcam")
 
 
 def caption(path: str, truth: str, guess: str, confidence: float, flat: bool) -> str:
-    return (f"{Path(path).name}\ntrue {truth}, predicted {guess} ({confidence:.2f})"
-            + ("  MISCLASSIFIED" if truth != guess else "") + ("  [flat heatmap]" if flat else ""))
+    return (
+        f"{Path(path).name}\ntrue {truth}, predicted {guess} ({confidence:.2f})"
+        + ("  MISCLASSIFIED" if truth != guess else "")
+        + ("  [flat heatmap]" if flat else "")
+    )
 
 
 def draw(rows: list[dict], classes: list[str], title: str, prefix: str, alpha: float) -> None:
@@ -45,8 +62,11 @@ def explain_test_sample(model, classes, p, layer, index, boxes):
     probabilities = class_probabilities(model, images)
     predicted = probabilities.argmax(axis=1)
     heatmaps, flat = heatmaps_at_image_size(model, images, predicted, layer, p.method)
-    summary = {"images": int(min(p.num_images, len(picked))), "flat_heatmaps": int(flat.sum()),
-               "energy_in_brain": mean_defined([energy_inside(h, brain_mask(i)) for h, i in zip(heatmaps, images)])}
+    summary = {
+        "images": int(min(p.num_images, len(picked))),
+        "flat_heatmaps": int(flat.sum()),
+        "energy_in_brain": mean_defined([energy_inside(h, brain_mask(i)) for h, i in zip(heatmaps, images)]),
+    }
 
     rows, masks, boxed = [], [], []
     for rank in range(len(picked)):
@@ -58,20 +78,46 @@ def explain_test_sample(model, classes, p, layer, index, boxes):
         if rank < p.num_images:
             truth, guess = classes[labels[rank]], classes[predicted[rank]]
             text = caption(paths[rank], truth, guess, probabilities[rank].max(), bool(flat[rank]))
-            overlay_panel(images[rank], heatmaps[rank], text, OUT / "images" / f"{rank:03d}_{truth}_as_{guess}.png",
-                          p.alpha, bool(flat[rank]), truth != guess, rectangles)
-            rows.append({"image": images[rank], "heatmap": heatmaps[rank], "flat": bool(flat[rank]),
-                         "wrong": truth != guess, "caption": text, "truth": truth, "boxes": rectangles})
+            overlay_panel(
+                images[rank],
+                heatmaps[rank],
+                text,
+                OUT / "images" / f"{rank:03d}_{truth}_as_{guess}.png",
+                p.alpha,
+                bool(flat[rank]),
+                truth != guess,
+                rectangles,
+            )
+            rows.append(
+                {
+                    "image": images[rank],
+                    "heatmap": heatmaps[rank],
+                    "flat": bool(flat[rank]),
+                    "wrong": truth != guess,
+                    "caption": text,
+                    "truth": truth,
+                    "boxes": rectangles,
+                }
+            )
     draw(rows, classes, f"{p.method} on '{layer}'", "grid_", p.alpha)
     if boxed:
-        scores = score_against_boxes(heatmaps[boxed], flat[boxed], np.stack(masks),
-                                     [classes[labels[i]] for i in boxed])
+        scores = score_against_boxes(heatmaps[boxed], flat[boxed], np.stack(masks), [classes[labels[i]] for i in boxed])
         summary.update(summarise_box_scores(scores, "boxes.", p.seed))
     if p.faithfulness_images:
         chosen = slice(0, p.faithfulness_images)
-        summary.update({f"faithfulness.{key}": value for key, value in deletion_insertion(
-            lambda batch: class_probabilities(model, batch), images[chosen], heatmaps[chosen], predicted[chosen],
-            p.faithfulness_steps, p.seed).items()})
+        summary.update(
+            {
+                f"faithfulness.{key}": value
+                for key, value in deletion_insertion(
+                    lambda batch: class_probabilities(model, batch),
+                    images[chosen],
+                    heatmaps[chosen],
+                    predicted[chosen],
+                    p.faithfulness_steps,
+                    p.seed,
+                ).items()
+            }
+        )
         summary["faithfulness.images"] = len(images[chosen])
     return summary
 
@@ -82,26 +128,42 @@ def explain_annotated(model, classes, meta, params, layer) -> dict:
     annotated = load_annotated_set(params.ingest, p.annotated, classes, meta["image_size"], meta["channels"])
     heatmaps, flat = heatmaps_at_image_size(model, annotated.images, annotated.labels, layer, p.method)
     size = annotated.images.shape[1]
-    geometry = list(zip(annotated.rows["boxes"], annotated.rows["width"].astype(int),
-                        annotated.rows["height"].astype(int)))
+    geometry = list(
+        zip(annotated.rows["boxes"], annotated.rows["width"].astype(int), annotated.rows["height"].astype(int))
+    )
     masks = np.stack([box_mask(b, w, h, size) for b, w, h in geometry])
     truths = [classes[label] for label in annotated.labels]
     scores = score_against_boxes(heatmaps, flat, masks, truths)
     predicted = class_probabilities(model, annotated.images).argmax(axis=1)
     summary = summarise_box_scores(scores, "annotated.", p.seed)
-    summary.update({"annotated.accuracy": float((predicted == annotated.labels).mean()),
-                    "annotated.rejected": len(annotated.rejects), "annotated.unboxed": annotated.unboxed})
+    summary.update(
+        {
+            "annotated.accuracy": float((predicted == annotated.labels).mean()),
+            "annotated.rejected": len(annotated.rejects),
+            "annotated.unboxed": annotated.unboxed,
+        }
+    )
 
     rows = []
     for label in np.unique(annotated.labels):
         members = np.flatnonzero(annotated.labels == label)
         for rank in members[np.linspace(0, len(members) - 1, min(p.num_images, len(members))).astype(int)]:
             hit = scores["pointing_game"][rank] == 1
-            text = (f"{Path(annotated.rows['path'][rank]).name}: predicted {classes[predicted[rank]]}\n"
-                    f"heatmap peak {'inside' if hit else 'OUTSIDE'} the box" + ("  [flat]" if flat[rank] else ""))
-            rows.append({"image": annotated.images[rank], "heatmap": heatmaps[rank], "flat": bool(flat[rank]),
-                         "wrong": not hit, "truth": truths[rank], "caption": text,
-                         "boxes": box_rectangles(*geometry[rank], size)})
+            text = (
+                f"{Path(annotated.rows['path'][rank]).name}: predicted {classes[predicted[rank]]}\n"
+                f"heatmap peak {'inside' if hit else 'OUTSIDE'} the box" + ("  [flat]" if flat[rank] else "")
+            )
+            rows.append(
+                {
+                    "image": annotated.images[rank],
+                    "heatmap": heatmaps[rank],
+                    "flat": bool(flat[rank]),
+                    "wrong": not hit,
+                    "truth": truths[rank],
+                    "caption": text,
+                    "boxes": box_rectangles(*geometry[rank], size),
+                }
+            )
     draw(rows, classes, f"{p.method} on '{layer}', annotated boxes", "annotated_", p.alpha)
     return summary
 
@@ -123,15 +185,19 @@ def main() -> None:
         run.log_metrics(summary)
         run.log_param("gradcam.layer_used", layer)
         run.log_artifacts(str(OUT), "gradcam")
-        print(f"gradcam: {summary['images']} {p.method} heatmaps from layer '{layer}' in {OUT}/; "
-              f"{summary['energy_in_brain']:.0%} of their energy on the brain")
+        print(
+            f"gradcam: {summary['images']} {p.method} heatmaps from layer '{layer}' in {OUT}/; "
+            f"{summary['energy_in_brain']:.0%} of their energy on the brain"
+        )
         if summary["flat_heatmaps"]:
             print(f"gradcam: {summary['flat_heatmaps']} heatmaps are flat (zero gradient); marked in their PNGs")
         if p.annotated:
-            print(f"gradcam: pointing game {summary['annotated.pointing_game']:.2f} on "
-                  f"{summary['annotated.images']} annotated images (uniform heatmap "
-                  f"{summary['annotated.baseline_uniform.pointing_game']:.2f}, centre point "
-                  f"{summary['annotated.baseline_centre.pointing_game']:.2f})")
+            print(
+                f"gradcam: pointing game {summary['annotated.pointing_game']:.2f} on "
+                f"{summary['annotated.images']} annotated images (uniform heatmap "
+                f"{summary['annotated.baseline_uniform.pointing_game']:.2f}, centre point "
+                f"{summary['annotated.baseline_centre.pointing_game']:.2f})"
+            )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-
 from brainmri.ingest import scan
 from brainmri.manifest import write_manifest
 from brainmri.metrics import write_json
@@ -19,14 +18,19 @@ with stage_run("ingest", params.tracking, flatten(params.ingest, "ingest")) as r
     write_manifest(result.rejects, REJECTS)
     report = write_data_report(result.images, result.rejects, result.layout, REPORT)
 
-    summary = {"images": len(result.images), "rejected": len(result.rejects),
-               "outliers": int((result.images["outlier"] != "").sum()),
-               **{f"class_count.{label}": n for label, n in report["per_class"].items()}}
+    summary = {
+        "images": len(result.images),
+        "rejected": len(result.rejects),
+        "outliers": int((result.images["outlier"] != "").sum()),
+        **{f"class_count.{label}": n for label, n in report["per_class"].items()},
+    }
     write_json(summary, "metrics/ingest.json")
     run.log_metrics(summary)
     run.set_tag("brainmri.layout", result.layout)
     for path in (MANIFEST, REJECTS):
         run.log_artifact(str(path), "ingest")
     run.log_artifacts(str(REPORT), "data_report")
-    print(f"ingest ({result.layout}): {summary['images']} images in {len(report['per_class'])} classes, "
-          f"{summary['rejected']} rejected, {summary['outliers']} flagged as outliers")
+    print(
+        f"ingest ({result.layout}): {summary['images']} images in {len(report['per_class'])} classes, "
+        f"{summary['rejected']} rejected, {summary['outliers']} flagged as outliers"
+    )

@@ -2,7 +2,6 @@
 
 from pathlib import Path
 
-
 from brainmri.data import SPLITS, split_images
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
@@ -27,5 +26,8 @@ with stage_run("split", params.tracking, flatten(p, "split")) as run:
     run.log_metrics(summary)
     for path in (SPLIT, LEAKAGE):
         run.log_artifact(str(path), "split")
-    print("split: " + ", ".join(f"{name} {summary[f'{name}.total']}" for name in SPLITS)
-          + (f"; {len(result.leaked)} test images removed as copies of training images" if p.test_subset else ""))
+    print(
+        "split: "
+        + ", ".join(f"{name} {summary[f'{name}.total']}" for name in SPLITS)
+        + (f"; {len(result.leaked)} test images removed as copies of training images" if p.test_subset else "")
+    )

@@ -13,7 +13,12 @@ import keras
 
 from brainmri.metrics import write_json
 from brainmri.models import (
-    APPLICATIONS, PRECISE_BN_IMAGES, build_model, float32_copy, reestimate_batch_norm, save_model,
+    APPLICATIONS,
+    PRECISE_BN_IMAGES,
+    build_model,
+    float32_copy,
+    reestimate_batch_norm,
+    save_model,
     set_backbone_trainable,
 )
 from brainmri.multi_worker import average_batch_norm_statistics, check_workers_agree, weights_digest
@@ -21,7 +26,13 @@ from brainmri.params import flatten, load_params
 from brainmri.shards import ShardIndex
 from brainmri.tracking import stage_run
 from brainmri.training import (
-    callbacks, class_weights, compile_model, configure_hardware, fit_model, labelled_batches, steps_per_epoch,
+    callbacks,
+    class_weights,
+    compile_model,
+    configure_hardware,
+    fit_model,
+    labelled_batches,
+    steps_per_epoch,
 )
 
 MODELS = Path("models")
@@ -43,15 +54,28 @@ with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief
         check_workers_agree(hardware.strategy, "train params and data/prepared", hashlib.sha256(inputs).hexdigest())
 
     def build(weights: str | None) -> keras.Model:
-        return build_model(p.model, num_classes, p.image_size, p.channels, p.width, p.dropout,
-                           weights=weights, augment=p.augment, seed=p.seed, norm=p.norm, pooling=p.pooling)
+        return build_model(
+            p.model,
+            num_classes,
+            p.image_size,
+            p.channels,
+            p.width,
+            p.dropout,
+            weights=weights,
+            augment=p.augment,
+            seed=p.seed,
+            norm=p.norm,
+            pooling=p.pooling,
+        )
 
     global_batch = p.batch_size * hardware.replicas
     # Across machines every worker needs a share of every training batch: the last partial one is dropped.
     drop_remainder = hardware.multi_worker
     if drop_remainder and index.size("train") < global_batch:
-        raise SystemExit(f"the train split has {index.size('train')} images, fewer than one global batch "
-                         f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size")
+        raise SystemExit(
+            f"the train split has {index.size('train')} images, fewer than one global batch "
+            f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
+        )
     steps = steps_per_epoch(index, global_batch, drop_remainder)
     train_data = labelled_batches(index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder)
     val_data = labelled_batches(index, "val", global_batch)
@@ -65,18 +89,38 @@ with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief
     for key, value in hardware.describe().items():
         run.set_tag(f"brainmri.train.{key}", str(value))
     weight_per_class = class_weights(index, p.class_weight)
-    history = fit_model(model, hardware, train_data, val_data, p.epochs,
-                        callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief),
-                        weight_per_class)
+    history = fit_model(
+        model,
+        hardware,
+        train_data,
+        val_data,
+        p.epochs,
+        callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief),
+        weight_per_class,
+    )
     if p.fine_tune.epochs:
         done = len(history["val_loss"])
         with hardware.strategy.scope():
             set_backbone_trainable(model, True, top_layers=p.fine_tune.layers)
-            compile_model(model, p, num_classes, lr_value=p.fine_tune.lr, epochs=p.fine_tune.epochs,
-                          steps_per_epoch=steps, warmup_epochs=0)
-        tuned = fit_model(model, hardware, train_data, val_data, done + p.fine_tune.epochs,
-                          callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), append=True, chief=hardware.chief),
-                          weight_per_class, initial_epoch=done)
+            compile_model(
+                model,
+                p,
+                num_classes,
+                lr_value=p.fine_tune.lr,
+                epochs=p.fine_tune.epochs,
+                steps_per_epoch=steps,
+                warmup_epochs=0,
+            )
+        tuned = fit_model(
+            model,
+            hardware,
+            train_data,
+            val_data,
+            done + p.fine_tune.epochs,
+            callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), append=True, chief=hardware.chief),
+            weight_per_class,
+            initial_epoch=done,
+        )
         history = {key: history[key] + tuned.get(key, []) for key in history}
 
     if hardware.multi_worker:
@@ -98,8 +142,13 @@ with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief
         print(f"train: every worker holds the same weights (sha256 {digest})")
 
     if hardware.chief:
-        metadata = {"classes": index.classes, "image_size": p.image_size, "channels": p.channels, "model": p.model,
-                    "trained_precision": hardware.precision}
+        metadata = {
+            "classes": index.classes,
+            "image_size": p.image_size,
+            "channels": p.channels,
+            "model": p.model,
+            "trained_precision": hardware.precision,
+        }
         save_model(model, MODELS, metadata)
         best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
         summary = {
@@ -112,8 +161,11 @@ with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief
         write_json(summary, "metrics/train.json")
         run.log_metrics({f"final.{key}": value for key, value in summary.items()})
         run.log_artifact(str(MODELS / "model.json"), "model_meta")
-        run.log_keras_model(model, example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
-                            registered_name=params.tracking.registered_model)
+        run.log_keras_model(
+            model,
+            example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
+            registered_name=params.tracking.registered_model,
+        )
         print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
     else:
         print("train: done; the chief writes models/ and metrics/ and logs to MLflow")

@@ -55,9 +55,16 @@ def write_prepared_data(folder: Path, sizes: dict[str, list[int]], image_size: i
     files, counts = {}, {}
     for split, per_class in sizes.items():
         offset = 100 * list(sizes).index(split)  # other variants in every split
-        records = [Record(np.asarray(synthetic_image(label, offset + variant, image_size))[..., None], label,
-                          f"{CLASSES[label]}/{split}{variant}.png", False)
-                   for label, count in enumerate(per_class) for variant in range(count)]
+        records = [
+            Record(
+                np.asarray(synthetic_image(label, offset + variant, image_size))[..., None],
+                label,
+                f"{CLASSES[label]}/{split}{variant}.png",
+                False,
+            )
+            for label, count in enumerate(per_class)
+            for variant in range(count)
+        ]
         files[split] = write_split(records, folder, split, shard_size=32)
         counts[split] = dict(zip(CLASSES, per_class))
     index = ShardIndex(folder, CLASSES, image_size, 1, files, counts)
@@ -84,10 +91,12 @@ def update_params(path: Path, changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(args: list[str], cwd: Path, check: bool = True, timeout: int = 600,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**project_env(cwd), **(env or {})})
+def run(
+    args: list[str], cwd: Path, check: bool = True, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**project_env(cwd), **(env or {})}
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -149,8 +158,9 @@ def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, name
 
 
 @contextlib.contextmanager
-def running_server(command: list[str], port: int, name: str, timeout: float, stop_timeout: float,
-                   **popen) -> Iterator[str]:
+def running_server(
+    command: list[str], port: int, name: str, timeout: float, stop_timeout: float, **popen
+) -> Iterator[str]:
     """Start `command` (serving on 127.0.0.1:`port`), yield its URL once /health answers, stop it after."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     url = f"http://127.0.0.1:{port}"

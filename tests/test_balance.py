@@ -5,8 +5,7 @@ from brainmri.augment import augment
 from brainmri.balance import balanced_training_records, plain_records
 from brainmri.data import stratified_split
 from brainmri.ingest import scan
-from brainmri.params import IngestParams
-from brainmri.params import AugmentParams
+from brainmri.params import AugmentParams, IngestParams
 from brainmri.shards import ShardIndex, write_split
 
 from conftest import CLASSES, make_dataset

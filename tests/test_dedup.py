@@ -37,7 +37,9 @@ def test_exact_reencoded_and_rescaled_copies_are_one_group(dataset):
     folder = dataset / "glioma"
     shutil.copy(folder / "glioma_000.jpg", folder / "glioma_000_copy.jpg")
     Image.open(folder / "glioma_000.jpg").save(folder / "glioma_000_reencoded.jpg", quality=70)
-    Image.open(folder / "glioma_000.jpg").resize((40, 40), Image.Resampling.LANCZOS).save(folder / "glioma_000_rescaled.png")
+    Image.open(folder / "glioma_000.jpg").resize((40, 40), Image.Resampling.LANCZOS).save(
+        folder / "glioma_000_rescaled.png"
+    )
     manifest, result = dedup(dataset)
     found = actions(result)
     assert found == {
@@ -72,8 +74,11 @@ def test_one_copy_is_kept_in_each_subset_for_the_split_to_judge(tmp_path):
             (tmp_path / subset / label).mkdir(parents=True)
             for variant in range(3):
                 synthetic_image(class_index, variant + (0 if subset == "Training" else 10)).save(
-                    tmp_path / subset / label / f"{variant}.png")
-    Image.open(tmp_path / "Training" / "glioma" / "1.png").save(tmp_path / "Testing" / "glioma" / "leak.jpg", quality=85)
+                    tmp_path / subset / label / f"{variant}.png"
+                )
+    Image.open(tmp_path / "Training" / "glioma" / "1.png").save(
+        tmp_path / "Testing" / "glioma" / "leak.jpg", quality=85
+    )
     _, result = dedup(tmp_path)
     group = result.groups[result.groups["path"].str.contains("leak.jpg|Training/glioma/1.png")]
     assert group["group"].nunique() == 1 and set(group["action"]) == {"kept"}

@@ -3,17 +3,31 @@ import math
 import numpy as np
 import pytest
 
-from brainmri.evaluation import (brier_score, calibration, classification_metrics, confusion, pr_points,
-                                 risk_coverage, roc_points, selective_prediction)
+from brainmri.evaluation import (
+    brier_score,
+    calibration,
+    classification_metrics,
+    confusion,
+    pr_points,
+    risk_coverage,
+    roc_points,
+    selective_prediction,
+)
 from brainmri.metrics import write_json
 
 CLASSES = ["a", "b", "c"]
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])
 # predicted: a, a, a, b, b, b  -> class c is never predicted
-PROBABILITIES = np.array([
-    [0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.6, 0.3, 0.1],
-    [0.1, 0.8, 0.1], [0.2, 0.5, 0.3], [0.1, 0.6, 0.3],
-])
+PROBABILITIES = np.array(
+    [
+        [0.8, 0.1, 0.1],
+        [0.7, 0.2, 0.1],
+        [0.6, 0.3, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.2, 0.5, 0.3],
+        [0.1, 0.6, 0.3],
+    ]
+)
 
 
 def test_hand_computed_metrics_with_a_class_never_predicted():

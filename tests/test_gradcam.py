@@ -2,8 +2,13 @@ import keras
 import numpy as np
 import pytest
 
-from brainmri.gradcam import (class_balanced_sample, gradcam_heatmaps, heatmaps_at_image_size,
-                              last_feature_map_layer, overlay_panel)
+from brainmri.gradcam import (
+    class_balanced_sample,
+    gradcam_heatmaps,
+    heatmaps_at_image_size,
+    last_feature_map_layer,
+    overlay_panel,
+)
 from brainmri.models import build_model, class_probabilities
 from brainmri.params import TrainParams
 from brainmri.training import compile_model
@@ -23,9 +28,9 @@ def bar_images(count: int, seed: int = 0):
     for i, label in enumerate(labels):
         cy, cx = rng.integers(6, SIZE - 6, 2)
         if label:
-            images[i, cy - 5:cy + 5, cx - 1:cx + 1, 0] = 230
+            images[i, cy - 5 : cy + 5, cx - 1 : cx + 1, 0] = 230
         else:
-            images[i, cy - 1:cy + 1, cx - 5:cx + 5, 0] = 230
+            images[i, cy - 1 : cy + 1, cx - 5 : cx + 5, 0] = 230
         centres.append((cy, cx))
     return np.clip(images, 0, 255).astype(np.uint8), labels, centres
 
@@ -65,7 +70,7 @@ def blob_images(count: int, seed: int = 0):
         row, column = divmod(int(label), 2)
         cy = rng.integers(6, SIZE // 2 - 6) + row * SIZE // 2
         cx = rng.integers(6, SIZE // 2 - 6) + column * SIZE // 2
-        images[i, cy - 3:cy + 3, cx - 3:cx + 3, 0] = 230
+        images[i, cy - 3 : cy + 3, cx - 3 : cx + 3, 0] = 230
         centres.append((cy, cx))
     return np.clip(images, 0, 255).astype(np.uint8), labels, centres
 
@@ -96,8 +101,9 @@ def test_position_coded_blob_is_found_by_gradcam_plus_plus():
 
 
 def test_nested_keras_applications_backbone_is_explained():
-    backbone = keras.applications.MobileNetV3Small(input_shape=(64, 64, 3), include_top=False, weights=None,
-                                                   include_preprocessing=True)
+    backbone = keras.applications.MobileNetV3Small(
+        input_shape=(64, 64, 3), include_top=False, weights=None, include_preprocessing=True
+    )
     inputs = keras.Input((64, 64, 3), dtype="uint8")
     x = keras.layers.Rescaling(1.0)(inputs)
     x = backbone(x)
@@ -138,8 +144,7 @@ def test_feature_map_layer_is_the_last_convolutional_activation():
 
 def test_heatmaps_come_at_image_size_in_batches(bar_model):
     images, labels, _ = bar_images(5)
-    heatmaps, flat = heatmaps_at_image_size(bar_model, images, labels, last_feature_map_layer(bar_model),
-                                            batch_size=2)
+    heatmaps, flat = heatmaps_at_image_size(bar_model, images, labels, last_feature_map_layer(bar_model), batch_size=2)
     assert heatmaps.shape == (5, SIZE, SIZE) and flat.shape == (5,)
     assert heatmaps.min() >= 0 and heatmaps.max() <= 1
 

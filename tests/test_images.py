@@ -11,8 +11,11 @@ from brainmri.images import DecodeLimits, ImageTooLarge, load_array, normalise_m
 def test_every_mode_becomes_8_bit_grey_or_rgb():
     grey = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4, mode="L")
     modes = {
-        "RGBA": grey.convert("RGBA"), "P": grey.convert("P"), "CMYK": grey.convert("CMYK"),
-        "1": grey.convert("1"), "LA": grey.convert("LA"),
+        "RGBA": grey.convert("RGBA"),
+        "P": grey.convert("P"),
+        "CMYK": grey.convert("CMYK"),
+        "1": grey.convert("1"),
+        "LA": grey.convert("LA"),
     }
     for name, image in modes.items():
         assert normalise_mode(image).mode in ("L", "RGB"), name
@@ -50,12 +53,15 @@ def test_non_square_images_are_padded_not_stretched():
 def test_a_long_thin_image_is_resized_before_it_is_padded():
     # Padding first would build a 60000 x 60000 square (3.6 GB) before shrinking it.
     # The peak resident memory of a fresh process (VmHWM; ru_maxrss would carry pytest's over the exec).
-    code = ("import re; from PIL import Image; from brainmri.images import to_array; "
-            "a = to_array(Image.new('L', (60000, 1), 200), 128, 1); "
-            "peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
-            "print(a.shape, a[63, :, 0].min(), a[0, 0, 0], peak)")
+    code = (
+        "import re; from PIL import Image; from brainmri.images import to_array; "
+        "a = to_array(Image.new('L', (60000, 1), 200), 128, 1); "
+        "peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
+        "print(a.shape, a[63, :, 0].min(), a[0, 0, 0], peak)"
+    )
     shape, line_value, corner, peak_kb = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.rsplit(" ", 3)
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.rsplit(" ", 3)
     assert shape == "(128, 128, 1)" and int(line_value) > 0 and int(corner) == 0
     assert int(peak_kb) < 300_000
 

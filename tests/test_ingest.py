@@ -75,7 +75,7 @@ def test_unusual_modes_are_read_and_recorded(dataset):
     base.convert("CMYK").save(dataset / "meningioma" / "cmyk.jpg")
     base.convert("P").save(dataset / "meningioma" / "palette.png")
     base.convert("RGBA").save(dataset / "meningioma" / "alpha.png")
-    Image.fromarray((np.asarray(base, dtype=np.uint16) * 200)).save(dataset / "meningioma" / "sixteen.png")
+    Image.fromarray(np.asarray(base, dtype=np.uint16) * 200).save(dataset / "meningioma" / "sixteen.png")
     images = scan(params(dataset)).images
     images = images.set_index(images["path"].str.rsplit("/", n=1).str[-1])
     assert images.loc["cmyk.jpg", "mode"] == "CMYK"
@@ -96,8 +96,12 @@ def test_kaggle_training_and_testing_layout_records_the_subset(tmp_path):
 
 
 def test_yolo_layout_keeps_the_boxes(tmp_path):
-    for name, (class_id, boxes) in {"a": (0, "0 0.5 0.5 0.2 0.2"), "b": (1, "1 0.3 0.3 0.1 0.1\n1 0.6 0.6 0.2 0.1"),
-                                    "c": (0, "0 0.4 0.4 0.3 0.3"), "d": (1, "1 0.5 0.5 0.5 0.5")}.items():
+    for name, (class_id, boxes) in {
+        "a": (0, "0 0.5 0.5 0.2 0.2"),
+        "b": (1, "1 0.3 0.3 0.1 0.1\n1 0.6 0.6 0.2 0.1"),
+        "c": (0, "0 0.4 0.4 0.3 0.3"),
+        "d": (1, "1 0.5 0.5 0.5 0.5"),
+    }.items():
         (tmp_path / "images" / "train").mkdir(parents=True, exist_ok=True)
         (tmp_path / "labels" / "train").mkdir(parents=True, exist_ok=True)
         synthetic_image(class_id, ord(name)).save(tmp_path / "images" / "train" / f"{name}.jpg")

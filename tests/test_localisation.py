@@ -1,16 +1,26 @@
 import keras
 import numpy as np
 import pytest
-from conftest import make_dataset
 
 from brainmri.data import DataError
 from brainmri.ingest import scan
 from brainmri.localisation import (
-    baseline_heatmap, bootstrap_interval, box_mask, box_rectangles, deletion_insertion, energy_inside, heatmap_iou,
-    load_annotated_set, pointing_score, score_against_boxes, summarise_box_scores,
+    baseline_heatmap,
+    bootstrap_interval,
+    box_mask,
+    box_rectangles,
+    deletion_insertion,
+    energy_inside,
+    heatmap_iou,
+    load_annotated_set,
+    pointing_score,
+    score_against_boxes,
+    summarise_box_scores,
 )
 from brainmri.models import class_probabilities
 from brainmri.params import IngestParams
+
+from conftest import make_dataset
 
 
 def test_energy_pointing_and_iou_by_hand():
@@ -116,7 +126,7 @@ def test_deletion_and_insertion_see_where_the_evidence_is():
     assert (class_probabilities(model, images).argmax(axis=1) == 0).all()
     evidence, elsewhere = np.zeros((size, size)), np.zeros((size, size))
     evidence[: size // 2, : size // 2] = 1.0
-    elsewhere[size // 2:, size // 2:] = 1.0
+    elsewhere[size // 2 :, size // 2 :] = 1.0
     classes = np.zeros(6, dtype=int)
 
     def predict(batch):
@@ -140,9 +150,14 @@ def write_beside_boxes(root, label_lines: dict[str, str]):
 
 def test_yolo_files_beside_the_images_give_their_boxes(tmp_path):
     root = make_dataset(tmp_path / "data", per_class=3, classes=["glioma", "pituitary"])
-    write_beside_boxes(root, {"glioma/glioma_000.jpg": "2 0.3 0.3 0.2 0.2\n",
-                              "pituitary/pituitary_001.png": "0 0.5 0.5 0.1 0.1\n0 0.6 0.6 0.1 0.2\n",
-                              "pituitary/pituitary_002.jpg": "0 0.5 oops\n"})
+    write_beside_boxes(
+        root,
+        {
+            "glioma/glioma_000.jpg": "2 0.3 0.3 0.2 0.2\n",
+            "pituitary/pituitary_001.png": "0 0.5 0.5 0.1 0.1\n0 0.6 0.6 0.1 0.2\n",
+            "pituitary/pituitary_002.jpg": "0 0.5 oops\n",
+        },
+    )
     found = scan(IngestParams(source=str(root)))
     boxes = dict(zip(found.images["path"].map(lambda p: p.split("/")[-1]), found.images["boxes"]))
     assert boxes["glioma_000.jpg"] == "2 0.3 0.3 0.2 0.2"
@@ -155,8 +170,9 @@ def test_yolo_files_beside_the_images_give_their_boxes(tmp_path):
 
 def test_annotated_set_keeps_boxed_images_in_the_models_class_order(tmp_path):
     root = make_dataset(tmp_path / "annotated", per_class=2, classes=["pituitary", "glioma"])
-    write_beside_boxes(root, {"glioma/glioma_000.jpg": "2 0.3 0.3 0.2 0.2\n",
-                              "pituitary/pituitary_000.jpg": "0 0.5 0.5 0.1 0.1\n"})
+    write_beside_boxes(
+        root, {"glioma/glioma_000.jpg": "2 0.3 0.3 0.2 0.2\n", "pituitary/pituitary_000.jpg": "0 0.5 0.5 0.1 0.1\n"}
+    )
     classes = ["glioma", "meningioma", "notumor", "pituitary"]
     annotated = load_annotated_set(IngestParams(source="unused"), str(root), classes, 24, 1)
     assert annotated.images.shape == (2, 24, 24, 1)

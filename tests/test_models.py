@@ -5,8 +5,18 @@ import numpy as np
 import pytest
 
 from brainmri.models import (
-    APPLICATIONS, BACKBONE_LAYER, MODELS, build_model, class_probabilities, flip_tta_probabilities, imagenet_preprocessing,
-    load_model, reestimate_batch_norm, save_model, set_backbone_trainable, without_augmentation,
+    APPLICATIONS,
+    BACKBONE_LAYER,
+    MODELS,
+    build_model,
+    class_probabilities,
+    flip_tta_probabilities,
+    imagenet_preprocessing,
+    load_model,
+    reestimate_batch_norm,
+    save_model,
+    set_backbone_trainable,
+    without_augmentation,
 )
 from brainmri.params import AugmentParams, TrainParams
 from brainmri.training import compile_model
@@ -65,8 +75,9 @@ def test_flip_tta_averages_an_image_and_its_mirror():
     rng = np.random.default_rng(2)
     half = rng.integers(0, 255, (2, 32, 16, 1), dtype=np.uint8)
     symmetric = np.concatenate([half, half[:, :, ::-1]], axis=2)
-    np.testing.assert_allclose(flip_tta_probabilities(model, symmetric), class_probabilities(model, symmetric),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        flip_tta_probabilities(model, symmetric), class_probabilities(model, symmetric), atol=1e-6
+    )
     images = rng.integers(0, 255, (2, 32, 32, 1), dtype=np.uint8)
     expected = (class_probabilities(model, images) + class_probabilities(model, images[:, :, ::-1].copy())) / 2
     np.testing.assert_allclose(flip_tta_probabilities(model, images), expected, atol=1e-6)
@@ -102,21 +113,27 @@ def test_backbone_takes_rgb_and_a_binary_head():
     trains_one_step(model, 2, 32, 3)
 
 
-@pytest.mark.parametrize("mode, expected", [
-    # keras.applications' preprocess_input of the RGB pixel (10, 20, 30), per mode.
-    ("caffe", [30 - 103.939, 20 - 116.779, 10 - 123.68]),
-    ("tf", [10 / 127.5 - 1, 20 / 127.5 - 1, 30 / 127.5 - 1]),
-    ("torch", [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]),
-    ("builtin", [10, 20, 30]),
-])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        # keras.applications' preprocess_input of the RGB pixel (10, 20, 30), per mode.
+        ("caffe", [30 - 103.939, 20 - 116.779, 10 - 123.68]),
+        ("tf", [10 / 127.5 - 1, 20 / 127.5 - 1, 30 / 127.5 - 1]),
+        ("torch", [(10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225]),
+        ("builtin", [10, 20, 30]),
+    ],
+)
 def test_imagenet_preprocessing_matches_keras_preprocess_input(mode, expected):
     inputs = keras.Input((2, 2, 3))
     model = keras.Model(inputs, imagenet_preprocessing(inputs, mode))
     pixel = np.tile(np.array([10, 20, 30], dtype="float32"), (1, 2, 2, 1))
     np.testing.assert_allclose(model.predict(pixel, verbose=0)[0, 0, 0], expected, rtol=1e-5)
     if mode != "builtin":
-        reference = {"caffe": keras.applications.resnet50, "tf": keras.applications.inception_v3,
-                     "torch": keras.applications.densenet}[mode].preprocess_input(pixel.copy())
+        reference = {
+            "caffe": keras.applications.resnet50,
+            "tf": keras.applications.inception_v3,
+            "torch": keras.applications.densenet,
+        }[mode].preprocess_input(pixel.copy())
         np.testing.assert_allclose(model.predict(pixel, verbose=0), reference, rtol=1e-5, atol=1e-5)
 
 
@@ -179,15 +196,14 @@ def test_batch_norm_statistics_become_the_mean_over_the_given_batches():
     model = build_model("compact_cnn", 4, 32, 1, width=4, dropout=0.0, norm="batch")
     images, _ = tiny_batch(4, count=16)
     conv = keras.Model(model.inputs, model.get_layer("block1_conv1").output)
-    batch_means = [conv(images[start:start + 8]).numpy().mean(axis=(0, 1, 2)) for start in (0, 8)]
+    batch_means = [conv(images[start : start + 8]).numpy().mean(axis=(0, 1, 2)) for start in (0, 8)]
     assert reestimate_batch_norm(model, images, batch_size=8) == 8
     norm = model.get_layer("block1_norm1")
     np.testing.assert_allclose(norm.moving_mean.numpy(), np.mean(batch_means, axis=0), rtol=1e-4, atol=1e-6)
     assert norm.momentum == 0.9  # the training momentum is back
     # Estimated over one batch, inference computes exactly what training did on it.
     reestimate_batch_norm(model, images, batch_size=16)
-    np.testing.assert_allclose(model(images, training=False).numpy(), model(images, training=True).numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(model(images, training=False).numpy(), model(images, training=True).numpy(), atol=1e-5)
 
 
 def test_batch_norm_re_estimation_skips_the_random_layers():
@@ -225,8 +241,9 @@ def test_the_params_schema_names_exactly_the_models_that_can_be_built():
     assert set(MODELS) == {"compact_cnn", *APPLICATIONS}
 
 
-@pytest.mark.parametrize("pooling, layer_type", [("avg", keras.layers.GlobalAveragePooling2D),
-                                                 ("max", keras.layers.GlobalMaxPooling2D)])
+@pytest.mark.parametrize(
+    "pooling, layer_type", [("avg", keras.layers.GlobalAveragePooling2D), ("max", keras.layers.GlobalMaxPooling2D)]
+)
 def test_the_head_pools_the_feature_map_as_asked(pooling, layer_type):
     model = build_model("compact_cnn", 4, 32, 1, width=4, pooling=pooling)
     assert isinstance(model.get_layer("pool"), layer_type)

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from brainmri.params import TrainParams
 from brainmri.training import configure_hardware
+
 from conftest import PROJECT, TINY_PARAMS, free_port, project_env, write_prepared_data
 
 # Images per class. 17 validation images in global batches of 2 x 4 leave a last batch of one:
@@ -43,22 +44,39 @@ def start_training(host: Path, tf_config: dict | None, tracking_uri: str | None)
         env["TF_CONFIG"] = json.dumps(tf_config)
     if tracking_uri is not None:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    return subprocess.Popen([sys.executable, str(PROJECT / "stages" / "train.py")], cwd=host, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT / "stages" / "train.py")],
+        cwd=host,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
-def train_on_two_workers(tmp_path: Path, train_changes: dict | None = None, worker_changes: dict | None = None,
-                         single_process_changes: dict | None = None) -> list[subprocess.CompletedProcess]:
+def train_on_two_workers(
+    tmp_path: Path,
+    train_changes: dict | None = None,
+    worker_changes: dict | None = None,
+    single_process_changes: dict | None = None,
+) -> list[subprocess.CompletedProcess]:
     """Chief and worker; with `single_process_changes` also a one-process run beside them (same data)."""
     data = tmp_path / "prepared"
     write_prepared_data(data, SPLIT_SIZES)
     changes = {"strategy": "multi_worker", **(train_changes or {})}
-    hosts = [host_folder(tmp_path, "chief", data, changes),
-             host_folder(tmp_path, "worker", data, {**changes, **(worker_changes or {})})]
+    hosts = [
+        host_folder(tmp_path, "chief", data, changes),
+        host_folder(tmp_path, "worker", data, {**changes, **(worker_changes or {})}),
+    ]
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
-    processes = [start_training(host, {"cluster": cluster, "task": {"type": "worker", "index": index}},
-                                f"sqlite:///{host / 'mlflow.db'}" if index == 0 else None)
-                 for index, host in enumerate(hosts)]
+    processes = [
+        start_training(
+            host,
+            {"cluster": cluster, "task": {"type": "worker", "index": index}},
+            f"sqlite:///{host / 'mlflow.db'}" if index == 0 else None,
+        )
+        for index, host in enumerate(hosts)
+    ]
     if single_process_changes is not None:
         single = host_folder(tmp_path, "single", data, {**(train_changes or {}), **single_process_changes})
         processes.append(start_training(single, None, f"sqlite:///{single / 'mlflow.db'}"))
@@ -84,17 +102,24 @@ def test_two_workers_train_one_model_and_only_the_chief_writes_and_logs(tmp_path
     assert "this one is the chief" in chief.stdout and "this one writes nothing" in worker.stdout
 
     # The same epochs and metrics (aggregated over both workers), then the same final weights.
-    epochs = [re.findall(r"^Epoch \d+/\d+ - [\d.]+s - (.*)$", result.stdout, re.MULTILINE) for result in (chief, worker)]
+    epochs = [
+        re.findall(r"^Epoch \d+/\d+ - [\d.]+s - (.*)$", result.stdout, re.MULTILINE) for result in (chief, worker)
+    ]
     assert len(epochs[0]) == TINY_PARAMS["train"]["epochs"] and epochs[0] == epochs[1]
     assert all("val_loss: nan" not in line for line in epochs[0])
     digests = [re.findall(r"same weights \(sha256 (\w+)\)", result.stdout) for result in (chief, worker)]
     assert len(digests[0]) == 1 and digests[0] == digests[1]
 
     chief_host, worker_host = tmp_path / "chief", tmp_path / "worker"
-    assert {"models/model.keras", "models/model.json", "metrics/train.json",
-            "metrics/train_history.csv"} <= files_under(chief_host)
-    assert files_under(worker_host) == {"params.yaml"} | {f"data/prepared/{name}"
-                                                           for name in files_under(tmp_path / "prepared")}
+    assert {
+        "models/model.keras",
+        "models/model.json",
+        "metrics/train.json",
+        "metrics/train_history.csv",
+    } <= files_under(chief_host)
+    assert files_under(worker_host) == {"params.yaml"} | {
+        f"data/prepared/{name}" for name in files_under(tmp_path / "prepared")
+    }
 
     client = MlflowClient(tracking_uri=f"sqlite:///{chief_host / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("brain-mri").experiment_id])
@@ -103,11 +128,14 @@ def test_two_workers_train_one_model_and_only_the_chief_writes_and_logs(tmp_path
     assert runs[0].data.tags["brainmri.train.strategy"] == "MultiWorkerMirroredStrategy"
 
 
-@pytest.mark.parametrize("tf_config, message", [
-    (None, "train.strategy=multi_worker needs the TF_CONFIG environment variable"),
-    ("{not json", "TF_CONFIG is not a valid cluster description"),
-    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', "task index 3 is not in"),
-])
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        (None, "train.strategy=multi_worker needs the TF_CONFIG environment variable"),
+        ("{not json", "TF_CONFIG is not a valid cluster description"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}', "task index 3 is not in"),
+    ],
+)
 def test_a_missing_or_broken_tf_config_is_a_clear_error(monkeypatch, tf_config, message):
     if tf_config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -131,13 +159,21 @@ def test_two_workers_compute_what_one_process_computes_on_the_same_global_batch(
     so that both see the same images at each step whatever order the input pipeline shuffles them in.
     Without batch statistics, random layers or bfloat16 the two trainings then differ only by the order
     of summation: the same losses, metrics and weights."""
-    deterministic = {"norm": "group", "dropout": 0.0, "mixed_precision": False, "epochs": 3, "batch_size": 24,
-                     "augment": {"rotation": 0, "shift": 0, "zoom": 0, "flip": False, "brightness": 0, "contrast": 0}}
+    deterministic = {
+        "norm": "group",
+        "dropout": 0.0,
+        "mixed_precision": False,
+        "epochs": 3,
+        "batch_size": 24,
+        "augment": {"rotation": 0, "shift": 0, "zoom": 0, "flip": False, "brightness": 0, "contrast": 0},
+    }
     chief, worker, single = train_on_two_workers(tmp_path, deterministic, single_process_changes={"batch_size": 48})
     for result in (chief, worker, single):
         assert result.returncode == 0, result.stdout[-5000:]
     columns = ["loss", "accuracy", "val_loss", "val_accuracy"]
-    histories = [pd.read_csv(tmp_path / host / "metrics" / "train_history.csv")[columns] for host in ("chief", "single")]
+    histories = [
+        pd.read_csv(tmp_path / host / "metrics" / "train_history.csv")[columns] for host in ("chief", "single")
+    ]
     assert len(histories[0]) == 3 and histories[0]["loss"].is_monotonic_decreasing
     np.testing.assert_allclose(histories[0].to_numpy(), histories[1].to_numpy(), rtol=1e-5)
     models = [keras.saving.load_model(tmp_path / host / "models" / "model.keras") for host in ("chief", "single")]

@@ -49,14 +49,33 @@ def runs(repo: Path, filter_string: str = "") -> list:
 def test_repro_runs_every_stage_in_order_then_nothing(repo):
     first = run(["dvc", "repro"], repo)
     assert stages_run(first.stdout) == ALL_STAGES
-    for output in ("models/model.keras", "models/model.json", "reports/predictions.csv", "data/prepared/index.json",
-                   "exports/model_int8.tflite"):
+    for output in (
+        "models/model.keras",
+        "models/model.json",
+        "reports/predictions.csv",
+        "data/prepared/index.json",
+        "exports/model_int8.tflite",
+    ):
         assert (repo / output).is_file(), output
     assert list((repo / "reports" / "gradcam").glob("*.png"))
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert {"accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "roc_auc_macro", "f1.glioma",
-            "precision.notumor", "recall.meningioma", "support.pituitary", "roc_auc.pituitary", "log_loss",
-            "brier", "ece", "review_fraction", "accuracy_accepted"} <= set(metrics)
+    assert {
+        "accuracy",
+        "balanced_accuracy",
+        "macro_f1",
+        "weighted_f1",
+        "roc_auc_macro",
+        "f1.glioma",
+        "precision.notumor",
+        "recall.meningioma",
+        "support.pituitary",
+        "roc_auc.pituitary",
+        "log_loss",
+        "brier",
+        "ece",
+        "review_fraction",
+        "accuracy_accepted",
+    } <= set(metrics)
 
     second = run(["dvc", "repro"], repo)
     assert stages_run(second.stdout) == []
@@ -65,8 +84,13 @@ def test_repro_runs_every_stage_in_order_then_nothing(repo):
 
 
 def test_manifests_are_byte_identical_when_rebuilt(repo):
-    outputs = ["data/interim/manifest.csv", "data/interim/dedup.csv", "data/interim/split.csv",
-               "data/prepared/train-00000.tfrecord", "data/prepared/index.json"]
+    outputs = [
+        "data/interim/manifest.csv",
+        "data/interim/dedup.csv",
+        "data/interim/split.csv",
+        "data/prepared/train-00000.tfrecord",
+        "data/prepared/index.json",
+    ]
     before = {path: (repo / path).read_bytes() for path in outputs}
     forced = run(["dvc", "repro", "--force", "balance", "--single-item"], repo)
     run(["dvc", "repro", "--force", "ingest", "--single-item"], repo)
@@ -136,8 +160,9 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
             synthetic_image(class_index, variant).save(external / label / f"{variant}.png")
     shutil.copy(repo / "data" / "sample" / "glioma" / "glioma_000.jpg", external / "glioma" / "seen.jpg")
     (external / "glioma" / "broken.png").write_bytes(b"")
-    result = run(["dvc", "exp", "run", "-n", "external", "-S", f"evaluate.external={external}",
-                  "-S", "evaluate.tta=true"], repo)
+    result = run(
+        ["dvc", "exp", "run", "-n", "external", "-S", f"evaluate.external={external}", "-S", "evaluate.tta=true"], repo
+    )
     assert stages_run(result.stdout) == ["validate", "evaluate"]
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert metrics["external.images"] == 8
@@ -150,8 +175,9 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
 
 
 def test_a_keras_applications_backbone_trains_evaluates_and_is_explained(repo):
-    result = run(["dvc", "exp", "run", "-n", "backbone", "-S", "train.model=mobilenet_v3_small",
-                  "-S", "train.epochs=1"], repo)
+    result = run(
+        ["dvc", "exp", "run", "-n", "backbone", "-S", "train.model=mobilenet_v3_small", "-S", "train.epochs=1"], repo
+    )
     assert stages_run(result.stdout) == DOWNSTREAM_OF_TRAIN
     assert json.loads((repo / "models" / "model.json").read_text())["model"] == "mobilenet_v3_small"
     assert "accuracy" in json.loads((repo / "metrics" / "evaluate.json").read_text())
@@ -178,9 +204,18 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     history = client.get_metric_history(by_stage["train"].info.run_id, "val_loss")
     assert len(history) == 2  # one point per epoch
     evaluate_files = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")}
-    assert {f"evaluate/{name}" for name in ("predictions.csv", "confusion_matrix.png", "roc.png",
-                                            "precision_recall.png", "reliability.png", "risk_coverage.png",
-                                            "classification_report.txt")} <= evaluate_files
+    assert {
+        f"evaluate/{name}"
+        for name in (
+            "predictions.csv",
+            "confusion_matrix.png",
+            "roc.png",
+            "precision_recall.png",
+            "reliability.png",
+            "risk_coverage.png",
+            "classification_report.txt",
+        )
+    } <= evaluate_files
     gradcam_files = {a.path for a in client.list_artifacts(by_stage["gradcam"].info.run_id, "gradcam")}
     assert {f"gradcam/grid_{name}.png" for name in ("glioma", "meningioma", "notumor", "pituitary")} <= gradcam_files
     assert len(client.list_artifacts(by_stage["gradcam"].info.run_id, "gradcam/images")) == 4
@@ -191,9 +226,13 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    logged = [m for m in mlflow.search_logged_models(experiment_ids=[by_stage["train"].info.experiment_id],
-                                                     output_format="list")
-              if m.source_run_id == by_stage["train"].info.run_id]
+    logged = [
+        m
+        for m in mlflow.search_logged_models(
+            experiment_ids=[by_stage["train"].info.experiment_id], output_format="list"
+        )
+        if m.source_run_id == by_stage["train"].info.run_id
+    ]
     assert len(logged) == 1
     model = mlflow.keras.load_model(logged[0].model_uri)
     assert model.output_shape == (None, 4)
@@ -209,8 +248,13 @@ def test_a_fresh_clone_pulls_every_output_from_a_folder_remote_and_reproduces_no
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     assert not (clone / "models" / "model.keras").exists()
     run(["dvc", "pull"], clone)
-    for output in ("models/model.keras", "data/prepared/index.json", "data/interim/split.csv",
-                   "reports/predictions.csv", "reports/data/report.json"):
+    for output in (
+        "models/model.keras",
+        "data/prepared/index.json",
+        "data/interim/split.csv",
+        "reports/predictions.csv",
+        "reports/data/report.json",
+    ):
         assert (clone / output).read_bytes() == (repo / output).read_bytes(), output
     assert stages_run(run(["dvc", "repro"], clone).stdout) == []
 
@@ -223,10 +267,17 @@ def s3_server():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
-    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -237,8 +288,13 @@ def s3_server():
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.2)
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                     region_name="us-east-1").create_bucket(Bucket="brainmri")
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        ).create_bucket(Bucket="brainmri")
         yield endpoint, credentials
     finally:
         server.terminate()
@@ -271,21 +327,28 @@ def test_an_experiment_travels_through_the_git_remote(repo, tmp_path):
     run(["dvc", "exp", "pull", "origin", "one-epoch"], clone)
     # The experiment's baseline is an older commit than the clone's HEAD.
     shown = json.loads(run(["dvc", "exp", "show", "--all-commits", "--json"], clone).stdout)
-    experiment = next(exp for baseline in shown for exp in (baseline.get("experiments") or [])
-                      if exp["name"] == "one-epoch")
+    experiment = next(
+        exp for baseline in shown for exp in (baseline.get("experiments") or []) if exp["name"] == "one-epoch"
+    )
     data = experiment["revs"][0]["data"]
     assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
     assert data["metrics"]["metrics/train.json"]["data"]["epochs_run"] == 1
 
 
-@pytest.mark.parametrize("change, named, kept", [
-    ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'", "models/model.keras"),
-    ({"train": {"image_size": 0}}, "'train.image_size'", "data/prepared/index.json"),
-    ({"ingest": {"source": "data/nowhere"}}, "ingest.source: folder 'data/nowhere' does not exist",
-     "data/interim/manifest.csv"),
-    ({"train": {"model": "resnet9000"}}, "unknown model 'resnet9000'", "models/model.keras"),
-    ({"train": {"fine_tune": {"epochs": 2}}}, "train.fine_tune.epochs needs", "models/model.keras"),
-])
+@pytest.mark.parametrize(
+    "change, named, kept",
+    [
+        ({"train": {"lrr": 0.1}}, "unknown key 'train.lrr'", "models/model.keras"),
+        ({"train": {"image_size": 0}}, "'train.image_size'", "data/prepared/index.json"),
+        (
+            {"ingest": {"source": "data/nowhere"}},
+            "ingest.source: folder 'data/nowhere' does not exist",
+            "data/interim/manifest.csv",
+        ),
+        ({"train": {"model": "resnet9000"}}, "unknown model 'resnet9000'", "models/model.keras"),
+        ({"train": {"fine_tune": {"epochs": 2}}}, "train.fine_tune.epochs needs", "models/model.keras"),
+    ],
+)
 def test_bad_params_stop_the_pipeline_naming_the_key_and_keep_every_output(repo, change, named, kept):
     run(["dvc", "repro"], repo)  # everything built (nothing to do when earlier tests built it)
     update_params(repo / "params.yaml", change)
@@ -327,7 +390,8 @@ def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tm
         for variant in range(12):
             synthetic_image(class_index, variant).save(source / "images" / "train" / f"{class_index}_{variant}.png")
             (source / "labels" / "train" / f"{class_index}_{variant}.txt").write_text(
-                f"{class_index} {cx} {cy} 0.25 0.25\n")
+                f"{class_index} {cx} {cy} 0.25 0.25\n"
+            )
     update_params(repo / "params.yaml", {"ingest": {"source": "data/yolo", "classes": ["left", "right"]}})
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "yolo data"], repo)
@@ -338,8 +402,11 @@ def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tm
     test_images = json.loads((repo / "metrics" / "split.json").read_text())["test.total"]
     assert gradcam["images"] == 4 and gradcam["boxes.images"] == gradcam["faithfulness.images"] == test_images
     assert 0.0 <= gradcam["boxes.pointing_game"] <= 1.0 and 0.0 <= gradcam["boxes.box_iou"] <= 1.0
-    assert gradcam["boxes.pointing_game_ci_low"] <= gradcam["boxes.pointing_game"] <= gradcam[
-        "boxes.pointing_game_ci_high"]
+    assert (
+        gradcam["boxes.pointing_game_ci_low"]
+        <= gradcam["boxes.pointing_game"]
+        <= gradcam["boxes.pointing_game_ci_high"]
+    )
     assert {"faithfulness.deletion_auc", "faithfulness.insertion_auc_random"} <= set(gradcam)
 
     # An annotated folder in the other YOLO layout, a label file beside each image, is scored too.

@@ -21,7 +21,14 @@ import requests
 from PIL import Image
 
 from conftest import (
-    CLASSES, create_project, free_port, project_env, run, running_server, synthetic_image, update_params,
+    CLASSES,
+    create_project,
+    free_port,
+    project_env,
+    run,
+    running_server,
+    synthetic_image,
+    update_params,
 )
 
 pytestmark = pytest.mark.pipeline
@@ -69,12 +76,21 @@ def test_predict_writes_csv_and_grad_cam_and_reports_unreadable_files(repo, tmp_
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     Image.new("L", (60000, 1), 128).save(images / "thin.png")
     out = tmp_path / "out.csv"
-    result = brainmri(repo, "predict", str(images), "--format", "csv", "-o", str(out),
-                      "--gradcam", str(tmp_path / "cams"), check=False)
+    result = brainmri(
+        repo,
+        "predict",
+        str(images),
+        "--format",
+        "csv",
+        "-o",
+        str(out),
+        "--gradcam",
+        str(tmp_path / "cams"),
+        check=False,
+    )
     assert result.returncode == 2 and "2 of 5 files were not readable images" in result.stderr
     rows = list(csv.DictReader(out.open()))
-    assert [Path(row["path"]).name for row in rows] == ["broken.jpg", "scan0.png", "scan1.png", "scan2.png",
-                                                        "thin.png"]
+    assert [Path(row["path"]).name for row in rows] == ["broken.jpg", "scan0.png", "scan1.png", "scan2.png", "thin.png"]
     assert "not a readable image" in rows[0]["error"] and rows[1]["error"] == ""
     assert "60000x1 exceeds ingest.max_side" in rows[4]["error"]
     assert {f"p_{name}" for name in CLASSES} <= set(rows[1])
@@ -85,8 +101,9 @@ def test_predict_writes_csv_and_grad_cam_and_reports_unreadable_files(repo, tmp_
 def test_predict_loads_the_registered_model_and_the_run_model_from_mlflow(repo):
     image = repo / "data" / "sample" / "pituitary" / "pituitary_001.png"
     local = json.loads(brainmri(repo, "predict", str(image)).stdout)
-    registered = json.loads(brainmri(repo, "predict", str(image), "--model",
-                                     "models:/brain-mri-classifier/latest").stdout)
+    registered = json.loads(
+        brainmri(repo, "predict", str(image), "--model", "models:/brain-mri-classifier/latest").stdout
+    )
     assert registered["probabilities"] == pytest.approx(local["probabilities"], abs=1e-5)
     from mlflow.tracking import MlflowClient
 
@@ -101,8 +118,15 @@ def test_predict_loads_the_registered_model_and_the_run_model_from_mlflow(repo):
 @pytest.fixture(scope="module")
 def server(repo):
     port = free_port()
-    with running_server([sys.executable, "-m", "brainmri.cli", "serve", "--port", str(port)], port,
-                        "brainmri serve", timeout=90, stop_timeout=30, cwd=repo, env=project_env(repo)) as url:
+    with running_server(
+        [sys.executable, "-m", "brainmri.cli", "serve", "--port", str(port)],
+        port,
+        "brainmri serve",
+        timeout=90,
+        stop_timeout=30,
+        cwd=repo,
+        env=project_env(repo),
+    ) as url:
         yield url
 
 
@@ -121,13 +145,16 @@ def test_predict_endpoint_returns_the_prediction_with_the_model_version(server):
     assert Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"]))).format == "PNG"
 
 
-@pytest.mark.parametrize("files, status, message", [
-    ({"file": ("notes.txt", b"this is not an image")}, 400, "not an image file"),
-    ({"file": ("cut.png", png_bytes()[:200])}, 400, "corrupt or truncated"),
-    ({"file": ("empty.png", b"")}, 400, "empty file"),
-    ({"image": ("scan.png", png_bytes())}, 400, "field 'file'"),
-    ({"file": ("huge.png", b"\0" * int(MAX_UPLOAD_MB * 1024 * 1024 * 2))}, 413, "serve.max_upload_mb"),
-])
+@pytest.mark.parametrize(
+    "files, status, message",
+    [
+        ({"file": ("notes.txt", b"this is not an image")}, 400, "not an image file"),
+        ({"file": ("cut.png", png_bytes()[:200])}, 400, "corrupt or truncated"),
+        ({"file": ("empty.png", b"")}, 400, "empty file"),
+        ({"image": ("scan.png", png_bytes())}, 400, "field 'file'"),
+        ({"file": ("huge.png", b"\0" * int(MAX_UPLOAD_MB * 1024 * 1024 * 2))}, 413, "serve.max_upload_mb"),
+    ],
+)
 def test_bad_uploads_get_a_clear_error_and_the_server_keeps_serving(server, files, status, message):
     response = requests.post(f"{server}/predict", files=files, timeout=60)
     assert response.status_code == status and message in response.json()["error"]
@@ -143,8 +170,12 @@ def thin_png(width: int) -> bytes:
 
 def server_rss_mb(url: str) -> float:
     port = url.rsplit(":", 1)[1]
-    pid = next(line.split()[-1].split(",")[1].split("=")[1] for line in subprocess.run(
-        ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout.splitlines())
+    pid = next(
+        line.split()[-1].split(",")[1].split("=")[1]
+        for line in subprocess.run(
+            ["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True
+        ).stdout.splitlines()
+    )
     status = Path(f"/proc/{pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) / 1024
 
@@ -182,9 +213,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                    reason="Chromium and ChromeDriver are not installed (Debian: apt-get install chromium "
-                           "chromium-driver; .ci/run installs them)")
+@pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Chromium and ChromeDriver are not installed (Debian: apt-get install chromium "
+    "chromium-driver; .ci/run installs them)",
+)
 def test_upload_in_headless_chromium_shows_the_class(server, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -194,21 +227,30 @@ def test_upload_in_headless_chromium_shows_the_class(server, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     image = tmp_path / "slice.png"
     image.write_bytes(png_bytes(1, 800))
-    expected = requests.post(f"{server}/predict", files={"file": ("slice.png", image.read_bytes())},
-                             timeout=60).json()["predicted_class"]
+    expected = requests.post(f"{server}/predict", files={"file": ("slice.png", image.read_bytes())}, timeout=60).json()[
+        "predicted_class"
+    ]
     browser = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
         browser.get(server)
         assert "not a medical device" in browser.find_element(By.ID, "disclaimer").text
         browser.find_element(By.ID, "files").send_keys(str(image))
         shown = WebDriverWait(browser, 60).until(
-            expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "h2.predicted")))
+            expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "h2.predicted"))
+        )
         assert shown.text == expected
         assert browser.find_element(By.CSS_SELECTOR, ".result img").get_attribute("src").startswith("data:image/png")
     finally:

@@ -5,8 +5,11 @@ from brainmri.data import DataError, split_images, stratified_split
 
 
 def manifest_of(counts: dict[str, int], subset: str = "") -> pd.DataFrame:
-    rows = [{"path": f"{subset}/{label}/{i:03d}.jpg", "label": label, "subset": subset, "group": f"{subset}{label}{i}"}
-            for label, n in counts.items() for i in range(n)]
+    rows = [
+        {"path": f"{subset}/{label}/{i:03d}.jpg", "label": label, "subset": subset, "group": f"{subset}{label}{i}"}
+        for label, n in counts.items()
+        for i in range(n)
+    ]
     return pd.DataFrame(rows)
 
 

@@ -26,12 +26,29 @@ def tracking_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("team")
     database = pgserver.get_server(str(root / "pgdata"), cleanup_mode="stop")
     port = free_port()
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", database.get_uri(),
-               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        database.get_uri(),
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     try:
-        with running_server(command, port, "mlflow server", timeout=120, stop_timeout=60,
-                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}) as url:
+        with running_server(
+            command,
+            port,
+            "mlflow server",
+            timeout=120,
+            stop_timeout=60,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        ) as url:
             yield url
     finally:
         database.cleanup()
@@ -53,8 +70,12 @@ def test_two_parallel_queued_experiments_log_everything_to_the_team_server(track
     client = MlflowClient(tracking_uri=tracking_server)
     experiment = client.get_experiment_by_name("brain-mri")
     shown = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
-    dvc_metrics = {exp["name"]: exp["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
-                   for baseline in shown for exp in (baseline.get("experiments") or []) if exp["name"] in lrs}
+    dvc_metrics = {
+        exp["name"]: exp["revs"][0]["data"]["metrics"]["metrics/evaluate.json"]["data"]
+        for baseline in shown
+        for exp in (baseline.get("experiments") or [])
+        if exp["name"] in lrs
+    }
     versions = client.search_model_versions("name='brain-mri-classifier'")
     for name, lr in lrs.items():
         stage_runs = client.search_runs([experiment.experiment_id], f"tags.`dvc.exp_name` = '{name}'")
@@ -66,7 +87,9 @@ def test_two_parallel_queued_experiments_log_everything_to_the_team_server(track
         assert by_stage["evaluate"].data.metrics["accuracy"] == pytest.approx(dvc_metrics[name]["accuracy"])
         assert "model_meta" in {a.path for a in client.list_artifacts(by_stage["train"].info.run_id)}
         assert {a.path for a in client.list_artifacts(by_stage["export"].info.run_id, "exports")} >= {
-            "exports/model_float32.tflite", "exports/model_int8.tflite"}
+            "exports/model_float32.tflite",
+            "exports/model_int8.tflite",
+        }
         # Its registered version loads back through the server's artifact proxy.
         version = next(v for v in versions if v.run_id == by_stage["train"].info.run_id)
         mlflow.set_tracking_uri(tracking_server)

@@ -2,9 +2,8 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
 import mlflow
+import pytest
 from mlflow.tracking import MlflowClient
 
 from brainmri import tracking
@@ -54,7 +53,9 @@ def test_stage_run_logs_params_and_tags_to_the_default_store(tmp_path, monkeypat
     monkeypatch.delenv("DVC_ROOT", raising=False)
     monkeypatch.setenv("DVC_EXP_NAME", "my-exp")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "b" * 40)
-    with tracking.stage_run("train", TrackingParams(experiment="unit"), {"train.lr": 0.01, "train.weights": None}) as run:
+    with tracking.stage_run(
+        "train", TrackingParams(experiment="unit"), {"train.lr": 0.01, "train.weights": None}
+    ) as run:
         run.log_metrics({"accuracy": 0.5, "roc_auc.absent": float("nan"), "undefined": None})
         run_id = mlflow.active_run().info.run_id
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

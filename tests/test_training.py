@@ -11,6 +11,7 @@ from brainmri.models import build_model, float32_copy
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
 from brainmri.training import class_weights, compile_model, configure_hardware, labelled_batches, learning_rate
+
 from conftest import create_project, project_env, run, update_params, write_prepared_data
 
 
@@ -22,16 +23,26 @@ def test_a_gpu_request_without_a_gpu_is_a_clear_error():
             configure_hardware(TrainParams(device="gpu"))
 
 
-@pytest.mark.parametrize("native_bfloat16, setting, expected", [
-    (False, "auto", "float32"), (True, "auto", "mixed_bfloat16"), (True, False, "float32"),
-    (False, True, "mixed_bfloat16"),
-])
+@pytest.mark.parametrize(
+    "native_bfloat16, setting, expected",
+    [
+        (False, "auto", "float32"),
+        (True, "auto", "mixed_bfloat16"),
+        (True, False, "float32"),
+        (False, True, "mixed_bfloat16"),
+    ],
+)
 def test_cpu_precision_follows_the_processor(monkeypatch, native_bfloat16, setting, expected):
     monkeypatch.setattr("brainmri.training.cpu_has_bfloat16", lambda: native_bfloat16)
     hardware = configure_hardware(TrainParams(device="cpu", mixed_precision=setting))
     try:
-        assert hardware.describe() == {"device": "cpu", "replicas": 1, "precision": expected,
-                                       "strategy": "_DefaultDistributionStrategy", "workers": 1}
+        assert hardware.describe() == {
+            "device": "cpu",
+            "replicas": 1,
+            "precision": expected,
+            "strategy": "_DefaultDistributionStrategy",
+            "workers": 1,
+        }
         assert keras.mixed_precision.global_policy().name == expected
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -68,8 +79,14 @@ def test_fit_takes_exactly_one_optimizer_step_per_batch_of_the_shards(tmp_path):
 
 def test_shards_holding_fewer_records_than_their_index_lists_are_an_error(tmp_path):
     index = write_prepared_data(tmp_path / "prepared", {"train": [2, 2, 2, 2]})
-    short = ShardIndex(index.folder, index.classes, index.image_size, index.channels, index.files,
-                       {"train": {**index.counts["train"], "glioma": 3}})
+    short = ShardIndex(
+        index.folder,
+        index.classes,
+        index.image_size,
+        index.channels,
+        index.files,
+        {"train": {**index.counts["train"], "glioma": 3}},
+    )
     with pytest.raises(Exception, match="expected to contain 9 element"):
         list(short.dataset("train"))
 
@@ -84,8 +101,15 @@ def test_an_interrupted_train_stage_reruns_to_a_complete_model(tmp_path):
     repo = create_project(tmp_path / "repo")
     update_params(repo / "params.yaml", {"train": {"epochs": 40, "early_stopping_patience": 40}})
     run(["dvc", "repro", "balance"], repo)
-    training = subprocess.Popen(["dvc", "repro", "train"], cwd=repo, env=project_env(repo), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    training = subprocess.Popen(
+        ["dvc", "repro", "train"],
+        cwd=repo,
+        env=project_env(repo),
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     for line in training.stdout:
         if line.startswith("Epoch 3/"):
             break

@@ -18,11 +18,13 @@ def _affine_coefficients(size: int, angle_deg: float, scale: float, shift_x: flo
     centre = (size - 1) / 2
     angle = math.radians(angle_deg)
     cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
-    forward = np.array([
-        [cos, -sin, centre + shift_x - cos * centre + sin * centre],
-        [sin, cos, centre + shift_y - sin * centre - cos * centre],
-        [0.0, 0.0, 1.0],
-    ])
+    forward = np.array(
+        [
+            [cos, -sin, centre + shift_x - cos * centre + sin * centre],
+            [sin, cos, centre + shift_y - sin * centre - cos * centre],
+            [0.0, 0.0, 1.0],
+        ]
+    )
     inverse = np.linalg.inv(forward)
     return tuple(inverse[:2].ravel())
 

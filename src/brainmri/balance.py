@@ -20,8 +20,13 @@ def class_target(counts: pd.Series, target: int | str) -> int:
 
 
 def balanced_training_records(
-    train: pd.DataFrame, classes: list[str], size: int, channels: int,
-    target: int | str, seed: int, augment_params: AugmentParams,
+    train: pd.DataFrame,
+    classes: list[str],
+    size: int,
+    channels: int,
+    target: int | str,
+    seed: int,
+    augment_params: AugmentParams,
 ) -> list[Record]:
     goal = class_target(train["label"].value_counts(), target)
     records: list[Record] = []
@@ -45,4 +50,7 @@ def balanced_training_records(
 def plain_records(frame: pd.DataFrame, classes: list[str], size: int, channels: int) -> list[Record]:
     index = {label: i for i, label in enumerate(classes)}
     rows = frame.sort_values(["label", "path"], kind="mergesort")
-    return [Record(load_array(p, size, channels), index[l], p, False) for p, l in zip(rows["path"], rows["label"])]
+    return [
+        Record(load_array(path, size, channels), index[label], path, False)
+        for path, label in zip(rows["path"], rows["label"])
+    ]

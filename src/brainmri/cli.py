@@ -39,22 +39,31 @@ def predict(args: argparse.Namespace) -> int:
         raise SystemExit("brainmri predict: no image files found in " + ", ".join(args.paths))
     predictor = Predictor.load(args.model, decode_limits(params.ingest), params.evaluate.review_threshold)
     output = open(args.output, "w", newline="") if args.output else sys.stdout
-    columns = ["path", "predicted_class", "confidence", "needs_review",
-               *[f"p_{name}" for name in predictor.classes], "error"]
+    columns = [
+        "path",
+        "predicted_class",
+        "confidence",
+        "needs_review",
+        *[f"p_{name}" for name in predictor.classes],
+        "error",
+    ]
     writer = csv.DictWriter(output, columns) if args.format == "csv" else None
     if writer:
         writer.writeheader()
     if args.gradcam:
         Path(args.gradcam).mkdir(parents=True, exist_ok=True)
     failures = 0
-    progress = tqdm(total=len(files), unit="image", file=sys.stderr,
-                    disable=not any(Path(item).is_dir() for item in args.paths))
+    progress = tqdm(
+        total=len(files), unit="image", file=sys.stderr, disable=not any(Path(item).is_dir() for item in args.paths)
+    )
     for number, result in enumerate(predictor.predict_files(files, args.batch_size)):
         progress.update()
         failures += "error" in result
         if writer:
-            writer.writerow({key: result.get(key, "") for key in columns[:4] + ["error"]}
-                            | {f"p_{name}": p for name, p in result.get("probabilities", {}).items()})
+            writer.writerow(
+                {key: result.get(key, "") for key in columns[:4] + ["error"]}
+                | {f"p_{name}": p for name, p in result.get("probabilities", {}).items()}
+            )
         else:
             output.write(json.dumps(result) + "\n")
         if args.gradcam and "error" not in result:
@@ -86,8 +95,10 @@ def export(args: argparse.Namespace) -> int:
 
     p = project_params(args.params).export
     for summary in export_all(args.model, args.out, args.data, p.formats, p.calibration_images).values():
-        print(f"{Path(args.out) / summary['file']}: {summary['bytes']:,} bytes, max |TFLite - Keras| "
-              f"{summary['max_abs_difference']:.2g} on {summary['checked_images']} images")
+        print(
+            f"{Path(args.out) / summary['file']}: {summary['bytes']:,} bytes, max |TFLite - Keras| "
+            f"{summary['max_abs_difference']:.2g} on {summary['checked_images']} images"
+        )
     return 0
 
 
@@ -102,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 
     model_help = "a model folder (default: models) or an MLflow model URI: runs:/<run>/model, models:/<name>/<version>"
     predict_parser = commands.add_parser("predict", help="classify image files or folders")
-    predict_parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    predict_parser.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)"
+    )
     predict_parser.add_argument("--model", default="models", help=model_help)
     predict_parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     predict_parser.add_argument("--output", "-o", help="write here instead of standard output")

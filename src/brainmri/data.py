@@ -35,7 +35,7 @@ def stratified_split(manifest: pd.DataFrame, val: float, test: float, seed: int)
         order = rng.permutation(count)
         assignment = np.array(["train"] * count, dtype=object)
         assignment[order[:n_test]] = "test"
-        assignment[order[n_test:n_test + n_val]] = "val"
+        assignment[order[n_test : n_test + n_val]] = "val"
         parts.append(rows.assign(split=assignment))
     return pd.concat(parts).sort_values(["split", "label", "path"], kind="mergesort").reset_index(drop=True)
 

@@ -55,7 +55,7 @@ def candidate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
             # Row blocks bound memory: a band value shared by tens of thousands
             # of images would otherwise need an n-by-n matrix (24 GB at 100k).
             for first in range(0, len(members), BLOCK_ROWS):
-                block = member_hashes[first:first + BLOCK_ROWS]
+                block = member_hashes[first : first + BLOCK_ROWS]
                 close = np.bitwise_count(block[:, None] ^ member_hashes[None, :]) <= max_distance
                 rows, columns = np.nonzero(np.triu(close, k=first + 1))
                 found.update(zip(members[rows + first].tolist(), members[columns].tolist()))
@@ -115,8 +115,7 @@ class Dedup:
         }
 
 
-def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlation: float,
-                         workers: int) -> np.ndarray:
+def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlation: float, workers: int) -> np.ndarray:
     """Candidate pairs by pHash, kept where the thumbnails correlate at least `min_correlation`."""
     pairs = candidate_pairs(hash_values(manifest["phash"]), max_distance)
     pairs = pairs[manifest["sha256"].to_numpy()[pairs[:, 0]] != manifest["sha256"].to_numpy()[pairs[:, 1]]]
@@ -128,14 +127,18 @@ def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlat
     left = np.array([lookup[i] for i in pairs[:, 0]])
     right = np.array([lookup[j] for j in pairs[:, 1]])
     # In blocks of pairs: all pairs' thumbnails at once took over 24 GB at 100k images.
-    correlation = np.concatenate([
-        (thumbs[left[start:start + BLOCK_PAIRS]] * thumbs[right[start:start + BLOCK_PAIRS]]).mean(axis=1)
-        for start in range(0, len(pairs), BLOCK_PAIRS)])
+    correlation = np.concatenate(
+        [
+            (thumbs[left[start : start + BLOCK_PAIRS]] * thumbs[right[start : start + BLOCK_PAIRS]]).mean(axis=1)
+            for start in range(0, len(pairs), BLOCK_PAIRS)
+        ]
+    )
     return pairs[correlation >= min_correlation]
 
 
-def find_duplicates(manifest: pd.DataFrame, near: bool, max_distance: int, min_correlation: float,
-                    workers: int = 0) -> Dedup:
+def find_duplicates(
+    manifest: pd.DataFrame, near: bool, max_distance: int, min_correlation: float, workers: int = 0
+) -> Dedup:
     """Group exact and near copies; keep the first path of each group in each subset;
     drop whole any group whose members disagree on the label."""
     manifest = manifest.sort_values("path", kind="mergesort").reset_index(drop=True)
@@ -143,8 +146,11 @@ def find_duplicates(manifest: pd.DataFrame, near: bool, max_distance: int, min_c
     for indices in manifest.groupby("sha256").indices.values():
         for other in indices[1:]:
             union.union(int(indices[0]), int(other))
-    near_pairs = (near_duplicate_pairs(manifest, max_distance, min_correlation, workers)
-                  if near else np.empty((0, 2), dtype=np.int64))
+    near_pairs = (
+        near_duplicate_pairs(manifest, max_distance, min_correlation, workers)
+        if near
+        else np.empty((0, 2), dtype=np.int64)
+    )
     for i, j in near_pairs:
         union.union(int(i), int(j))
 
@@ -170,12 +176,14 @@ def find_duplicates(manifest: pd.DataFrame, near: bool, max_distance: int, min_c
     return Dedup(kept.reset_index(drop=True), groups.reset_index(drop=True), len(near_pairs))
 
 
-def copies_of_known_images(candidates: pd.DataFrame, known: pd.DataFrame, max_distance: int,
-                           min_correlation: float, workers: int = 0) -> pd.Series:
+def copies_of_known_images(
+    candidates: pd.DataFrame, known: pd.DataFrame, max_distance: int, min_correlation: float, workers: int = 0
+) -> pd.Series:
     """For each candidate row: is it an exact or near copy of any `known` image?"""
     both = pd.concat([known.assign(subset="known"), candidates.assign(subset="candidate")], ignore_index=True)
     result = find_duplicates(both, True, max_distance, min_correlation, workers)
     known_groups = set(result.groups.loc[result.groups["subset"] == "known", "group"])
-    copied = set(result.groups.loc[(result.groups["subset"] == "candidate")
-                                   & result.groups["group"].isin(known_groups), "path"])
+    copied = set(
+        result.groups.loc[(result.groups["subset"] == "candidate") & result.groups["group"].isin(known_groups), "path"]
+    )
     return candidates["path"].isin(copied)

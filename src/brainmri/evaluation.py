@@ -30,7 +30,8 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
     labels = list(range(len(classes)))
     y_pred = probabilities.argmax(axis=1)
     precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0)
+        y_true, y_pred, labels=labels, average=None, zero_division=0
+    )
     metrics = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
@@ -41,8 +42,14 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=average, zero_division=0)
         metrics.update({f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)})
     for index, name in enumerate(classes):
-        metrics.update({f"precision.{name}": float(precision[index]), f"recall.{name}": float(recall[index]),
-                        f"f1.{name}": float(f1[index]), f"support.{name}": int(support[index])})
+        metrics.update(
+            {
+                f"precision.{name}": float(precision[index]),
+                f"recall.{name}": float(recall[index]),
+                f"f1.{name}": float(f1[index]),
+                f"support.{name}": int(support[index]),
+            }
+        )
     aucs = []
     for index, name in enumerate(classes):
         positives = y_true == index
@@ -82,8 +89,16 @@ def calibration(y_true: np.ndarray, probabilities: np.ndarray, bins: int) -> Cal
         accuracy = float(correct[members].mean()) if count else math.nan
         if count:
             ece += count / len(y_true) * abs(accuracy - mean_confidence)
-        rows.append({"bin": b, "lower": edges[b], "upper": edges[b + 1], "count": count,
-                     "confidence": mean_confidence, "accuracy": accuracy})
+        rows.append(
+            {
+                "bin": b,
+                "lower": edges[b],
+                "upper": edges[b + 1],
+                "count": count,
+                "confidence": mean_confidence,
+                "accuracy": accuracy,
+            }
+        )
     return Calibration(float(ece), pd.DataFrame(rows))
 
 
@@ -106,8 +121,9 @@ def risk_coverage(y_true: np.ndarray, probabilities: np.ndarray) -> pd.DataFrame
     order = np.argsort(-probabilities.max(axis=1), kind="stable")
     wrong = (probabilities.argmax(axis=1) != y_true)[order]
     kept = np.arange(1, len(order) + 1)
-    return pd.DataFrame({"coverage": kept / len(order), "risk": np.cumsum(wrong) / kept,
-                         "threshold": probabilities.max(axis=1)[order]})
+    return pd.DataFrame(
+        {"coverage": kept / len(order), "risk": np.cumsum(wrong) / kept, "threshold": probabilities.max(axis=1)[order]}
+    )
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict[str, dict]:
@@ -117,8 +133,9 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dic
     rates = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     return {
         "counts": {a: {p: int(counts[i, j]) for j, p in enumerate(classes)} for i, a in enumerate(classes)},
-        "normalized": {a: {p: round(float(rates[i, j]), 6) for j, p in enumerate(classes)}
-                       for i, a in enumerate(classes)},
+        "normalized": {
+            a: {p: round(float(rates[i, j]), 6) for j, p in enumerate(classes)} for i, a in enumerate(classes)
+        },
     }
 
 
@@ -141,5 +158,6 @@ def pr_points(y_true: np.ndarray, probabilities: np.ndarray, index: int) -> pd.D
 def classification_report_text(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> str:
     from sklearn.metrics import classification_report
 
-    return classification_report(y_true, y_pred, labels=list(range(len(classes))), target_names=classes,
-                                 digits=3, zero_division=0)
+    return classification_report(
+        y_true, y_pred, labels=list(range(len(classes))), target_names=classes, digits=3, zero_division=0
+    )

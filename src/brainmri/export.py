@@ -59,8 +59,13 @@ def convert(saved_model: Path, variant: str, calibration: np.ndarray) -> bytes:
     return converter.convert()
 
 
-def export_all(model_dir: str | Path, out_dir: str | Path, data_dir: str | Path,
-               variants: tuple[str, ...] = tuple(TOLERANCE), calibration_images: int = 128) -> dict[str, dict[str, Any]]:
+def export_all(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    data_dir: str | Path,
+    variants: tuple[str, ...] = tuple(TOLERANCE),
+    calibration_images: int = 128,
+) -> dict[str, dict[str, Any]]:
     """Write model_<variant>.tflite / model.onnx files and export.json (sizes, parity) into out_dir."""
     from brainmri.models import class_probabilities, load_model, without_augmentation
     from brainmri.shards import ShardIndex
@@ -92,16 +97,28 @@ def export_all(model_dir: str | Path, out_dir: str | Path, data_dir: str | Path,
             difference = float(np.abs(got - expected).max())
             agreement = float((got.argmax(1) == expected.argmax(1)).mean())
             if difference > TOLERANCE[variant]:
-                raise SystemExit(f"export {variant}: TFLite differs from Keras by {difference:.4f} "
-                                 f"(> {TOLERANCE[variant]}) on {len(images)} {split} images; not written")
+                raise SystemExit(
+                    f"export {variant}: TFLite differs from Keras by {difference:.4f} "
+                    f"(> {TOLERANCE[variant]}) on {len(images)} {split} images; not written"
+                )
             path = out / ("model.onnx" if variant == "onnx" else f"model_{variant}.tflite")
             path.write_bytes(data)
-            report[variant] = {"file": path.name, "bytes": len(data), "max_abs_difference": round(difference, 6),
-                                 "top1_agreement": agreement, "tolerance": TOLERANCE[variant],
-                                 "checked_images": len(images)}
+            report[variant] = {
+                "file": path.name,
+                "bytes": len(data),
+                "max_abs_difference": round(difference, 6),
+                "top1_agreement": agreement,
+                "tolerance": TOLERANCE[variant],
+                "checked_images": len(images),
+            }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    (out / "export.json").write_text(json.dumps({**report, "classes": meta["classes"],
-                                                 "image_size": meta["image_size"], "channels": meta["channels"]},
-                                                indent=2, sort_keys=True) + "\n")
+    (out / "export.json").write_text(
+        json.dumps(
+            {**report, "classes": meta["classes"], "image_size": meta["image_size"], "channels": meta["channels"]},
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     return report

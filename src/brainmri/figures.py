@@ -33,8 +33,15 @@ def confusion_png(normalized: dict[str, dict[str, float]], counts: dict[str, dic
     axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     for i, actual in enumerate(classes):
         for j, predicted in enumerate(classes):
-            axis.text(j, i, f"{counts[actual][predicted]}\n{rates[i, j]:.0%}", ha="center", va="center",
-                      color="white" if rates[i, j] > 0.5 else "black", fontsize=8)
+            axis.text(
+                j,
+                i,
+                f"{counts[actual][predicted]}\n{rates[i, j]:.0%}",
+                ha="center",
+                va="center",
+                color="white" if rates[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
     axis.set_xticks(range(len(classes)), classes, rotation=30, ha="right")
     axis.set_yticks(range(len(classes)), classes)
     axis.set_xlabel("predicted")
@@ -43,8 +50,7 @@ def confusion_png(normalized: dict[str, dict[str, float]], counts: dict[str, dic
     save(figure, path)
 
 
-def curves_png(curves: dict[str, pd.DataFrame], x: str, y: str, title: str, path: Path,
-               diagonal: bool = False) -> None:
+def curves_png(curves: dict[str, pd.DataFrame], x: str, y: str, title: str, path: Path, diagonal: bool = False) -> None:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 4))
     for name, points in curves.items():

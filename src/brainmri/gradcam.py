@@ -59,8 +59,9 @@ def feature_probe(model: keras.Model, layer_name: str) -> keras.Model:
     return keras.Model(model.input, [features, x])
 
 
-def gradcam_heatmaps(model: keras.Model, images: np.ndarray, class_indices: np.ndarray, layer_name: str,
-                     method: str = "gradcam") -> tuple[np.ndarray, np.ndarray]:
+def gradcam_heatmaps(
+    model: keras.Model, images: np.ndarray, class_indices: np.ndarray, layer_name: str, method: str = "gradcam"
+) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps in [0, 1] at the feature map's resolution, and a mask of flat ones."""
     if method not in METHODS:
         raise SystemExit(f"gradcam.method: '{method}' is not one of {METHODS}")
@@ -90,7 +91,7 @@ def gradcam_heatmaps(model: keras.Model, images: np.ndarray, class_indices: np.n
         else:
             # Grad-CAM++ (Chattopadhyay et al. 2018): pixel-wise weights from the
             # second and third powers of the gradient, positive gradients only.
-            squared, cubed = gradients ** 2, gradients ** 3
+            squared, cubed = gradients**2, gradients**3
             denominator = 2 * squared + tf.reduce_sum(features, axis=(1, 2), keepdims=True) * cubed
             alphas = tf.math.divide_no_nan(squared, denominator)
             weights = tf.reduce_sum(alphas * tf.nn.relu(gradients), axis=(1, 2), keepdims=True)
@@ -106,8 +107,14 @@ def _normalised(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return cams, flat
 
 
-def heatmaps_at_image_size(model: keras.Model, images: np.ndarray, class_indices: np.ndarray, layer_name: str,
-                           method: str = "gradcam", batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def heatmaps_at_image_size(
+    model: keras.Model,
+    images: np.ndarray,
+    class_indices: np.ndarray,
+    layer_name: str,
+    method: str = "gradcam",
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps upsampled to the images' side, computed a batch at a time, and the flat mask."""
     heatmaps, flat = [], []
     for start in range(0, len(images), batch_size):
@@ -152,8 +159,9 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float) -> np.ndarray:
 Rectangle = tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
 
 
-def _panel_row(axes, image: np.ndarray, heatmap: np.ndarray, alpha: float, flat: bool,
-               boxes: list[Rectangle] = ()) -> None:
+def _panel_row(
+    axes, image: np.ndarray, heatmap: np.ndarray, alpha: float, flat: bool, boxes: list[Rectangle] = ()
+) -> None:
     from matplotlib.patches import Rectangle as Patch
 
     if heatmap.shape != image.shape[:2]:
@@ -163,14 +171,21 @@ def _panel_row(axes, image: np.ndarray, heatmap: np.ndarray, alpha: float, flat:
         axis.imshow(picture)
         # Pixel (i, j) covers [j - 0.5, j + 0.5] in imshow's coordinates.
         for x0, y0, x1, y1 in boxes:
-            axis.add_patch(Patch((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime",
-                                 linewidth=1.2))
+            axis.add_patch(Patch((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.2))
         axis.set_title(f"{name}: flat (no signal)" if flat and name != "image" else name, fontsize=7)
         axis.axis("off")
 
 
-def overlay_panel(image: np.ndarray, heatmap: np.ndarray, title: str, path: Path, alpha: float,
-                  flat: bool, wrong: bool = False, boxes: list[Rectangle] = ()) -> None:
+def overlay_panel(
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    title: str,
+    path: Path,
+    alpha: float,
+    flat: bool,
+    wrong: bool = False,
+    boxes: list[Rectangle] = (),
+) -> None:
     """One image: original | heatmap | overlay, with its caption and any ground-truth boxes drawn."""
     figure, axes = pyplot().subplots(1, 3, figsize=(7.5, 2.9))
     _panel_row(axes, image, heatmap, alpha, flat, boxes)

@@ -35,7 +35,7 @@ class Predictor:
     review_threshold: float = 0.8
 
     @classmethod
-    def load(cls, source: str | Path, limits: DecodeLimits, review_threshold: float = 0.8) -> "Predictor":
+    def load(cls, source: str | Path, limits: DecodeLimits, review_threshold: float = 0.8) -> Predictor:
         """From a model folder (`models/`) or an MLflow model URI (`runs:/<id>/model`, `models:/<name>/<version>`)."""
         source = str(source)
         if "://" in source or source.startswith(("runs:/", "models:/")):
@@ -44,11 +44,18 @@ class Predictor:
 
         model, meta = load_model(source)
         digest = hashlib.sha256((Path(source) / MODEL_FILE).read_bytes()).hexdigest()[:12]
-        return cls(model, meta["classes"], meta["image_size"], meta["channels"],
-                   f"{meta.get('model', 'model')}@sha256:{digest}", limits, review_threshold)
+        return cls(
+            model,
+            meta["classes"],
+            meta["image_size"],
+            meta["channels"],
+            f"{meta.get('model', 'model')}@sha256:{digest}",
+            limits,
+            review_threshold,
+        )
 
     @classmethod
-    def _from_mlflow(cls, uri: str, limits: DecodeLimits, review_threshold: float) -> "Predictor":
+    def _from_mlflow(cls, uri: str, limits: DecodeLimits, review_threshold: float) -> Predictor:
         import mlflow
         import mlflow.keras
 
@@ -75,12 +82,14 @@ class Predictor:
         results = []
         for row in probabilities:
             best = int(row.argmax())
-            results.append({
-                "predicted_class": self.classes[best],
-                "confidence": round(float(row[best]), 6),
-                "probabilities": {name: round(float(p), 6) for name, p in zip(self.classes, row)},
-                "needs_review": bool(row[best] < self.review_threshold),
-            })
+            results.append(
+                {
+                    "predicted_class": self.classes[best],
+                    "confidence": round(float(row[best]), 6),
+                    "probabilities": {name: round(float(p), 6) for name, p in zip(self.classes, row)},
+                    "needs_review": bool(row[best] < self.review_threshold),
+                }
+            )
         return results
 
     def predict_bytes(self, data: bytes, name: str = "upload") -> dict[str, Any]:
@@ -112,8 +121,9 @@ class Predictor:
         """The Grad-CAM overlay of one (size, size, channels) image for one class, as PNG bytes."""
         from brainmri.gradcam import gradcam_heatmaps, last_feature_map_layer, overlay, upsample
 
-        heatmaps, _ = gradcam_heatmaps(self.model, array[None], np.array([class_index]),
-                                       last_feature_map_layer(self.model))
+        heatmaps, _ = gradcam_heatmaps(
+            self.model, array[None], np.array([class_index]), last_feature_map_layer(self.model)
+        )
         picture = overlay(array, upsample(heatmaps[0], self.image_size), alpha)
         buffer = io.BytesIO()
         Image.fromarray((picture * 255).round().astype(np.uint8)).save(buffer, format="PNG")

@@ -103,8 +103,9 @@ def read_yolo_boxes(label_file: Path) -> str:
     return ";".join(boxes)
 
 
-def _yolo_candidates(source: Path, params: IngestParams, root: Path, extensions: set[str],
-                     rejects: list[dict]) -> list[Candidate]:
+def _yolo_candidates(
+    source: Path, params: IngestParams, root: Path, extensions: set[str], rejects: list[dict]
+) -> list[Candidate]:
     if not params.classes:
         raise DataError(f"'{source}' has the YOLO layout (images/ + labels/): set ingest.classes to name the class ids")
     candidates = []
@@ -132,8 +133,9 @@ def _yolo_candidates(source: Path, params: IngestParams, root: Path, extensions:
     return candidates
 
 
-def _folder_candidates(folder: Path, root: Path, extensions: set[str], rejects: list[dict],
-                       subset: str) -> list[Candidate]:
+def _folder_candidates(
+    folder: Path, root: Path, extensions: set[str], rejects: list[dict], subset: str
+) -> list[Candidate]:
     """A class folder's images, each with the boxes of a YOLO label file beside it, if there is one."""
     candidates = []
     for image in _walk(folder, root, extensions, rejects, folder.name):
@@ -141,8 +143,13 @@ def _folder_candidates(folder: Path, root: Path, extensions: set[str], rejects: 
         try:
             boxes = read_yolo_boxes(label_file) if label_file.is_file() else ""
         except ValueError:
-            rejects.append({"path": image.as_posix(), "label": folder.name,
-                            "reason": f"malformed label file {label_file.as_posix()}"})
+            rejects.append(
+                {
+                    "path": image.as_posix(),
+                    "label": folder.name,
+                    "reason": f"malformed label file {label_file.as_posix()}",
+                }
+            )
             continue
         candidates.append(Candidate(image.as_posix(), folder.name, subset, boxes))
     return candidates
@@ -263,8 +270,9 @@ def scan(params: IngestParams, min_classes: int = 2) -> Scan:
     short = {label: int(counts.get(label, 0)) for label in labels if counts.get(label, 0) < params.min_per_class}
     if short:
         details = ", ".join(f"'{label}' has {n}" for label, n in short.items())
-        raise DataError(f"too few readable images in '{params.source}' (ingest.min_per_class="
-                        f"{params.min_per_class}): {details}")
+        raise DataError(
+            f"too few readable images in '{params.source}' (ingest.min_per_class={params.min_per_class}): {details}"
+        )
     if len(labels) < min_classes:
         raise DataError(f"'{params.source}' must hold at least {min_classes} class folders, found {labels}")
     return Scan(images, rejects_frame.reset_index(drop=True), layout)

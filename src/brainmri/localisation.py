@@ -39,8 +39,14 @@ def box_rectangles(boxes: str, width: int, height: int, size: int) -> list[tuple
     rectangles = []
     for box in filter(None, boxes.split(";")):
         _, cx, cy, w, h = (float(v) for v in box.split())
-        rectangles.append((left + (cx - w / 2) * fitted_width, top + (cy - h / 2) * fitted_height,
-                           left + (cx + w / 2) * fitted_width, top + (cy + h / 2) * fitted_height))
+        rectangles.append(
+            (
+                left + (cx - w / 2) * fitted_width,
+                top + (cy - h / 2) * fitted_height,
+                left + (cx + w / 2) * fitted_width,
+                top + (cy + h / 2) * fitted_height,
+            )
+        )
     return rectangles
 
 
@@ -48,7 +54,7 @@ def box_mask(boxes: str, width: int, height: int, size: int) -> np.ndarray:
     """The pixels of the model's input square covered by any of the boxes."""
     mask = np.zeros((size, size), dtype=bool)
     for x0, y0, x1, y1 in box_rectangles(boxes, width, height, size):
-        mask[max(int(np.floor(y0)), 0):int(np.ceil(y1)), max(int(np.floor(x0)), 0):int(np.ceil(x1))] = True
+        mask[max(int(np.floor(y0)), 0) : int(np.ceil(y1)), max(int(np.floor(x0)), 0) : int(np.ceil(x1))] = True
     return mask
 
 
@@ -93,12 +99,14 @@ def baseline_heatmap(name: str, size: int) -> np.ndarray:
 
 
 def box_scores(heatmap: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    return {"pointing_game": pointing_score(heatmap, mask), "energy_in_box": energy_inside(heatmap, mask),
-            "box_iou": heatmap_iou(heatmap, mask)}
+    return {
+        "pointing_game": pointing_score(heatmap, mask),
+        "energy_in_box": energy_inside(heatmap, mask),
+        "box_iou": heatmap_iou(heatmap, mask),
+    }
 
 
-def score_against_boxes(heatmaps: np.ndarray, flat: np.ndarray, masks: np.ndarray,
-                        labels: list[str]) -> pd.DataFrame:
+def score_against_boxes(heatmaps: np.ndarray, flat: np.ndarray, masks: np.ndarray, labels: list[str]) -> pd.DataFrame:
     """One row per image: its label, its heatmap's scores, the baselines' scores and the box's share.
 
     A flat heatmap (no gradient signal) points nowhere: it scores 0 throughout."""
@@ -113,8 +121,9 @@ def score_against_boxes(heatmaps: np.ndarray, flat: np.ndarray, masks: np.ndarra
     return pd.DataFrame(rows)
 
 
-def bootstrap_interval(values: np.ndarray, confidence: float = 0.95, resamples: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    values: np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean over the defined (non-NaN) values."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
@@ -153,8 +162,14 @@ def _masked(images: np.ndarray, order: np.ndarray, count: int, insertion: bool) 
     return (flat * shown[..., None]).reshape(images.shape).astype(images.dtype)
 
 
-def _curve_auc(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, order: np.ndarray,
-               class_indices: np.ndarray, steps: int, insertion: bool) -> np.ndarray:
+def _curve_auc(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    order: np.ndarray,
+    class_indices: np.ndarray,
+    steps: int,
+    insertion: bool,
+) -> np.ndarray:
     """Per image: the area under the explained class's probability as pixels are removed or revealed."""
     pixels = order.shape[1]
     curve = []
@@ -164,8 +179,14 @@ def _curve_auc(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, 
     return np.trapezoid(np.stack(curve, axis=1), dx=1 / steps, axis=1)
 
 
-def deletion_insertion(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, heatmaps: np.ndarray,
-                       class_indices: np.ndarray, steps: int = 16, seed: int = 0) -> dict[str, float]:
+def deletion_insertion(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    class_indices: np.ndarray,
+    steps: int = 16,
+    seed: int = 0,
+) -> dict[str, float]:
     """Deletion and insertion AUCs of the heatmaps' pixel order and of a random order (means over images).
 
     `predict` maps uint8 images to (N, classes) probabilities; `heatmaps` are at
@@ -194,30 +215,37 @@ def mean_defined(values) -> float:
 
 @dataclass(frozen=True)
 class AnnotatedSet:
-    images: np.ndarray      # (N, size, size, channels) uint8, as the model sees them
-    labels: np.ndarray      # class indices into the model's classes
-    rows: pd.DataFrame      # path, label, boxes, width, height of each image
-    rejects: pd.DataFrame   # files that could not be used, with the reason
-    unboxed: int            # readable images without a box (not scored)
+    images: np.ndarray  # (N, size, size, channels) uint8, as the model sees them
+    labels: np.ndarray  # class indices into the model's classes
+    rows: pd.DataFrame  # path, label, boxes, width, height of each image
+    rejects: pd.DataFrame  # files that could not be used, with the reason
+    unboxed: int  # readable images without a box (not scored)
 
 
-def load_annotated_set(ingest: IngestParams, folder: str, classes: list[str], size: int,
-                       channels: int) -> AnnotatedSet:
+def load_annotated_set(ingest: IngestParams, folder: str, classes: list[str], size: int, channels: int) -> AnnotatedSet:
     """The box-annotated images of `folder`, read and checked like ingest reads its source.
 
     Folder per class with a YOLO file beside each image (the folder names the
     class), or YOLO's images/ + labels/ with class ids named by `ingest.classes`."""
     yolo = (Path(folder) / "images").is_dir() and (Path(folder) / "labels").is_dir()
-    found = scan(ingest.model_copy(update={"source": folder, "classes": ingest.classes if yolo else None,
-                                           "min_per_class": 1}), min_classes=1)
+    found = scan(
+        ingest.model_copy(update={"source": folder, "classes": ingest.classes if yolo else None, "min_per_class": 1}),
+        min_classes=1,
+    )
     unknown = sorted(set(found.images["label"]) - set(classes))
     if unknown:
-        raise DataError(f"gradcam.annotated: classes {unknown} in '{folder}' are not among the model's "
-                        f"classes {classes}")
+        raise DataError(
+            f"gradcam.annotated: classes {unknown} in '{folder}' are not among the model's classes {classes}"
+        )
     boxed = found.images[found.images["boxes"] != ""].reset_index(drop=True)
     if boxed.empty:
         raise DataError(f"gradcam.annotated: no image in '{folder}' has a YOLO box")
     images = np.stack([load_array(path, size, channels) for path in boxed["path"]])
     labels = np.array([classes.index(label) for label in boxed["label"]], dtype=np.int32)
-    return AnnotatedSet(images, labels, boxed[["path", "label", "boxes", "width", "height"]], found.rejects,
-                        len(found.images) - len(boxed))
+    return AnnotatedSet(
+        images,
+        labels,
+        boxed[["path", "label", "boxes", "width", "height"]],
+        found.rejects,
+        len(found.images) - len(boxed),
+    )

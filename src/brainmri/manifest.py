@@ -11,8 +11,20 @@ import pandas as pd
 
 # What ingest records per image; later stages add columns (group, split, ...).
 MANIFEST_COLUMNS = [
-    "path", "label", "subset", "sha256", "bytes", "mode", "width", "height",
-    "brightness", "contrast", "black_fraction", "phash", "boxes", "outlier",
+    "path",
+    "label",
+    "subset",
+    "sha256",
+    "bytes",
+    "mode",
+    "width",
+    "height",
+    "brightness",
+    "contrast",
+    "black_fraction",
+    "phash",
+    "boxes",
+    "outlier",
 ]
 REJECT_COLUMNS = ["path", "label", "reason"]
 

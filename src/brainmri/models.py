@@ -30,8 +30,7 @@ def per_image_standardization(inputs):
     channels) so the saved model loads with plain Keras, no project code.
     """
     x = layers.Rescaling(1 / 255, name="rescale")(inputs)
-    return layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-6,
-                                     name="standardize")(x)
+    return layers.LayerNormalization(axis=(1, 2, 3), center=False, scale=False, epsilon=1e-6, name="standardize")(x)
 
 
 def _normalization(filters: int, norm: str, name: str) -> layers.Layer:
@@ -115,15 +114,15 @@ def application_backbone(name: str, image_size: int, weights: str | None) -> ker
     builtin = "include_preprocessing" in inspect.signature(constructor).parameters
     kwargs = {"include_preprocessing": True} if builtin else {}
     try:
-        backbone = constructor(
-            include_top=False, weights=weights, input_shape=(image_size, image_size, 3), **kwargs)
+        backbone = constructor(include_top=False, weights=weights, input_shape=(image_size, image_size, 3), **kwargs)
     except Exception as error:  # Keras raises a bare Exception for a failed download
         if weights == "imagenet":
             raise SystemExit(
                 f"train.weights=imagenet: could not get ImageNet weights for {name} ({error}). Keras downloads "
                 f"them once into ~/.keras/models (or $KERAS_HOME/models) and reuses that file offline: run "
                 f"once with internet access, copy the file there, set train.weights to a local weights file, "
-                f"or train from scratch with train.weights=none") from None
+                f"or train from scratch with train.weights=none"
+            ) from None
         if weights is not None:
             raise SystemExit(f"train.weights: cannot load '{weights}' into {name}: {error}") from None
         raise SystemExit(f"train.model={name}: {error}") from None
@@ -138,24 +137,35 @@ def random_augmentation(x, augment: AugmentParams | None, seed: int):
     if augment.flip:
         x = layers.RandomFlip("horizontal", seed=seed, name="random_flip")(x)
     if augment.rotation:
-        x = layers.RandomRotation(augment.rotation / 360, fill_mode="constant", seed=seed + 1,
-                                  name="random_rotation")(x)
+        x = layers.RandomRotation(augment.rotation / 360, fill_mode="constant", seed=seed + 1, name="random_rotation")(
+            x
+        )
     if augment.zoom:
         x = layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed + 2, name="random_zoom")(x)
     if augment.shift:
-        x = layers.RandomTranslation(augment.shift, augment.shift, fill_mode="constant", seed=seed + 3,
-                                     name="random_shift")(x)
+        x = layers.RandomTranslation(
+            augment.shift, augment.shift, fill_mode="constant", seed=seed + 3, name="random_shift"
+        )(x)
     if augment.contrast:
         x = layers.RandomContrast(augment.contrast, seed=seed + 4, name="random_contrast")(x)
     if augment.brightness:
-        x = layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed + 5,
-                                    name="random_brightness")(x)
+        x = layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed + 5, name="random_brightness")(
+            x
+        )
     return x
 
 
 def build_model(
-    name: str, num_classes: int, image_size: int, channels: int, width: int = 16, dropout: float = 0.3,
-    weights: str | None = None, augment: AugmentParams | None = None, seed: int = 42, norm: str = "batch",
+    name: str,
+    num_classes: int,
+    image_size: int,
+    channels: int,
+    width: int = 16,
+    dropout: float = 0.3,
+    weights: str | None = None,
+    augment: AugmentParams | None = None,
+    seed: int = 42,
+    norm: str = "batch",
     pooling: str = "avg",
 ) -> keras.Model:
     """A classifier over uint8 (image_size, image_size, channels) inputs returning class probabilities.
@@ -195,8 +205,12 @@ def build_model(
     x = layers.Dropout(dropout, name="head_dropout")(x)
     binary = num_classes == 2
     # Probabilities in float32 even under mixed precision.
-    outputs = layers.Dense(1 if binary else num_classes, activation="sigmoid" if binary else "softmax",
-                           dtype="float32", name="probabilities")(x)
+    outputs = layers.Dense(
+        1 if binary else num_classes,
+        activation="sigmoid" if binary else "softmax",
+        dtype="float32",
+        name="probabilities",
+    )(x)
     model = keras.Model(inputs, outputs, name=name)
     if name == "compact_cnn" and weights is not None:
         try:
@@ -221,8 +235,9 @@ def without_augmentation(model: keras.Model) -> keras.Model:
     return keras.Model(inputs, x, name=model.name)
 
 
-def reestimate_batch_norm(model: keras.Model, images, batch_size: int = 32, max_images: int = PRECISE_BN_IMAGES,
-                          seed: int = 0) -> int:
+def reestimate_batch_norm(
+    model: keras.Model, images, batch_size: int = 32, max_images: int = PRECISE_BN_IMAGES, seed: int = 0
+) -> int:
     """Replace batch norm's moving averages by the mean statistics over `images` ("precise BN").
 
     The moving averages mix statistics from earlier, different weights; after
@@ -241,7 +256,7 @@ def reestimate_batch_norm(model: keras.Model, images, batch_size: int = 32, max_
         for step, start in enumerate(range(0, len(images), batch_size), start=1):
             for layer in norms:
                 layer.momentum = (step - 1) / step  # a running mean: every batch weighs the same
-            plain(images[start:start + batch_size], training=True)
+            plain(images[start : start + batch_size], training=True)
     finally:
         for layer, momentum in zip(norms, saved):
             layer.momentum = momentum
@@ -285,8 +300,10 @@ def class_probabilities(model: keras.Model, images, batch_size: int = 64):
 
 def flip_tta_probabilities(model: keras.Model, images, batch_size: int = 64):
     """Test-time augmentation: the mean of the image's and its mirror image's probabilities."""
-    return (class_probabilities(model, images, batch_size)
-            + class_probabilities(model, images[:, :, ::-1, :].copy(), batch_size)) / 2
+    return (
+        class_probabilities(model, images, batch_size)
+        + class_probabilities(model, images[:, :, ::-1, :].copy(), batch_size)
+    ) / 2
 
 
 def save_model(model: keras.Model, folder: str | Path, metadata: dict) -> None:

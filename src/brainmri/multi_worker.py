@@ -33,9 +33,11 @@ def cluster_from_tf_config() -> Cluster:
     """Check `TF_CONFIG` before TensorFlow connects to anyone; stop with what is wrong."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise SystemExit("train.strategy=multi_worker needs the TF_CONFIG environment variable on every host, e.g. "
-                         '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                         '"task": {"type": "worker", "index": 0}} (see the README, "Several machines")')
+        raise SystemExit(
+            "train.strategy=multi_worker needs the TF_CONFIG environment variable on every host, e.g. "
+            '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+            '"task": {"type": "worker", "index": 0}} (see the README, "Several machines")'
+        )
     try:
         config = json.loads(raw)
         cluster, task = config["cluster"], config["task"]
@@ -44,8 +46,10 @@ def cluster_from_tf_config() -> Cluster:
         if not 0 <= index < len(members):
             raise ValueError(f"task index {index} is not in cluster.{task['type']} ({len(members)} entries)")
     except (ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(f"TF_CONFIG is not a valid cluster description ({type(exc).__name__}: {exc}): it needs "
-                         "'cluster' (job name -> list of host:port) and 'task' ('type', 'index')") from None
+        raise SystemExit(
+            f"TF_CONFIG is not a valid cluster description ({type(exc).__name__}: {exc}): it needs "
+            "'cluster' (job name -> list of host:port) and 'task' ('type', 'index')"
+        ) from None
     workers = sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
     return Cluster(workers=workers, task=f"{task['type']}:{index}")
 
@@ -62,8 +66,11 @@ def _with_class_weights(data: Any, class_weight: dict[int, float]) -> Any:
     weights = tf.constant([class_weight[i] for i in range(len(class_weight))], tf.float32)
 
     def weighted(images, targets):
-        labels = (tf.cast(targets[:, 0], tf.int32) if targets.shape[-1] == 1
-                  else tf.argmax(targets, axis=-1, output_type=tf.int32))
+        labels = (
+            tf.cast(targets[:, 0], tf.int32)
+            if targets.shape[-1] == 1
+            else tf.argmax(targets, axis=-1, output_type=tf.int32)
+        )
         return images, targets, tf.gather(weights, labels)
 
     return data.map(weighted)
@@ -80,9 +87,16 @@ def _build_metrics(model: keras.Model, strategy: Any, data: Any) -> None:
     model.reset_metrics()
 
 
-def fit_across_workers(model: keras.Model, strategy: Any, train_data: Any, val_data: Any, epochs: int,
-                       callbacks: list, class_weight: dict[int, float] | None = None,
-                       initial_epoch: int = 0) -> dict[str, list[float]]:
+def fit_across_workers(
+    model: keras.Model,
+    strategy: Any,
+    train_data: Any,
+    val_data: Any,
+    epochs: int,
+    callbacks: list,
+    class_weight: dict[int, float] | None = None,
+    initial_epoch: int = 0,
+) -> dict[str, list[float]]:
     """`model.fit(train_data, validation_data=val_data, ...)` under MultiWorkerMirroredStrategy.
 
     `train_data` must drop its last partial batch: every worker must get a
@@ -130,8 +144,11 @@ def fit_across_workers(model: keras.Model, strategy: Any, train_data: Any, val_d
         callback_list.on_epoch_end(epoch, logs)
         logged = {key: values[-1] for key, values in model.history.history.items()}  # with callbacks' additions
         seconds = f" - {logged.pop('epoch_seconds'):.1f}s" if "epoch_seconds" in logged else ""
-        print(f"Epoch {epoch + 1}/{epochs}{seconds} - " + " - ".join(f"{key}: {value:.4f}"
-                                                                     for key, value in logged.items()), flush=True)
+        print(
+            f"Epoch {epoch + 1}/{epochs}{seconds} - "
+            + " - ".join(f"{key}: {value:.4f}" for key, value in logged.items()),
+            flush=True,
+        )
         if model.stop_training:
             break
     callback_list.on_train_end()
@@ -147,11 +164,13 @@ def average_batch_norm_statistics(model: keras.Model, strategy: Any) -> int:
     """
     import tensorflow as tf
 
-    norms = [layer for layer in _all_layers(model)
-             if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable]
+    norms = [
+        layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
     statistics = [variable for layer in norms for variable in (layer.moving_mean, layer.moving_variance)]
     if not statistics:
         return 0
+
     @tf.function
     def mean_over_workers():
         # One collective for all of them: a flat vector of this worker's values.
@@ -162,7 +181,7 @@ def average_batch_norm_statistics(model: keras.Model, strategy: Any) -> int:
     offset = 0
     for variable in statistics:
         size = int(np.prod(variable.shape))
-        variable.assign(tf.reshape(mean[offset:offset + size], variable.shape))
+        variable.assign(tf.reshape(mean[offset : offset + size], variable.shape))
         offset += size
     return len(norms)
 
@@ -190,7 +209,8 @@ def check_workers_agree(strategy: Any, what: str, digest: str) -> None:
     import tensorflow as tf
 
     values = strategy.experimental_distribute_values_from_function(
-        lambda context: tf.constant([list(bytes.fromhex(digest))], tf.int32))
+        lambda context: tf.constant([list(bytes.fromhex(digest))], tf.int32)
+    )
     gathered = strategy.gather(values, axis=0).numpy()  # one row per replica, in worker order
     digests = [bytes(row.astype(np.uint8)).hex() for row in gathered]
     if len(set(digests)) > 1:

@@ -28,8 +28,9 @@ class _Section(BaseModel):
 
 class TrackingParams(_Section):
     experiment: str = "brain-mri"
-    registered_model: str = Field("brain-mri-classifier", min_length=1,
-                                  description="MLflow registry name of the trained model")
+    registered_model: str = Field(
+        "brain-mri-classifier", min_length=1, description="MLflow registry name of the trained model"
+    )
     required: bool = Field(True, description="false: run on, with a warning, when MLflow cannot be reached")
 
 
@@ -103,8 +104,18 @@ class FineTuneParams(_Section):
 
 
 # The compact CNN and the keras.applications backbones that brainmri.models builds.
-MODEL_NAMES = ("compact_cnn", "resnet50", "resnet101", "inception_v3", "efficientnet_b0", "efficientnetv2_b0",
-               "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "densenet121")
+MODEL_NAMES = (
+    "compact_cnn",
+    "resnet50",
+    "resnet101",
+    "inception_v3",
+    "efficientnet_b0",
+    "efficientnetv2_b0",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "densenet121",
+)
 
 
 class TrainParams(_Section):
@@ -121,10 +132,13 @@ class TrainParams(_Section):
     seed: int = 42
     width: int = Field(16, ge=4, description="filters of the first compact_cnn block")
     norm: Literal["batch", "group"] = Field(
-        "batch", description="compact_cnn normalisation: batch (re-estimated after training) or group")
+        "batch", description="compact_cnn normalisation: batch (re-estimated after training) or group"
+    )
     pooling: Literal["avg", "max"] = Field(
-        "avg", description="global pooling of the last feature map: avg sums evidence over the slice, max takes "
-                           "each feature where it is strongest")
+        "avg",
+        description="global pooling of the last feature map: avg sums evidence over the slice, max takes "
+        "each feature where it is strongest",
+    )
     dropout: float = Field(0.3, ge=0, lt=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
@@ -134,10 +148,12 @@ class TrainParams(_Section):
     fine_tune: FineTuneParams = FineTuneParams()
     device: Literal["auto", "cpu", "gpu"] = "auto"
     mixed_precision: bool | Literal["auto"] = Field(
-        "auto", description="auto: float16 on GPU, bfloat16 on CPUs with native bfloat16, else float32")
+        "auto", description="auto: float16 on GPU, bfloat16 on CPUs with native bfloat16, else float32"
+    )
     xla: bool | Literal["auto"] = Field("auto", description="XLA compilation; auto: Keras decides per model")
     strategy: Literal["auto", "single", "mirrored", "multi_worker"] = Field(
-        "auto", description="multi_worker: one process per machine, the cluster in TF_CONFIG")
+        "auto", description="multi_worker: one process per machine, the cluster in TF_CONFIG"
+    )
     deterministic: bool = Field(False, description="TensorFlow op determinism (slower)")
 
     @field_validator("weights", mode="before")
@@ -154,10 +170,11 @@ class TrainParams(_Section):
         return value
 
     @model_validator(mode="after")
-    def _fine_tune_needs_a_pretrained_backbone(self) -> "TrainParams":
+    def _fine_tune_needs_a_pretrained_backbone(self) -> TrainParams:
         if self.fine_tune.epochs and (self.model == "compact_cnn" or self.weights is None):
-            raise ValueError("train.fine_tune.epochs needs a keras.applications train.model with pretrained "
-                             "train.weights")
+            raise ValueError(
+                "train.fine_tune.epochs needs a keras.applications train.model with pretrained train.weights"
+            )
         return self
 
 
@@ -174,8 +191,10 @@ class GradcamParams(_Section):
     layer: str | None = None
     method: Literal["gradcam", "gradcam++", "hirescam", "layercam"] = "gradcam"
     alpha: float = Field(0.4, ge=0, le=1, description="heatmap opacity in overlays")
-    annotated: str | None = Field(None, description="a folder of box-annotated images whose boxes the heatmaps "
-                                                    "are scored against (evaluation only)")
+    annotated: str | None = Field(
+        None,
+        description="a folder of box-annotated images whose boxes the heatmaps are scored against (evaluation only)",
+    )
     faithfulness_images: int = Field(200, ge=0, description="test images for the deletion/insertion check; 0: off")
     faithfulness_steps: int = Field(16, ge=2, description="points on each deletion/insertion curve")
     seed: int = Field(0, description="bootstrap resampling and the random pixel order")
@@ -183,7 +202,8 @@ class GradcamParams(_Section):
 
 class ExportParams(_Section):
     formats: list[Literal["float32", "float16", "int8", "onnx"]] = Field(
-        ["float32", "float16", "int8", "onnx"], min_length=1, description="TFLite variants and ONNX")
+        ["float32", "float16", "int8", "onnx"], min_length=1, description="TFLite variants and ONNX"
+    )
     calibration_images: int = Field(128, ge=1, description="int8: representative images, also the parity check set")
 
 
@@ -241,8 +261,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def check_folders(params: Params) -> None:
     """Raise ParamsError for a folder that params.yaml names but that does not exist."""
-    named = {"ingest.source": params.ingest.source, "evaluate.external": params.evaluate.external,
-             "gradcam.annotated": params.gradcam.annotated}
+    named = {
+        "ingest.source": params.ingest.source,
+        "evaluate.external": params.evaluate.external,
+        "gradcam.annotated": params.gradcam.annotated,
+    }
     for key, folder in named.items():
         if folder is not None and not Path(folder).is_dir():
             raise ParamsError(f"{key}: folder '{folder}' does not exist")

@@ -37,16 +37,24 @@ def write_data_report(images: pd.DataFrame, rejects: pd.DataFrame, layout: str, 
         "layout": layout,
         "images": len(images),
         "per_class": {label: int(n) for label, n in images["label"].value_counts().sort_index().items()},
-        "per_subset": {subset or "(none)": int(n) for subset, n in images["subset"].value_counts().sort_index().items()},
+        "per_subset": {
+            subset or "(none)": int(n) for subset, n in images["subset"].value_counts().sort_index().items()
+        },
         "resolution": {
             "min": [int(images["width"].min()), int(images["height"].min())] if len(images) else None,
             "max": [int(images["width"].max()), int(images["height"].max())] if len(images) else None,
-            "most_common": images.groupby(["width", "height"]).size().sort_values(ascending=False)
-                                 .head(5).rename("images").reset_index().to_dict("records"),
+            "most_common": images.groupby(["width", "height"])
+            .size()
+            .sort_values(ascending=False)
+            .head(5)
+            .rename("images")
+            .reset_index()
+            .to_dict("records"),
         },
         "modes": {mode: int(n) for mode, n in images["mode"].value_counts().sort_index().items()},
-        "rejected": {reason: int(n) for reason, n in
-                     rejects["reason"].str.split(":").str[0].value_counts().sort_index().items()},
+        "rejected": {
+            reason: int(n) for reason, n in rejects["reason"].str.split(":").str[0].value_counts().sort_index().items()
+        },
         "outliers": outliers[["path", "label", "outlier"]].to_dict("records"),
     }
     (folder / "report.json").write_text(json.dumps(payload, indent=2, sort_keys=True, default=int) + "\n")

@@ -30,7 +30,7 @@ def write_split(records: list[Record], folder: Path, split: str, shard_size: int
     for start in range(0, max(len(records), 1), shard_size):
         name = f"{split}-{start // shard_size:05d}.tfrecord"
         with tf.io.TFRecordWriter(str(folder / name)) as writer:
-            for record in records[start:start + shard_size]:
+            for record in records[start : start + shard_size]:
                 feature = {
                     "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.image.tobytes()])),
                     "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[record.label])),
@@ -54,7 +54,7 @@ class ShardIndex:
     counts: dict[str, dict[str, int]]
 
     @classmethod
-    def load(cls, folder: str | Path) -> "ShardIndex":
+    def load(cls, folder: str | Path) -> ShardIndex:
         folder = Path(folder)
         path = folder / INDEX_FILE
         if not path.is_file():
@@ -64,8 +64,11 @@ class ShardIndex:
 
     def save(self) -> None:
         payload = {
-            "classes": self.classes, "image_size": self.image_size, "channels": self.channels,
-            "files": self.files, "counts": self.counts,
+            "classes": self.classes,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "files": self.files,
+            "counts": self.counts,
         }
         (self.folder / INDEX_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 

@@ -28,6 +28,7 @@ STAGE_TAG = "brainmri.stage"
 EXPERIMENT_TAG = "dvc.exp_name"
 COMMIT_TAG = "mlflow.source.git.commit"
 
+
 def project_root() -> Path:
     """The workspace the user runs DVC in, also from inside an experiment's temp copy."""
     if os.environ.get("DVC_ROOT"):
@@ -129,8 +130,13 @@ class StageRun:
 
         signature = infer_signature(example, model.predict(example, verbose=0))
         requirements = [f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy")]
-        mlflow.keras.log_model(model, name="model", signature=signature, pip_requirements=requirements,
-                               registered_model_name=registered_name)
+        mlflow.keras.log_model(
+            model,
+            name="model",
+            signature=signature,
+            pip_requirements=requirements,
+            registered_model_name=registered_name,
+        )
 
 
 @contextmanager
@@ -168,10 +174,13 @@ def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any], log:
     except Exception as exc:  # any failure to reach the store: network, auth, database
         reason = f"MLflow tracking store {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:200]})"
         if tracking.required:
-            raise SystemExit(f"{reason}. Start it, point MLFLOW_TRACKING_URI elsewhere, "
-                             f"or set tracking.required: false to run {stage} without tracking.") from None
-        print(f"WARNING: {reason}; tracking.required is false, so {stage} runs without MLflow logging.",
-              file=sys.stderr)
+            raise SystemExit(
+                f"{reason}. Start it, point MLFLOW_TRACKING_URI elsewhere, "
+                f"or set tracking.required: false to run {stage} without tracking."
+            ) from None
+        print(
+            f"WARNING: {reason}; tracking.required is false, so {stage} runs without MLflow logging.", file=sys.stderr
+        )
         yield StageRun(active=False)
         return
     tags = {

@@ -35,8 +35,13 @@ class Hardware:
     def describe(self) -> dict[str, Any]:
         # TensorFlow's MultiWorkerMirroredStrategy is a CollectiveAllReduceStrategy by class name.
         strategy = "MultiWorkerMirroredStrategy" if self.multi_worker else type(self.strategy).__name__
-        return {"device": self.device, "replicas": self.replicas, "precision": self.precision,
-                "strategy": strategy, "workers": self.workers}
+        return {
+            "device": self.device,
+            "replicas": self.replicas,
+            "precision": self.precision,
+            "strategy": strategy,
+            "workers": self.workers,
+        }
 
 
 def cpu_has_bfloat16() -> bool:
@@ -58,16 +63,21 @@ def configure_hardware(params: TrainParams) -> Hardware:
 
     cluster = multi_worker.cluster_from_tf_config() if params.strategy == "multi_worker" else None
     if cluster is None and os.environ.get("TF_CONFIG"):
-        print(f"WARNING: TF_CONFIG is set but train.strategy is {params.strategy}: training on this machine "
-              "alone (set train.strategy: multi_worker to join the cluster)", file=sys.stderr)
+        print(
+            f"WARNING: TF_CONFIG is set but train.strategy is {params.strategy}: training on this machine "
+            "alone (set train.strategy: multi_worker to join the cluster)",
+            file=sys.stderr,
+        )
     if params.device == "cpu":
         tf.config.set_visible_devices([], "GPU")
     # Physical, not logical devices: listing logical ones starts the runtime, after which
     # MultiWorkerMirroredStrategy can no longer configure its collectives.
     gpus = [] if params.device == "cpu" else tf.config.list_physical_devices("GPU")
     if params.device == "gpu" and not gpus:
-        raise SystemExit("train.device=gpu, but TensorFlow sees no GPU: install tensorflow[and-cuda] on a "
-                         "machine with an NVIDIA driver, or set train.device to auto or cpu")
+        raise SystemExit(
+            "train.device=gpu, but TensorFlow sees no GPU: install tensorflow[and-cuda] on a "
+            "machine with an NVIDIA driver, or set train.device to auto or cpu"
+        )
     device = "gpu" if gpus else "cpu"
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -83,10 +93,19 @@ def configure_hardware(params: TrainParams) -> Hardware:
         print(f"train: {cluster.task} of a {cluster.workers}-worker cluster, waiting for all to start", flush=True)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()  # uses all local GPUs, or the CPU
         chief = multi_worker.is_chief(strategy)
-        print(f"train: all {cluster.workers} workers connected; this one "
-              f"{'is the chief: it writes the outputs and logs to MLflow' if chief else 'writes nothing'}")
-        return Hardware(strategy, device, strategy.num_replicas_in_sync, precision, multi_worker=True,
-                        workers=cluster.workers, chief=chief)
+        print(
+            f"train: all {cluster.workers} workers connected; this one "
+            f"{'is the chief: it writes the outputs and logs to MLflow' if chief else 'writes nothing'}"
+        )
+        return Hardware(
+            strategy,
+            device,
+            strategy.num_replicas_in_sync,
+            precision,
+            multi_worker=True,
+            workers=cluster.workers,
+            chief=chief,
+        )
     if params.strategy == "mirrored" or (params.strategy == "auto" and len(gpus) > 1):
         strategy = tf.distribute.MirroredStrategy()
     elif params.strategy == "single":
@@ -96,8 +115,9 @@ def configure_hardware(params: TrainParams) -> Hardware:
     return Hardware(strategy, device, strategy.num_replicas_in_sync, precision)
 
 
-def labelled_batches(index: ShardIndex, split: str, batch_size: int, shuffle_seed: int | None = None,
-                     drop_remainder: bool = False):
+def labelled_batches(
+    index: ShardIndex, split: str, batch_size: int, shuffle_seed: int | None = None, drop_remainder: bool = False
+):
     """Batches of (uint8 images, one-hot or 0/1 targets) for `fit`.
 
     The decoded split is cached in memory after the first pass, so later
@@ -140,20 +160,36 @@ def learning_rate(params: TrainParams, lr: float, epochs: int, steps_per_epoch: 
         return lr
     warmup = min(warmup_epochs, epochs - 1) * steps_per_epoch
     return keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=lr / 10 if warmup else lr, decay_steps=max(epochs * steps_per_epoch - warmup, 1),
-        alpha=0.01, warmup_target=lr if warmup else None, warmup_steps=warmup)
+        initial_learning_rate=lr / 10 if warmup else lr,
+        decay_steps=max(epochs * steps_per_epoch - warmup, 1),
+        alpha=0.01,
+        warmup_target=lr if warmup else None,
+        warmup_steps=warmup,
+    )
 
 
-def compile_model(model: keras.Model, params: TrainParams, num_classes: int, lr_value: float | None = None,
-                  epochs: int | None = None, steps_per_epoch: int = 1, warmup_epochs: int | None = None) -> None:
+def compile_model(
+    model: keras.Model,
+    params: TrainParams,
+    num_classes: int,
+    lr_value: float | None = None,
+    epochs: int | None = None,
+    steps_per_epoch: int = 1,
+    warmup_epochs: int | None = None,
+) -> None:
     if num_classes == 2:
         loss = keras.losses.BinaryCrossentropy(label_smoothing=params.label_smoothing)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy")
     else:
         loss = keras.losses.CategoricalCrossentropy(label_smoothing=params.label_smoothing)
         accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
-    lr = learning_rate(params, lr_value or params.lr, epochs or params.epochs, steps_per_epoch,
-                       params.warmup_epochs if warmup_epochs is None else warmup_epochs)
+    lr = learning_rate(
+        params,
+        lr_value or params.lr,
+        epochs or params.epochs,
+        steps_per_epoch,
+        params.warmup_epochs if warmup_epochs is None else warmup_epochs,
+    )
     optimizer = keras.optimizers.AdamW(lr, weight_decay=params.weight_decay)
     model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy], jit_compile=params.xla)
 
@@ -169,34 +205,58 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self.start
 
 
-def callbacks(params: TrainParams, history_csv: Path, checkpoint: Path, extra: list, append: bool = False,
-              chief: bool = True) -> list:
+def callbacks(
+    params: TrainParams, history_csv: Path, checkpoint: Path, extra: list, append: bool = False, chief: bool = True
+) -> list:
     """Early stopping and the LR plateau on every worker (all see the same logs); files and `extra`
     (MLflow) on the chief only."""
     chosen = [
         EpochTimer(),  # first, so the callbacks after it see the time
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=params.early_stopping_patience,
-                                      restore_best_weights=True),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
+        ),
     ]
     if params.lr_schedule == "plateau":
-        chosen.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
-                                                        patience=params.reduce_lr_patience, min_lr=params.lr / 100))
+        chosen.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.5, patience=params.reduce_lr_patience, min_lr=params.lr / 100
+            )
+        )
     if chief:
         history_csv.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        chosen += [keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
-                   keras.callbacks.CSVLogger(history_csv, append=append), *extra]
+        chosen += [
+            keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
+            keras.callbacks.CSVLogger(history_csv, append=append),
+            *extra,
+        ]
     return chosen
 
 
-def fit_model(model: keras.Model, hardware: Hardware, train_data, val_data, epochs: int, callbacks: list,
-              class_weight: dict[int, float] | None = None, initial_epoch: int = 0) -> dict[str, list[float]]:
+def fit_model(
+    model: keras.Model,
+    hardware: Hardware,
+    train_data,
+    val_data,
+    epochs: int,
+    callbacks: list,
+    class_weight: dict[int, float] | None = None,
+    initial_epoch: int = 0,
+) -> dict[str, list[float]]:
     """`model.fit` on one machine; across machines the same epochs in `multi_worker`'s loop. Returns the history."""
     if hardware.multi_worker:
-        return multi_worker.fit_across_workers(model, hardware.strategy, train_data, val_data, epochs, callbacks,
-                                               class_weight, initial_epoch)
-    return model.fit(train_data, validation_data=val_data, epochs=epochs, initial_epoch=initial_epoch,
-                     callbacks=callbacks, class_weight=class_weight, verbose=2).history
+        return multi_worker.fit_across_workers(
+            model, hardware.strategy, train_data, val_data, epochs, callbacks, class_weight, initial_epoch
+        )
+    return model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        callbacks=callbacks,
+        class_weight=class_weight,
+        verbose=2,
+    ).history
 
 
 def steps_per_epoch(index: ShardIndex, global_batch: int, drop_remainder: bool = False) -> int:
