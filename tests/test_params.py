@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from brainmri.params import ParamsError, flatten, load_params
+from brainmri.params import Params, ParamsError, flatten, load_params
 
 from conftest import PROJECT
 
@@ -25,6 +25,21 @@ def test_project_params_file_is_valid_and_has_the_documented_keys():
     for key in ("epochs", "lr", "batch_size", "image_size"):
         assert getattr(params.train, key) > 0
     assert isinstance(params.split.seed, int)
+
+
+def schema_defaults_differing_from(file_params: dict) -> dict:
+    """{key: (schema default, file value)} for every key whose default differs from the file."""
+    defaults = flatten(Params.model_validate({"ingest": {"source": file_params["ingest"]["source"]}}), "")
+    written = flatten(Params.model_validate(file_params), "")
+    return {key: (defaults[key], written[key]) for key in written if defaults[key] != written[key]}
+
+
+def test_the_schema_defaults_are_the_values_of_params_yaml():
+    # One source of truth: a key left out of params.yaml means what params.yaml says.
+    file_params = project_params()
+    assert schema_defaults_differing_from(file_params) == {}
+    file_params["train"]["lr"] = 0.5  # the check sees a change on one side
+    assert schema_defaults_differing_from(file_params) == {".train.lr": (0.002, 0.5)}
 
 
 def test_unknown_key_is_named(tmp_path):

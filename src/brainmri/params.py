@@ -122,7 +122,7 @@ class TrainParams(_Section):
     model: str = "compact_cnn"
     weights: str | None = Field(None, description="none, imagenet, or a weights file for the backbone")
     epochs: int = Field(30, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(2e-3, gt=0)
     lr_schedule: Literal["cosine", "plateau"] = "cosine"
     warmup_epochs: int = Field(1, ge=0, description="cosine: linear warm-up epochs")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW's decoupled L2 penalty")
@@ -142,7 +142,10 @@ class TrainParams(_Section):
     dropout: float = Field(0.3, ge=0, lt=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
-    augment: AugmentParams = Field(AugmentParams(brightness=0.0), description="random layers, active only in fit")
+    augment: AugmentParams = Field(
+        AugmentParams(rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0, contrast=0.0),
+        description="random layers, active only in fit; the balance stage already transforms its copies",
+    )
     early_stopping_patience: int = Field(8, ge=1)
     reduce_lr_patience: int = Field(3, ge=1)
     fine_tune: FineTuneParams = FineTuneParams()
@@ -182,7 +185,7 @@ class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
     review_threshold: float = Field(0.8, ge=0, le=1, description="below this top-1 confidence: human review")
     calibration_bins: int = Field(15, ge=2, le=100)
-    tta: bool = Field(False, description="also report horizontal-flip test-time augmentation")
+    tta: bool = Field(True, description="also report horizontal-flip test-time augmentation")
     external: str | None = Field(None, description="an extra labelled test folder, checked and scored too")
 
 
