@@ -6,6 +6,7 @@ from pathlib import Path
 
 from brainmri.balance import balanced_training_records, plain_records
 from brainmri.data import SPLITS
+from brainmri.errors import run_entry_point
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
@@ -14,34 +15,40 @@ from brainmri.tracking import stage_run
 
 OUT = Path("data/prepared")
 
-params = load_params()
-size, channels = params.train.image_size, params.train.channels
-logged = {**flatten(params.balance, "balance"), "train.image_size": size, "train.channels": channels}
-with stage_run("balance", params.tracking, logged) as run:
-    split = read_manifest("data/interim/split.csv", [*MANIFEST_COLUMNS, "split"])
-    classes = sorted(split["label"].unique())
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
 
-    files, counts = {}, {}
-    for name in SPLITS:
-        rows = split[split["split"] == name]
-        if name == "train":
-            records = balanced_training_records(
-                rows, classes, size, channels, params.balance.target, params.balance.seed, params.balance.augment
-            )
-            augmented = sum(record.augmented for record in records)
-        else:
-            records = plain_records(rows, classes, size, channels)
-        files[name] = write_split(records, OUT, name, params.balance.shard_size)
-        counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
-    ShardIndex(OUT, classes, size, channels, files, counts).save()
+def main() -> None:
+    params = load_params()
+    size, channels = params.train.image_size, params.train.channels
+    logged = {**flatten(params.balance, "balance"), "train.image_size": size, "train.channels": channels}
+    with stage_run("balance", params.tracking, logged) as run:
+        split = read_manifest("data/interim/split.csv", [*MANIFEST_COLUMNS, "split"])
+        classes = sorted(split["label"].unique())
+        shutil.rmtree(OUT, ignore_errors=True)
+        OUT.mkdir(parents=True)
 
-    summary = {
-        **{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
-        "train.augmented": augmented,
-    }
-    write_json(summary, "metrics/balance.json")
-    run.log_metrics(summary)
-    run.log_artifact(str(OUT / "index.json"), "balance")
-    print("balance: train " + ", ".join(f"{label} {n}" for label, n in counts["train"].items()))
+        files, counts = {}, {}
+        for name in SPLITS:
+            rows = split[split["split"] == name]
+            if name == "train":
+                records = balanced_training_records(
+                    rows, classes, size, channels, params.balance.target, params.balance.seed, params.balance.augment
+                )
+                augmented = sum(record.augmented for record in records)
+            else:
+                records = plain_records(rows, classes, size, channels)
+            files[name] = write_split(records, OUT, name, params.balance.shard_size)
+            counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
+        ShardIndex(OUT, classes, size, channels, files, counts).save()
+
+        summary = {
+            **{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
+            "train.augmented": augmented,
+        }
+        write_json(summary, "metrics/balance.json")
+        run.log_metrics(summary)
+        run.log_artifact(str(OUT / "index.json"), "balance")
+        print("balance: train " + ", ".join(f"{label} {n}" for label, n in counts["train"].items()))
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

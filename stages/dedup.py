@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from brainmri.dedup import find_duplicates
+from brainmri.errors import run_entry_point
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
@@ -10,21 +11,28 @@ from brainmri.tracking import stage_run
 
 KEPT, GROUPS = Path("data/interim/dedup.csv"), Path("data/interim/duplicate_groups.csv")
 
-params = load_params()
-p = params.dedup
-with stage_run("dedup", params.tracking, flatten(p, "dedup")) as run:
-    manifest = read_manifest("data/interim/manifest.csv", MANIFEST_COLUMNS)
-    result = find_duplicates(manifest, p.near, p.hash_distance, p.min_correlation, p.workers)
-    write_manifest(result.kept, KEPT)
-    write_manifest(result.groups, GROUPS)
 
-    summary = result.summary()
-    write_json(summary, "metrics/dedup.json")
-    run.log_metrics(summary)
-    for path in (KEPT, GROUPS):
-        run.log_artifact(str(path), "dedup")
-    print(
-        f"dedup: kept {summary['kept_images']} of {summary['input_images']} "
-        f"({summary['exact_duplicates_removed']} exact and {summary['near_duplicates_removed']} near copies, "
-        f"{summary['conflicting_images_removed']} in {summary['conflicting_groups']} groups with conflicting labels)"
-    )
+def main() -> None:
+    params = load_params()
+    p = params.dedup
+    with stage_run("dedup", params.tracking, flatten(p, "dedup")) as run:
+        manifest = read_manifest("data/interim/manifest.csv", MANIFEST_COLUMNS)
+        result = find_duplicates(manifest, p.near, p.hash_distance, p.min_correlation, p.workers)
+        write_manifest(result.kept, KEPT)
+        write_manifest(result.groups, GROUPS)
+
+        summary = result.summary()
+        write_json(summary, "metrics/dedup.json")
+        run.log_metrics(summary)
+        for path in (KEPT, GROUPS):
+            run.log_artifact(str(path), "dedup")
+        print(
+            f"dedup: kept {summary['kept_images']} of {summary['input_images']} "
+            f"({summary['exact_duplicates_removed']} exact and {summary['near_duplicates_removed']} near copies, "
+            f"{summary['conflicting_images_removed']} in {summary['conflicting_groups']} groups "
+            "with conflicting labels)"
+        )
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

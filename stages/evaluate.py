@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri.data import DataError
 from brainmri.dedup import copies_of_known_images
+from brainmri.errors import DataError, run_entry_point
 from brainmri.evaluation import (
     calibration,
     classification_metrics,
@@ -64,94 +64,110 @@ def external_test_set(params, classes: list[str], size: int, channels: int):
     return images, labels, kept, found.images[leaked][["path", "label"]], found.rejects
 
 
-params = load_params()
-p = params.evaluate
-with stage_run("evaluate", params.tracking, flatten(p, "evaluate")) as run:
-    shutil.rmtree(FIGURES, ignore_errors=True)
-    model, meta = load_model("models")
-    classes = meta["classes"]
-    images, labels, paths = ShardIndex.load("data/prepared").arrays("test")
-    if len(labels) == 0:
-        raise SystemExit("the test split is empty: raise split.test or add images")
-    probabilities = class_probabilities(model, images, p.batch_size)
-    metrics = scores(labels, probabilities, classes, p)
-    if p.tta:  # beside the plain figures, never instead of them
-        tta = scores(labels, flip_tta_probabilities(model, images, p.batch_size), classes, p)
-        metrics.update({f"tta.{key}": value for key, value in tta.items()})
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    if p.external:
-        external_images, external_labels, kept, leaked, rejects = external_test_set(
-            params, classes, meta["image_size"], meta["channels"]
-        )
-        write_manifest(leaked, FIGURES / "external_leakage.csv")
-        write_manifest(rejects, FIGURES / "external_rejects.csv")
-        metrics.update(
-            {"external.images": len(kept), "external.leaked_removed": len(leaked), "external.rejected": len(rejects)}
-        )
-        if len(kept):
-            external_probabilities = class_probabilities(model, external_images, p.batch_size)
-            external = scores(external_labels, external_probabilities, classes, p)
-            metrics.update({f"external.{key}": value for key, value in external.items()})
-            write_manifest(
-                kept[["path", "label"]].assign(
-                    predicted=[classes[i] for i in external_probabilities.argmax(axis=1)],
-                    confidence=external_probabilities.max(axis=1),
-                ),
-                FIGURES / "external_predictions.csv",
+def main() -> None:
+    params = load_params()
+    p = params.evaluate
+    with stage_run("evaluate", params.tracking, flatten(p, "evaluate")) as run:
+        shutil.rmtree(FIGURES, ignore_errors=True)
+        model, meta = load_model("models")
+        classes = meta["classes"]
+        images, labels, paths = ShardIndex.load("data/prepared").arrays("test")
+        if len(labels) == 0:
+            raise DataError("the test split is empty: raise split.test or add images")
+        probabilities = class_probabilities(model, images, p.batch_size)
+        metrics = scores(labels, probabilities, classes, p)
+        if p.tta:  # beside the plain figures, never instead of them
+            tta = scores(labels, flip_tta_probabilities(model, images, p.batch_size), classes, p)
+            metrics.update({f"tta.{key}": value for key, value in tta.items()})
+        FIGURES.mkdir(parents=True, exist_ok=True)
+        if p.external:
+            external_images, external_labels, kept, leaked, rejects = external_test_set(
+                params, classes, meta["image_size"], meta["channels"]
             )
-    write_json(metrics, "metrics/evaluate.json")
+            write_manifest(leaked, FIGURES / "external_leakage.csv")
+            write_manifest(rejects, FIGURES / "external_rejects.csv")
+            metrics.update(
+                {
+                    "external.images": len(kept),
+                    "external.leaked_removed": len(leaked),
+                    "external.rejected": len(rejects),
+                }
+            )
+            if len(kept):
+                external_probabilities = class_probabilities(model, external_images, p.batch_size)
+                external = scores(external_labels, external_probabilities, classes, p)
+                metrics.update({f"external.{key}": value for key, value in external.items()})
+                write_manifest(
+                    kept[["path", "label"]].assign(
+                        predicted=[classes[i] for i in external_probabilities.argmax(axis=1)],
+                        confidence=external_probabilities.max(axis=1),
+                    ),
+                    FIGURES / "external_predictions.csv",
+                )
+        write_json(metrics, "metrics/evaluate.json")
 
-    predicted = probabilities.argmax(axis=1)
-    matrix = confusion(labels, predicted, classes)
-    Path("metrics/confusion_matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
-    table = pd.DataFrame(
-        {
-            "path": paths,
-            "actual": [classes[i] for i in labels],
-            "predicted": [classes[i] for i in predicted],
-            "confidence": probabilities.max(axis=1),
-            "needs_review": probabilities.max(axis=1) < p.review_threshold,
-            **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
+        predicted = probabilities.argmax(axis=1)
+        matrix = confusion(labels, predicted, classes)
+        Path("metrics/confusion_matrix.json").write_text(json.dumps(matrix, indent=2) + "\n")
+        table = pd.DataFrame(
+            {
+                "path": paths,
+                "actual": [classes[i] for i in labels],
+                "predicted": [classes[i] for i in predicted],
+                "confidence": probabilities.max(axis=1),
+                "needs_review": probabilities.max(axis=1) < p.review_threshold,
+                **{f"p_{name}": probabilities[:, i] for i, name in enumerate(classes)},
+            }
+        ).sort_values("path", kind="mergesort")
+        write_manifest(table, PREDICTIONS)
+        write_manifest(table[["actual", "predicted"]], "metrics/confusion.csv")
+
+        # Plot data for `dvc plots`, the same as PNGs for MLflow.
+        shutil.rmtree(PLOTS, ignore_errors=True)
+        roc = {
+            name: points
+            for i, name in enumerate(classes)
+            if (points := roc_points(labels, probabilities, i)) is not None
         }
-    ).sort_values("path", kind="mergesort")
-    write_manifest(table, PREDICTIONS)
-    write_manifest(table[["actual", "predicted"]], "metrics/confusion.csv")
+        pr = {
+            name: points
+            for i, name in enumerate(classes)
+            if (points := pr_points(labels, probabilities, i)) is not None
+        }
+        for name, points in roc.items():
+            write_manifest(points, PLOTS / "roc" / f"{name}.csv")
+        for name, points in pr.items():
+            write_manifest(points, PLOTS / "precision_recall" / f"{name}.csv")
+        reliability = calibration(labels, probabilities, p.calibration_bins).table
+        write_manifest(reliability, PLOTS / "reliability.csv")
+        coverage = risk_coverage(labels, probabilities)
+        write_manifest(coverage, PLOTS / "risk_coverage.csv")
 
-    # Plot data for `dvc plots`, the same as PNGs for MLflow.
-    shutil.rmtree(PLOTS, ignore_errors=True)
-    roc = {
-        name: points for i, name in enumerate(classes) if (points := roc_points(labels, probabilities, i)) is not None
-    }
-    pr = {name: points for i, name in enumerate(classes) if (points := pr_points(labels, probabilities, i)) is not None}
-    for name, points in roc.items():
-        write_manifest(points, PLOTS / "roc" / f"{name}.csv")
-    for name, points in pr.items():
-        write_manifest(points, PLOTS / "precision_recall" / f"{name}.csv")
-    reliability = calibration(labels, probabilities, p.calibration_bins).table
-    write_manifest(reliability, PLOTS / "reliability.csv")
-    coverage = risk_coverage(labels, probabilities)
-    write_manifest(coverage, PLOTS / "risk_coverage.csv")
+        confusion_png(matrix["normalized"], matrix["counts"], FIGURES / "confusion_matrix.png")
+        curves_png(roc, "fpr", "tpr", "ROC, one vs rest", FIGURES / "roc.png", diagonal=True)
+        curves_png(pr, "recall", "precision", "Precision-recall, one vs rest", FIGURES / "precision_recall.png")
+        curves_png(
+            {"model": reliability.dropna()},
+            "confidence",
+            "accuracy",
+            f"Reliability (ECE {metrics['ece']:.3f})",
+            FIGURES / "reliability.png",
+            diagonal=True,
+        )
+        curves_png({"model": coverage}, "coverage", "risk", "Risk-coverage", FIGURES / "risk_coverage.png")
+        report = classification_report_text(labels, predicted, classes)
+        (FIGURES / "classification_report.txt").write_text(report)
 
-    confusion_png(matrix["normalized"], matrix["counts"], FIGURES / "confusion_matrix.png")
-    curves_png(roc, "fpr", "tpr", "ROC, one vs rest", FIGURES / "roc.png", diagonal=True)
-    curves_png(pr, "recall", "precision", "Precision-recall, one vs rest", FIGURES / "precision_recall.png")
-    curves_png(
-        {"model": reliability.dropna()},
-        "confidence",
-        "accuracy",
-        f"Reliability (ECE {metrics['ece']:.3f})",
-        FIGURES / "reliability.png",
-        diagonal=True,
-    )
-    curves_png({"model": coverage}, "coverage", "risk", "Risk-coverage", FIGURES / "risk_coverage.png")
-    report = classification_report_text(labels, predicted, classes)
-    (FIGURES / "classification_report.txt").write_text(report)
+        run.log_metrics(metrics)
+        run.log_artifact(str(PREDICTIONS), "evaluate")
+        run.log_artifacts(str(FIGURES), "evaluate")
+        print(report)
+        print(
+            f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} "
+            f"on {len(labels)} images; "
+            f"{metrics['review_fraction']:.0%} below confidence {p.review_threshold} go to review"
+        )
 
-    run.log_metrics(metrics)
-    run.log_artifact(str(PREDICTIONS), "evaluate")
-    run.log_artifacts(str(FIGURES), "evaluate")
-    print(report)
-    print(
-        f"evaluate: accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f} on {len(labels)} images; "
-        f"{metrics['review_fraction']:.0%} below confidence {p.review_threshold} go to review"
-    )
+
+if __name__ == "__main__":
+    run_entry_point(main)

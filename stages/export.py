@@ -1,25 +1,32 @@
 """export: TFLite files of the trained model for deployment, each checked against the Keras model."""
 
+from brainmri.errors import run_entry_point
 from brainmri.export import export_all
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
 from brainmri.tracking import stage_run
 
-params = load_params()
-p = params.export
-with stage_run("export", params.tracking, flatten(p, "export")) as run:
-    report = export_all("models", "exports", "data/prepared", p.formats, p.calibration_images)
-    summary = {
-        f"{variant}.{key}": value
-        for variant, values in report.items()
-        for key, value in values.items()
-        if key != "file"
-    }
-    write_json(summary, "metrics/export.json")
-    run.log_metrics(summary)
-    run.log_artifacts("exports", "exports")
-    for values in report.values():
-        print(
-            f"export: exports/{values['file']} ({values['bytes']:,} bytes), "
-            f"max |TFLite - Keras| {values['max_abs_difference']:.2g}"
-        )
+
+def main() -> None:
+    params = load_params()
+    p = params.export
+    with stage_run("export", params.tracking, flatten(p, "export")) as run:
+        report = export_all("models", "exports", "data/prepared", p.formats, p.calibration_images)
+        summary = {
+            f"{variant}.{key}": value
+            for variant, values in report.items()
+            for key, value in values.items()
+            if key != "file"
+        }
+        write_json(summary, "metrics/export.json")
+        run.log_metrics(summary)
+        run.log_artifacts("exports", "exports")
+        for values in report.values():
+            print(
+                f"export: exports/{values['file']} ({values['bytes']:,} bytes), "
+                f"max |TFLite - Keras| {values['max_abs_difference']:.2g}"
+            )
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmri.errors import run_entry_point
 from brainmri.gradcam import (
     class_balanced_sample,
     class_grid,
@@ -201,4 +202,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

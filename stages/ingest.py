@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from brainmri.errors import run_entry_point
 from brainmri.ingest import scan
 from brainmri.manifest import write_manifest
 from brainmri.metrics import write_json
@@ -11,26 +12,32 @@ from brainmri.tracking import stage_run
 
 MANIFEST, REJECTS, REPORT = Path("data/interim/manifest.csv"), Path("data/interim/rejects.csv"), Path("reports/data")
 
-params = load_params()
-with stage_run("ingest", params.tracking, flatten(params.ingest, "ingest")) as run:
-    result = scan(params.ingest)
-    write_manifest(result.images, MANIFEST)
-    write_manifest(result.rejects, REJECTS)
-    report = write_data_report(result.images, result.rejects, result.layout, REPORT)
 
-    summary = {
-        "images": len(result.images),
-        "rejected": len(result.rejects),
-        "outliers": int((result.images["outlier"] != "").sum()),
-        **{f"class_count.{label}": n for label, n in report["per_class"].items()},
-    }
-    write_json(summary, "metrics/ingest.json")
-    run.log_metrics(summary)
-    run.set_tag("brainmri.layout", result.layout)
-    for path in (MANIFEST, REJECTS):
-        run.log_artifact(str(path), "ingest")
-    run.log_artifacts(str(REPORT), "data_report")
-    print(
-        f"ingest ({result.layout}): {summary['images']} images in {len(report['per_class'])} classes, "
-        f"{summary['rejected']} rejected, {summary['outliers']} flagged as outliers"
-    )
+def main() -> None:
+    params = load_params()
+    with stage_run("ingest", params.tracking, flatten(params.ingest, "ingest")) as run:
+        result = scan(params.ingest)
+        write_manifest(result.images, MANIFEST)
+        write_manifest(result.rejects, REJECTS)
+        report = write_data_report(result.images, result.rejects, result.layout, REPORT)
+
+        summary = {
+            "images": len(result.images),
+            "rejected": len(result.rejects),
+            "outliers": int((result.images["outlier"] != "").sum()),
+            **{f"class_count.{label}": n for label, n in report["per_class"].items()},
+        }
+        write_json(summary, "metrics/ingest.json")
+        run.log_metrics(summary)
+        run.set_tag("brainmri.layout", result.layout)
+        for path in (MANIFEST, REJECTS):
+            run.log_artifact(str(path), "ingest")
+        run.log_artifacts(str(REPORT), "data_report")
+        print(
+            f"ingest ({result.layout}): {summary['images']} images in {len(report['per_class'])} classes, "
+            f"{summary['rejected']} rejected, {summary['outliers']} flagged as outliers"
+        )
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import keras
 
+from brainmri.errors import DataError, run_entry_point
 from brainmri.metrics import write_json
 from brainmri.models import (
     APPLICATIONS,
@@ -39,133 +40,139 @@ MODELS = Path("models")
 HISTORY = Path("metrics/train_history.csv")
 CHECKPOINT = Path("build/checkpoints/best.keras")  # scratch space, not a DVC output
 
-params = load_params()
-p = params.train
-hardware = configure_hardware(p)  # first: devices cannot change once TensorFlow runs
 
-with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief) as run:
-    keras.utils.set_random_seed(p.seed)
-    index = ShardIndex.load("data/prepared")
-    if (index.image_size, index.channels) != (p.image_size, p.channels):
-        raise SystemExit("data/prepared was written for another image size or channel count: rerun balance")
-    num_classes = len(index.classes)
-    if hardware.multi_worker:
-        inputs = json.dumps([p.model_dump(), index.files, index.counts], sort_keys=True).encode()
-        check_workers_agree(hardware.strategy, "train params and data/prepared", hashlib.sha256(inputs).hexdigest())
+def main() -> None:
+    params = load_params()
+    p = params.train
+    hardware = configure_hardware(p)  # first: devices cannot change once TensorFlow runs
 
-    def build(weights: str | None) -> keras.Model:
-        return build_model(
-            p.model,
-            num_classes,
-            p.image_size,
-            p.channels,
-            p.width,
-            p.dropout,
-            weights=weights,
-            augment=p.augment,
-            seed=p.seed,
-            norm=p.norm,
-            pooling=p.pooling,
-        )
+    with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief) as run:
+        keras.utils.set_random_seed(p.seed)
+        index = ShardIndex.load("data/prepared")
+        if (index.image_size, index.channels) != (p.image_size, p.channels):
+            raise DataError("data/prepared was written for another image size or channel count: rerun balance")
+        num_classes = len(index.classes)
+        if hardware.multi_worker:
+            inputs = json.dumps([p.model_dump(), index.files, index.counts], sort_keys=True).encode()
+            check_workers_agree(hardware.strategy, "train params and data/prepared", hashlib.sha256(inputs).hexdigest())
 
-    global_batch = p.batch_size * hardware.replicas
-    # Across machines every worker needs a share of every training batch: the last partial one is dropped.
-    drop_remainder = hardware.multi_worker
-    if drop_remainder and index.size("train") < global_batch:
-        raise SystemExit(
-            f"the train split has {index.size('train')} images, fewer than one global batch "
-            f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
-        )
-    steps = steps_per_epoch(index, global_batch, drop_remainder)
-    train_data = labelled_batches(index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder)
-    val_data = labelled_batches(index, "val", global_batch)
-    with hardware.strategy.scope():
-        model = build(p.weights)
-        pretrained = p.model in APPLICATIONS and p.weights is not None
-        if pretrained:
-            set_backbone_trainable(model, False)
-        compile_model(model, p, num_classes, steps_per_epoch=steps)
-    print(f"train: {p.model}, {model.count_params():,} parameters, {hardware.describe()}")
-    for key, value in hardware.describe().items():
-        run.set_tag(f"brainmri.train.{key}", str(value))
-    weight_per_class = class_weights(index, p.class_weight)
-    history = fit_model(
-        model,
-        hardware,
-        train_data,
-        val_data,
-        p.epochs,
-        callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief),
-        weight_per_class,
-    )
-    if p.fine_tune.epochs:
-        done = len(history["val_loss"])
-        with hardware.strategy.scope():
-            set_backbone_trainable(model, True, top_layers=p.fine_tune.layers)
-            compile_model(
-                model,
-                p,
+        def build(weights: str | None) -> keras.Model:
+            return build_model(
+                p.model,
                 num_classes,
-                lr_value=p.fine_tune.lr,
-                epochs=p.fine_tune.epochs,
-                steps_per_epoch=steps,
-                warmup_epochs=0,
+                p.image_size,
+                p.channels,
+                p.width,
+                p.dropout,
+                weights=weights,
+                augment=p.augment,
+                seed=p.seed,
+                norm=p.norm,
+                pooling=p.pooling,
             )
-        tuned = fit_model(
+
+        global_batch = p.batch_size * hardware.replicas
+        # Across machines every worker needs a share of every training batch: the last partial one is dropped.
+        drop_remainder = hardware.multi_worker
+        if drop_remainder and index.size("train") < global_batch:
+            raise DataError(
+                f"the train split has {index.size('train')} images, fewer than one global batch "
+                f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
+            )
+        steps = steps_per_epoch(index, global_batch, drop_remainder)
+        train_data = labelled_batches(index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder)
+        val_data = labelled_batches(index, "val", global_batch)
+        with hardware.strategy.scope():
+            model = build(p.weights)
+            pretrained = p.model in APPLICATIONS and p.weights is not None
+            if pretrained:
+                set_backbone_trainable(model, False)
+            compile_model(model, p, num_classes, steps_per_epoch=steps)
+        print(f"train: {p.model}, {model.count_params():,} parameters, {hardware.describe()}")
+        for key, value in hardware.describe().items():
+            run.set_tag(f"brainmri.train.{key}", str(value))
+        weight_per_class = class_weights(index, p.class_weight)
+        history = fit_model(
             model,
             hardware,
             train_data,
             val_data,
-            done + p.fine_tune.epochs,
-            callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), append=True, chief=hardware.chief),
+            p.epochs,
+            callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief),
             weight_per_class,
-            initial_epoch=done,
         )
-        history = {key: history[key] + tuned.get(key, []) for key in history}
+        if p.fine_tune.epochs:
+            done = len(history["val_loss"])
+            with hardware.strategy.scope():
+                set_backbone_trainable(model, True, top_layers=p.fine_tune.layers)
+                compile_model(
+                    model,
+                    p,
+                    num_classes,
+                    lr_value=p.fine_tune.lr,
+                    epochs=p.fine_tune.epochs,
+                    steps_per_epoch=steps,
+                    warmup_epochs=0,
+                )
+            tuned = fit_model(
+                model,
+                hardware,
+                train_data,
+                val_data,
+                done + p.fine_tune.epochs,
+                callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), append=True, chief=hardware.chief),
+                weight_per_class,
+                initial_epoch=done,
+            )
+            history = {key: history[key] + tuned.get(key, []) for key in history}
 
-    if hardware.multi_worker:
-        average_batch_norm_statistics(model, hardware.strategy)  # each worker's follow only its own batches
-    if hardware.precision != "float32" or hardware.multi_worker:
-        # The saved model computes in float32 whatever training used: the same
-        # answers on every machine, and exporters that know no bfloat16. The copy
-        # is also free of any distribution strategy, so what follows runs locally.
-        keras.mixed_precision.set_global_policy("float32")
-        model = float32_copy(model, build(None))
-    if p.model == "compact_cnn" and p.norm == "batch":
-        images, _, _ = index.arrays("train")
-        reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
-        used = min(len(images), PRECISE_BN_IMAGES)
-        print(f"train: batch-norm statistics re-estimated over {used} training images")
-    if hardware.multi_worker:
-        digest = weights_digest(model)
-        check_workers_agree(hardware.strategy, "the trained weights", digest)
-        print(f"train: every worker holds the same weights (sha256 {digest})")
+        if hardware.multi_worker:
+            average_batch_norm_statistics(model, hardware.strategy)  # each worker's follow only its own batches
+        if hardware.precision != "float32" or hardware.multi_worker:
+            # The saved model computes in float32 whatever training used: the same
+            # answers on every machine, and exporters that know no bfloat16. The copy
+            # is also free of any distribution strategy, so what follows runs locally.
+            keras.mixed_precision.set_global_policy("float32")
+            model = float32_copy(model, build(None))
+        if p.model == "compact_cnn" and p.norm == "batch":
+            images, _, _ = index.arrays("train")
+            reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
+            used = min(len(images), PRECISE_BN_IMAGES)
+            print(f"train: batch-norm statistics re-estimated over {used} training images")
+        if hardware.multi_worker:
+            digest = weights_digest(model)
+            check_workers_agree(hardware.strategy, "the trained weights", digest)
+            print(f"train: every worker holds the same weights (sha256 {digest})")
 
-    if hardware.chief:
-        metadata = {
-            "classes": index.classes,
-            "image_size": p.image_size,
-            "channels": p.channels,
-            "model": p.model,
-            "trained_precision": hardware.precision,
-        }
-        save_model(model, MODELS, metadata)
-        best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
-        summary = {
-            "epochs_run": len(history["val_loss"]),
-            "best_epoch": best + 1,
-            "best_val_loss": history["val_loss"][best],
-            "best_val_accuracy": history["val_accuracy"][best],
-            "parameters": model.count_params(),
-        }
-        write_json(summary, "metrics/train.json")
-        run.log_metrics({f"final.{key}": value for key, value in summary.items()})
-        run.log_artifact(str(MODELS / "model.json"), "model_meta")
-        run.log_keras_model(
-            model,
-            example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
-            registered_name=params.tracking.registered_model,
-        )
-        print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
-    else:
-        print("train: done; the chief writes models/ and metrics/ and logs to MLflow")
+        if hardware.chief:
+            metadata = {
+                "classes": index.classes,
+                "image_size": p.image_size,
+                "channels": p.channels,
+                "model": p.model,
+                "trained_precision": hardware.precision,
+            }
+            save_model(model, MODELS, metadata)
+            best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
+            summary = {
+                "epochs_run": len(history["val_loss"]),
+                "best_epoch": best + 1,
+                "best_val_loss": history["val_loss"][best],
+                "best_val_accuracy": history["val_accuracy"][best],
+                "parameters": model.count_params(),
+            }
+            write_json(summary, "metrics/train.json")
+            run.log_metrics({f"final.{key}": value for key, value in summary.items()})
+            run.log_artifact(str(MODELS / "model.json"), "model_meta")
+            run.log_keras_model(
+                model,
+                example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
+                registered_name=params.tracking.registered_model,
+            )
+            print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
+        else:
+            print("train: done; the chief writes models/ and metrics/ and logs to MLflow")
+
+
+if __name__ == "__main__":
+    run_entry_point(main)

@@ -9,17 +9,18 @@ nothing downstream by itself."""
 
 from pathlib import Path
 
+from brainmri.errors import run_entry_point
 from brainmri.params import check_folders, load_params
 
 VALIDATED = Path("data/interim/params.validated")
 
 
 def main() -> None:
-    check_folders(load_params())  # a ParamsError ends the process with the key named
+    check_folders(load_params())
     VALIDATED.parent.mkdir(parents=True, exist_ok=True)
     VALIDATED.write_text("params.yaml and the folders it names are valid\n")
     print("validate: params.yaml is valid")
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -57,7 +57,7 @@ def test_stages_declare_only_their_own_params_sections():
 def test_every_stage_waits_for_the_params_check():
     # DVC deletes a stage's outputs before running it: a bad params.yaml must fail before that.
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
-    assert stages["validate"]["deps"] == ["stages/validate.py", "src/brainmri/params.py", "params.yaml"]
+    assert "params.yaml" in stages["validate"]["deps"]
     assert stages["validate"]["outs"] == [{VALIDATED: {"persist": True}}]
     for name in STAGES:
         assert VALIDATED in stages[name]["deps"], name

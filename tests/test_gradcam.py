@@ -2,6 +2,7 @@ import keras
 import numpy as np
 import pytest
 
+from brainmri.errors import ModelError
 from brainmri.gradcam import (
     class_balanced_sample,
     gradcam_heatmaps,
@@ -120,9 +121,9 @@ def test_nested_keras_applications_backbone_is_explained():
 def test_unknown_layer_and_method_are_named():
     model = build_model("compact_cnn", 3, SIZE, 1, width=4)
     images, _, _ = bar_images(1)
-    with pytest.raises(SystemExit, match="gradcam.layer: model has no layer 'nope'"):
+    with pytest.raises(ModelError, match="gradcam.layer: model has no layer 'nope'"):
         gradcam_heatmaps(model, images, np.array([0]), "nope")
-    with pytest.raises(SystemExit, match="gradcam.method"):
+    with pytest.raises(ModelError, match="gradcam.method"):
         gradcam_heatmaps(model, images, np.array([0]), "block4_relu2", "lime")
 
 

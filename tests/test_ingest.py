@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainmri.data import DataError
+from brainmri.errors import DataError
 from brainmri.ingest import scan
 from brainmri.manifest import write_manifest
 from brainmri.params import IngestParams

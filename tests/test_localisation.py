@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from brainmri.data import DataError
+from brainmri.errors import DataError
 from brainmri.ingest import scan
 from brainmri.localisation import (
     baseline_heatmap,

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from brainmri.errors import ModelError
 from brainmri.models import (
     APPLICATIONS,
     BACKBONE_LAYER,
@@ -64,9 +65,9 @@ def test_preprocessing_lives_in_the_model():
 
 
 def test_unknown_model_and_missing_model_are_clear_errors(tmp_path):
-    with pytest.raises(SystemExit, match="train.model: unknown model 'resnet9000'; choose one of compact_cnn, res"):
+    with pytest.raises(ModelError, match="train.model: unknown model 'resnet9000'; choose one of compact_cnn, res"):
         build_model("resnet9000", 4, 32, 1)
-    with pytest.raises(SystemExit, match="no trained model"):
+    with pytest.raises(ModelError, match="no trained model"):
         load_model(tmp_path)
 
 
@@ -158,14 +159,14 @@ def test_fine_tuning_unfreezes_only_the_top_layers_and_keeps_batch_norm_frozen()
 def test_imagenet_weights_offline_fail_with_a_fix(tmp_path, monkeypatch):
     # An empty Keras cache and no network: the real download attempt fails at once.
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    with pytest.raises(SystemExit, match=r"ImageNet weights for mobilenet_v3_small .*~/.keras/models.*weights=none"):
+    with pytest.raises(ModelError, match=r"ImageNet weights for mobilenet_v3_small .*~/.keras/models.*weights=none"):
         build_model("mobilenet_v3_small", 4, 32, 1, weights="imagenet")
 
 
 def test_weights_file_errors_name_the_key(tmp_path):
-    with pytest.raises(SystemExit, match="train.weights: no such weights file"):
+    with pytest.raises(ModelError, match="train.weights: no such weights file"):
         build_model("resnet50", 4, 32, 1, weights=str(tmp_path / "missing.weights.h5"))
-    with pytest.raises(SystemExit, match="compact_cnn has no ImageNet weights"):
+    with pytest.raises(ModelError, match="compact_cnn has no ImageNet weights"):
         build_model("compact_cnn", 4, 32, 1, weights="imagenet")
 
 
@@ -175,7 +176,7 @@ def test_a_weights_file_initialises_the_model(tmp_path):
     warm = build_model("compact_cnn", 4, 32, 1, width=4, weights=str(tmp_path / "start.weights.h5"))
     images, _ = tiny_batch(4)
     np.testing.assert_allclose(class_probabilities(warm, images), class_probabilities(source, images), atol=1e-6)
-    with pytest.raises(SystemExit, match="does not fit this compact_cnn"):
+    with pytest.raises(ModelError, match="does not fit this compact_cnn"):
         build_model("compact_cnn", 4, 32, 1, width=8, weights=str(tmp_path / "start.weights.h5"))
 
 
@@ -251,5 +252,14 @@ def test_the_head_pools_the_feature_map_as_asked(pooling, layer_type):
     compile_model(model, TrainParams(image_size=32), 4)
     model.fit(images, targets, epochs=1, verbose=0)
     assert class_probabilities(model, images).shape == (8, 4)
-    with pytest.raises(SystemExit, match="train.pooling"):
+    with pytest.raises(ModelError, match="train.pooling"):
         build_model("compact_cnn", 4, 32, 1, pooling="median")
+
+
+def test_loading_a_missing_model_raises_for_the_caller_to_handle(tmp_path):
+    # The web server loads through the same path: a library error, never the process's end.
+    from brainmri.images import DecodeLimits
+    from brainmri.inference import Predictor
+
+    with pytest.raises(ModelError, match="no trained model in"):
+        Predictor.load(tmp_path, DecodeLimits(1000, 100, 4))

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from brainmri.errors import ModelError
 from brainmri.params import TrainParams
 from brainmri.training import configure_hardware
 
@@ -141,7 +142,7 @@ def test_a_missing_or_broken_tf_config_is_a_clear_error(monkeypatch, tf_config, 
         monkeypatch.delenv("TF_CONFIG", raising=False)
     else:
         monkeypatch.setenv("TF_CONFIG", tf_config)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ModelError, match=message):
         configure_hardware(TrainParams(strategy="multi_worker"))
 
 

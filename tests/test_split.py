@@ -1,7 +1,8 @@
 import pandas as pd
 import pytest
 
-from brainmri.data import DataError, split_images, stratified_split
+from brainmri.data import split_images, stratified_split
+from brainmri.errors import DataError
 
 
 def manifest_of(counts: dict[str, int], subset: str = "") -> pd.DataFrame:

@@ -7,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from brainmri import tracking
+from brainmri.errors import TrackingError
 from brainmri.params import TrackingParams
 
 
@@ -74,7 +75,7 @@ def test_unreachable_tracking_server_stops_the_stage_fast_naming_the_uri(monkeyp
     uri = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     started = time.monotonic()
-    with pytest.raises(SystemExit, match=f"MLflow tracking store {uri} cannot be reached.*tracking.required: false"):
+    with pytest.raises(TrackingError, match=f"MLflow tracking store {uri} cannot be reached.*tracking.required: false"):
         with tracking.stage_run("ingest", TrackingParams(), {}):
             pytest.fail("the stage body must not run")
     assert time.monotonic() - started < 20

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+from brainmri.errors import ModelError
 from brainmri.models import build_model, float32_copy
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
@@ -19,7 +20,7 @@ def test_a_gpu_request_without_a_gpu_is_a_clear_error():
     import tensorflow as tf
 
     if not tf.config.list_logical_devices("GPU"):
-        with pytest.raises(SystemExit, match="train.device=gpu, but TensorFlow sees no GPU"):
+        with pytest.raises(ModelError, match="train.device=gpu, but TensorFlow sees no GPU"):
             configure_hardware(TrainParams(device="gpu"))
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from brainmri import __version__
+from brainmri.errors import BrainMRIError, DataError
 from brainmri.params import Params, load_params
 
 
@@ -36,7 +37,7 @@ def predict(args: argparse.Namespace) -> int:
     params = project_params(args.params)
     files = image_files(args.paths)
     if not files:
-        raise SystemExit("brainmri predict: no image files found in " + ", ".join(args.paths))
+        raise DataError("brainmri predict: no image files found in " + ", ".join(args.paths))
     predictor = Predictor.load(args.model, decode_limits(params.ingest), params.evaluate.review_threshold)
     output = open(args.output, "w", newline="") if args.output else sys.stdout
     columns = [
@@ -139,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     export_parser.set_defaults(handler=export)
 
     args = parser.parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except BrainMRIError as error:  # the library raises; here it becomes one line and an exit status
+        print(error, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,11 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from brainmri.errors import DataError
+
 SPLITS = ("train", "val", "test")
-
-
-class DataError(SystemExit):
-    """Bad input data: exits with a message naming the folder, file or key at fault."""
 
 
 def stratified_split(manifest: pd.DataFrame, val: float, test: float, seed: int) -> pd.DataFrame:

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from brainmri.errors import ModelError
+
 # Largest |TFLite - Keras| probability difference accepted per variant.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15, "onnx": 1e-4}
 
@@ -75,7 +77,7 @@ def export_all(
     split = "val" if index.size("val") else "train"
     images = index.arrays(split)[0][:calibration_images]
     if not len(images):
-        raise SystemExit(f"{data_dir}: no images to calibrate and check the exports with")
+        raise ModelError(f"{data_dir}: no images to calibrate and check the exports with")
     expected = class_probabilities(model, images)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +99,7 @@ def export_all(
             difference = float(np.abs(got - expected).max())
             agreement = float((got.argmax(1) == expected.argmax(1)).mean())
             if difference > TOLERANCE[variant]:
-                raise SystemExit(
+                raise ModelError(
                     f"export {variant}: TFLite differs from Keras by {difference:.4f} "
                     f"(> {TOLERANCE[variant]}) on {len(images)} {split} images; not written"
                 )

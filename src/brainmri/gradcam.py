@@ -19,6 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from brainmri.errors import ModelError
 from brainmri.figures import pyplot, save
 
 FLAT_EPSILON = 1e-8
@@ -37,7 +38,7 @@ def last_feature_map_layer(model: keras.Model) -> str:
     for layer in reversed(model.layers):
         if _spatial(layer):
             return layer.name
-    raise SystemExit(f"model '{model.name}' has no convolutional feature map for Grad-CAM; set gradcam.layer")
+    raise ModelError(f"model '{model.name}' has no convolutional feature map for Grad-CAM; set gradcam.layer")
 
 
 def feature_probe(model: keras.Model, layer_name: str) -> keras.Model:
@@ -45,7 +46,7 @@ def feature_probe(model: keras.Model, layer_name: str) -> keras.Model:
     try:
         layer = model.get_layer(layer_name)
     except ValueError:
-        raise SystemExit(f"gradcam.layer: model has no layer '{layer_name}'") from None
+        raise ModelError(f"gradcam.layer: model has no layer '{layer_name}'") from None
     if not isinstance(layer, keras.Model):
         return keras.Model(model.input, [layer.output, model.output])
     # Nested backbone: re-trace the outer chain so both outputs hang off one graph.
@@ -64,9 +65,9 @@ def gradcam_heatmaps(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Heatmaps in [0, 1] at the feature map's resolution, and a mask of flat ones."""
     if method not in METHODS:
-        raise SystemExit(f"gradcam.method: '{method}' is not one of {METHODS}")
+        raise ModelError(f"gradcam.method: '{method}' is not one of {METHODS}")
     if keras.backend.backend() != "tensorflow":
-        raise SystemExit(f"Grad-CAM needs the TensorFlow backend, this process runs '{keras.backend.backend()}'")
+        raise ModelError(f"Grad-CAM needs the TensorFlow backend, this process runs '{keras.backend.backend()}'")
     import tensorflow as tf
 
     probe = feature_probe(model, layer_name)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from brainmri.errors import DataError, ModelError
 from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, to_array
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
@@ -68,7 +69,7 @@ class Predictor:
             run_id = mlflow.models.get_model_info(uri).run_id
             meta_path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model_meta/model.json")
         except Exception as error:  # MLflow raises several types for an unknown run, model or version
-            raise SystemExit(f"--model {uri}: cannot load it from MLflow at {tracking_uri()}: {error}") from None
+            raise ModelError(f"--model {uri}: cannot load it from MLflow at {tracking_uri()}: {error}") from None
         meta = json.loads(Path(meta_path).read_text())
         return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, limits, review_threshold)
 
@@ -156,5 +157,5 @@ def image_files(inputs: Iterable[str | Path]) -> list[Path]:
         elif item.is_file():
             found.append(item)
         else:
-            raise SystemExit(f"brainmri predict: no such file or folder '{item}'")
+            raise DataError(f"brainmri predict: no such file or folder '{item}'")
     return found

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
-from brainmri.data import DataError
+from brainmri.errors import DataError
 from brainmri.images import DecodeLimits, ImageTooLarge, open_image, sha256_file
 from brainmri.manifest import MANIFEST_COLUMNS, REJECT_COLUMNS
 from brainmri.params import IngestParams

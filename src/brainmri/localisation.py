@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri.data import DataError
+from brainmri.errors import DataError
 from brainmri.images import fitted_size, load_array
 from brainmri.ingest import scan
 from brainmri.params import IngestParams

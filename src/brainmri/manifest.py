@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from brainmri.errors import DataError
+
 # What ingest records per image; later stages add columns (group, split, ...).
 MANIFEST_COLUMNS = [
     "path",
@@ -40,9 +42,9 @@ def write_manifest(frame: pd.DataFrame, path: str | Path, sort_by: list[str] | N
 def read_manifest(path: str | Path, required: list[str]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"{path} not found: run the stage that writes it first (dvc repro)")
+        raise DataError(f"{path} not found: run the stage that writes it first (dvc repro)")
     frame = pd.read_csv(path, keep_default_na=False)
     missing = [column for column in required if column not in frame.columns]
     if missing:
-        raise SystemExit(f"{path} lacks column(s) {', '.join(missing)}")
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}")
     return frame

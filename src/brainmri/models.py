@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from brainmri.errors import ModelError
 from brainmri.params import MODEL_NAMES, AugmentParams
 
 MODEL_FILE = "model.keras"
@@ -117,15 +118,15 @@ def application_backbone(name: str, image_size: int, weights: str | None) -> ker
         backbone = constructor(include_top=False, weights=weights, input_shape=(image_size, image_size, 3), **kwargs)
     except Exception as error:  # Keras raises a bare Exception for a failed download
         if weights == "imagenet":
-            raise SystemExit(
+            raise ModelError(
                 f"train.weights=imagenet: could not get ImageNet weights for {name} ({error}). Keras downloads "
                 f"them once into ~/.keras/models (or $KERAS_HOME/models) and reuses that file offline: run "
                 f"once with internet access, copy the file there, set train.weights to a local weights file, "
                 f"or train from scratch with train.weights=none"
             ) from None
         if weights is not None:
-            raise SystemExit(f"train.weights: cannot load '{weights}' into {name}: {error}") from None
-        raise SystemExit(f"train.model={name}: {error}") from None
+            raise ModelError(f"train.weights: cannot load '{weights}' into {name}: {error}") from None
+        raise ModelError(f"train.model={name}: {error}") from None
     backbone.name = BACKBONE_LAYER
     return backbone
 
@@ -177,15 +178,15 @@ def build_model(
     evidence summed over the whole slice (its anatomy and view).
     """
     if name not in MODELS:
-        raise SystemExit(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")
+        raise ModelError(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")
     if pooling not in POOLINGS:
-        raise SystemExit(f"train.pooling: '{pooling}' is not one of {', '.join(POOLINGS)}")
+        raise ModelError(f"train.pooling: '{pooling}' is not one of {', '.join(POOLINGS)}")
     if num_classes < 2:
-        raise SystemExit(f"need at least 2 classes to train, got {num_classes}")
+        raise ModelError(f"need at least 2 classes to train, got {num_classes}")
     if weights == "imagenet" and name == "compact_cnn":
-        raise SystemExit("train.weights=imagenet: compact_cnn has no ImageNet weights; use none or a weights file")
+        raise ModelError("train.weights=imagenet: compact_cnn has no ImageNet weights; use none or a weights file")
     if weights not in (None, "imagenet") and not Path(weights).is_file():
-        raise SystemExit(f"train.weights: no such weights file '{weights}'")
+        raise ModelError(f"train.weights: no such weights file '{weights}'")
     inputs = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
     # Random layers work on float pixels in 0-255; the model's own scaling follows.
     x = random_augmentation(layers.Rescaling(1.0, name="to_float")(inputs), augment, seed)
@@ -216,7 +217,7 @@ def build_model(
         try:
             model.load_weights(weights)
         except Exception as error:
-            raise SystemExit(f"train.weights: '{weights}' does not fit this compact_cnn: {error}") from None
+            raise ModelError(f"train.weights: '{weights}' does not fit this compact_cnn: {error}") from None
     return model
 
 
@@ -326,6 +327,6 @@ def save_model(model: keras.Model, folder: str | Path, metadata: dict) -> None:
 def load_model(folder: str | Path) -> tuple[keras.Model, dict]:
     folder = Path(folder)
     if not (folder / MODEL_FILE).is_file() or not (folder / META_FILE).is_file():
-        raise SystemExit(f"no trained model in '{folder}': run the train stage first (dvc repro train)")
+        raise ModelError(f"no trained model in '{folder}': run the train stage first (dvc repro train)")
     model = keras.saving.load_model(folder / MODEL_FILE)
     return model, json.loads((folder / META_FILE).read_text())

@@ -22,6 +22,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from brainmri.errors import ModelError
+
 
 @dataclass(frozen=True)
 class Cluster:
@@ -33,7 +35,7 @@ def cluster_from_tf_config() -> Cluster:
     """Check `TF_CONFIG` before TensorFlow connects to anyone; stop with what is wrong."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise SystemExit(
+        raise ModelError(
             "train.strategy=multi_worker needs the TF_CONFIG environment variable on every host, e.g. "
             '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
             '"task": {"type": "worker", "index": 0}} (see the README, "Several machines")'
@@ -46,7 +48,7 @@ def cluster_from_tf_config() -> Cluster:
         if not 0 <= index < len(members):
             raise ValueError(f"task index {index} is not in cluster.{task['type']} ({len(members)} entries)")
     except (ValueError, KeyError, TypeError) as exc:
-        raise SystemExit(
+        raise ModelError(
             f"TF_CONFIG is not a valid cluster description ({type(exc).__name__}: {exc}): it needs "
             "'cluster' (job name -> list of host:port) and 'task' ('type', 'index')"
         ) from None
@@ -215,4 +217,4 @@ def check_workers_agree(strategy: Any, what: str, digest: str) -> None:
     digests = [bytes(row.astype(np.uint8)).hex() for row in gathered]
     if len(set(digests)) > 1:
         differing = ", ".join(f"replica {i}: {value[:12]}" for i, value in enumerate(digests))
-        raise SystemExit(f"workers disagree on {what} ({differing}): stopped before saving the model")
+        raise ModelError(f"workers disagree on {what} ({differing}): stopped before saving the model")

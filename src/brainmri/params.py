@@ -13,12 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ParamsError(SystemExit):
-    """A bad ``params.yaml``: exits with a one-line message naming the key."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"params error: {message}")
+from brainmri.errors import ParamsError
 
 
 class _Section(BaseModel):

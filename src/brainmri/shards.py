@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from brainmri.errors import DataError
+
 INDEX_FILE = "index.json"
 
 
@@ -58,7 +60,7 @@ class ShardIndex:
         folder = Path(folder)
         path = folder / INDEX_FILE
         if not path.is_file():
-            raise SystemExit(f"{path} not found: run the balance stage first (dvc repro balance)")
+            raise DataError(f"{path} not found: run the balance stage first (dvc repro balance)")
         raw = json.loads(path.read_text())
         return cls(folder=folder, **raw)
 

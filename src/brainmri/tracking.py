@@ -19,6 +19,7 @@ from typing import Any
 
 import mlflow
 
+from brainmri.errors import TrackingError
 from brainmri.params import TrackingParams
 
 STORE_FILE = "mlflow.db"
@@ -174,7 +175,7 @@ def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any], log:
     except Exception as exc:  # any failure to reach the store: network, auth, database
         reason = f"MLflow tracking store {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:200]})"
         if tracking.required:
-            raise SystemExit(
+            raise TrackingError(
                 f"{reason}. Start it, point MLFLOW_TRACKING_URI elsewhere, "
                 f"or set tracking.required: false to run {stage} without tracking."
             ) from None

@@ -18,6 +18,7 @@ import keras
 import numpy as np
 
 from brainmri import multi_worker
+from brainmri.errors import ModelError
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
 
@@ -74,7 +75,7 @@ def configure_hardware(params: TrainParams) -> Hardware:
     # MultiWorkerMirroredStrategy can no longer configure its collectives.
     gpus = [] if params.device == "cpu" else tf.config.list_physical_devices("GPU")
     if params.device == "gpu" and not gpus:
-        raise SystemExit(
+        raise ModelError(
             "train.device=gpu, but TensorFlow sees no GPU: install tensorflow[and-cuda] on a "
             "machine with an NVIDIA driver, or set train.device to auto or cpu"
         )
