@@ -69,6 +69,7 @@ def main() -> None:
                 seed=p.seed,
                 norm=p.norm,
                 pooling=p.pooling,
+                last_block_kernel=p.last_block_kernel,
             )
 
         global_batch = p.batch_size * hardware.replicas

@@ -263,3 +263,16 @@ def test_loading_a_missing_model_raises_for_the_caller_to_handle(tmp_path):
 
     with pytest.raises(ModelError, match="no trained model in"):
         Predictor.load(tmp_path, DecodeLimits(1000, 100, 4))
+
+
+@pytest.mark.parametrize("kernel, reaches_far", [(3, True), (1, False)])
+def test_a_one_by_one_last_block_keeps_each_feature_local(kernel, reaches_far):
+    model = build_model("compact_cnn", 4, 64, 1, width=4, last_block_kernel=kernel)
+    probe = keras.Model(model.input, model.get_layer("block4_relu2").output)
+    image = np.random.default_rng(0).integers(0, 255, (1, 64, 64, 1), dtype=np.uint8)
+    moved = image.copy()
+    # Swapping pixels keeps the image's mean and spread (the per-image standardisation) unchanged.
+    moved[0, 30:36, 30:36] = image[0, 30:36, 30:36][::-1, ::-1]
+    corner, corner_moved = probe(image)[0, 0, 0], probe(moved)[0, 0, 0]
+    # The corner feature sees about 36 pixels with 1x1 convolutions in the last block, about 68 with 3x3.
+    assert (not np.allclose(corner, corner_moved, atol=1e-4)) == reaches_far

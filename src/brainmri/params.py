@@ -134,6 +134,9 @@ class TrainParams(_Section):
         description="global pooling of the last feature map: avg sums evidence over the slice, max takes "
         "each feature where it is strongest",
     )
+    last_block_kernel: Literal[1, 3] = Field(
+        3, description="compact_cnn: 1 makes each final feature describe a local patch, not most of the slice"
+    )
     dropout: float = Field(0.3, ge=0, lt=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
