@@ -204,6 +204,20 @@ def test_fifty_concurrent_requests_all_succeed(server):
         assert list(pool.map(post, payloads)) == [200] * 50
 
 
+def test_page_and_api_send_security_headers(server):
+    for response in (
+        requests.get(server, timeout=10),
+        requests.get(f"{server}/health", timeout=10),
+        requests.post(f"{server}/predict", files={"file": ("x.txt", b"no")}, timeout=60),
+    ):
+        headers = response.headers
+        assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+        assert headers["Referrer-Policy"] == "no-referrer"
+        policy = headers["Content-Security-Policy"]
+        assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy
+        assert "script-src 'sha256-" in policy and "unsafe-inline" not in policy
+
+
 def test_the_page_shows_the_disclaimer(server):
     page = requests.get(server, timeout=10).text
     assert "not a medical device" in page and 'type="file"' in page
