@@ -1,7 +1,6 @@
-"""Benchmark: ingest + dedup wall time over a folder of images (default: the
-shared copy of the Kaggle training split), with the duplicate counts found.
+"""Benchmark: ingest + dedup wall time over a folder of images, with the duplicate counts found.
 
-    python benchmarks/ingest_dedup.py [SOURCE] [--repeat N]
+    python benchmarks/ingest_dedup.py SOURCE [--repeat N]
 
 Runs the same library calls as the `ingest` and `dedup` stages with the
 defaults of params.yaml, without MLflow or file outputs, and prints one JSON line.
@@ -19,12 +18,10 @@ from brainmri.dedup import find_duplicates
 from brainmri.ingest import scan
 from brainmri.params import load_params
 
-DEFAULT_SOURCE = "../shared/data/brain-tumor-mri/Training"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", default=DEFAULT_SOURCE)
+    parser.add_argument("source", help="folder of labelled images, one folder per class")
     parser.add_argument("--repeat", type=int, default=3, help="runs; the best wall time is reported")
     args = parser.parse_args()
     params = load_params()

@@ -1,6 +1,6 @@
 """How the near-duplicate thresholds (params.yaml `dedup`) were checked on real data.
 
-    python benchmarks/near_duplicate_threshold.py [SOURCE]
+    python benchmarks/near_duplicate_threshold.py SOURCE
 
 In the Kaggle training folder the glioma, meningioma and pituitary files come
 from slice series numbered in order, so files N and N+1 of a class are mostly
@@ -23,12 +23,10 @@ from brainmri.dedup import near_duplicate_pairs, thumbnails
 from brainmri.ingest import scan
 from brainmri.params import load_params
 
-DEFAULT_SOURCE = "../shared/data/brain-tumor-mri/Training"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", default=DEFAULT_SOURCE)
+    parser.add_argument("source", help="folder of labelled images, one folder per class")
     args = parser.parse_args()
     params = load_params()
     dedup = params.dedup

@@ -1,9 +1,9 @@
 """Benchmark: ingest + dedup, and the near-duplicate search alone, at 5.7k,
 20k and 100k images, with planted duplicates that must all be found.
 
-    python benchmarks/scaling.py [SOURCE] [--sizes 20000 100000] [--planted 200] [--work DIR] [--keep]
+    python benchmarks/scaling.py SOURCE [--sizes 20000 100000] [--planted 200] [--work DIR] [--keep]
 
-From the real images in SOURCE (default: the shared Kaggle training split)
+From the real images in SOURCE (e.g. the Kaggle training split)
 it writes derived sets of real JPEG files of the source's size into WORK:
 image i is source i mod 5,708 with a random flip, a crop of 80-92% of the side,
 a rotation of 3-10 degrees, Gaussian noise and JPEG re-encoding at quality
@@ -33,8 +33,6 @@ from PIL import Image, ImageFilter
 from brainmri.dedup import candidate_pairs, find_duplicates, hash_values
 from brainmri.ingest import scan
 from brainmri.params import load_params
-
-DEFAULT_SOURCE = "../shared/data/brain-tumor-mri/Training"
 
 
 def derive(job: tuple[str, str, int]) -> None:
@@ -133,7 +131,7 @@ def measure(folder: Path, pairs: list[tuple], repeat: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", default=DEFAULT_SOURCE)
+    parser.add_argument("source", help="folder of labelled images, one folder per class")
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000])
     parser.add_argument("--planted", type=int, default=200, help="exact copies and near copies planted per set")
     parser.add_argument("--repeat", type=int, default=1)

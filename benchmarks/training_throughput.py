@@ -2,10 +2,10 @@
 alone, and the same model fed by Keras' ImageDataGenerator.flow_from_directory
 (the seeds' loader), all on the same images in one run.
 
-    python benchmarks/training_throughput.py [SOURCE] [--images N] [--steps N]
+    python benchmarks/training_throughput.py SOURCE [--images N] [--steps N]
 
-SOURCE is a folder per class of image files (default: the shared Kaggle
-training split); the first N files are used, in equal shares per class. They
+SOURCE is a folder per class of image files (e.g. the Kaggle training
+split); the first N files are used, in equal shares per class. They
 are decoded and resized once into the pipeline's own TFRecord shards, exactly
 as the balance stage stores them. Measured, in images per second:
 
@@ -31,8 +31,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-
-DEFAULT_SOURCE = "../shared/data/brain-tumor-mri/Training"
 
 
 def rate(batches, steps: int, batch_size: int) -> float:
@@ -63,7 +61,7 @@ def fit_rate(model, data, steps: int, batch_size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", default=DEFAULT_SOURCE)
+    parser.add_argument("source", help="folder of labelled images, one folder per class")
     parser.add_argument("--images", type=int, default=1024, help="images used, in equal shares per class")
     parser.add_argument("--steps", type=int, default=30, help="batches timed per measurement")
     args = parser.parse_args()
