@@ -45,6 +45,8 @@ def test_every_kind_of_bad_file_is_rejected_with_its_reason_never_a_crash(datase
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
     Image.new("L", (300, 300)).save(folder / "huge.png")  # over the pixel limit below
     Image.new("L", (30000, 1)).save(folder / "thin.png")  # a few hundred bytes, 30000 px long
+    Image.new("L", (32, 32)).save(folder / "scan.gif")  # readable, but not an extension asked for
+    (folder / "readme.txt").write_text("no image of this name")
     os.symlink(folder / "missing.jpg", folder / "dangling.jpg")
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -58,6 +60,8 @@ def test_every_kind_of_bad_file_is_rejected_with_its_reason_never_a_crash(datase
     assert reasons["truncated.jpg"].startswith("cannot decode")
     assert reasons["huge.png"] == "300x300 exceeds ingest.max_pixels=40000"
     assert reasons["thin.png"] == "30000x1 exceeds ingest.max_side=16384"
+    assert reasons["scan.gif"] == "extension '.gif' is not in ingest.extensions"
+    assert reasons["readme.txt"] == "extension '.txt' is not in ingest.extensions"
     assert reasons["dangling.jpg"] == "cannot read: No such file or directory"
     assert reasons["link.png"] == reasons["linked_dir"] == "link points outside the source tree"
     assert not result.images["path"].str.contains("empty|notes|truncated|huge|thin|dangling|link|secret").any()

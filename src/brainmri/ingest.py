@@ -58,7 +58,8 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], label: str) -> list[Path]:
-    """Image files below `folder`, sorted; links leading outside `root` are rejected, not followed."""
+    """Image files below `folder`, sorted. Links leading outside `root` and files of other
+    extensions are rejected with the reason, never followed or skipped in silence."""
     found = []
     for current, dirs, names in os.walk(folder):
         current_path = Path(current)
@@ -66,11 +67,16 @@ def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], l
             if (current_path / name).is_symlink() and not _inside(current_path / name, root):
                 rejects.append({"path": (current_path / name).as_posix(), "label": label, "reason": OUTSIDE_LINK})
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (current_path / d).is_symlink())
+        # A YOLO label file beside an image of the same name is read with that image.
+        image_stems = {Path(name).stem for name in names if Path(name).suffix.lower() in extensions}
         for name in names:
             path = current_path / name
-            if path.suffix.lower() not in extensions or name.startswith("."):
+            if name.startswith(".") or (path.suffix.lower() == ".txt" and path.stem in image_stems):
                 continue
-            if path.is_symlink() and not _inside(path, root):
+            if path.suffix.lower() not in extensions:
+                reason = f"extension '{path.suffix}' is not in ingest.extensions"
+                rejects.append({"path": path.as_posix(), "label": label, "reason": reason})
+            elif path.is_symlink() and not _inside(path, root):
                 rejects.append({"path": path.as_posix(), "label": label, "reason": OUTSIDE_LINK})
             else:
                 found.append(path)
