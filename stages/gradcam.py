@@ -7,7 +7,9 @@ most-highlighted pixels first hurts the model more than removing random ones
 import shutil
 from pathlib import Path
 
+import keras
 import numpy as np
+import pandas as pd
 
 from brainmri.errors import run_entry_point
 from brainmri.gradcam import (
@@ -31,7 +33,7 @@ from brainmri.localisation import (
 from brainmri.manifest import read_manifest
 from brainmri.metrics import write_json
 from brainmri.models import class_probabilities, load_model
-from brainmri.params import flatten, load_params
+from brainmri.params import GradcamParams, Params, flatten, load_params
 from brainmri.shards import ShardIndex
 from brainmri.tracking import stage_run
 
@@ -54,7 +56,9 @@ def draw(rows: list[dict], classes: list[str], title: str, prefix: str, alpha: f
             class_grid(members, alpha, f"{title}: true class {name}", OUT / f"{prefix}{name}.png")
 
 
-def explain_test_sample(model, classes, p, layer, index, boxes):
+def explain_test_sample(
+    model: keras.Model, classes: list[str], p: GradcamParams, layer: str, index: ShardIndex, boxes: pd.DataFrame
+) -> dict:
     """Heatmaps of a class-balanced test sample: panels, energy on the brain, boxes if the manifest has them,
     and the deletion/insertion check."""
     images, labels, paths = index.arrays("test")
@@ -123,7 +127,7 @@ def explain_test_sample(model, classes, p, layer, index, boxes):
     return summary
 
 
-def explain_annotated(model, classes, meta, params, layer) -> dict:
+def explain_annotated(model: keras.Model, classes: list[str], meta: dict, params: Params, layer: str) -> dict:
     """Score the heatmaps of the true class against the boxes of `gradcam.annotated`; draw a grid per class."""
     p = params.gradcam
     annotated = load_annotated_set(params.ingest, p.annotated, classes, meta["image_size"], meta["channels"])

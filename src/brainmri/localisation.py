@@ -206,7 +206,7 @@ def deletion_insertion(
     return result
 
 
-def mean_defined(values) -> float:
+def mean_defined(values: np.ndarray | list[float] | pd.Series) -> float:
     """Mean of the non-NaN values; NaN if there are none."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
