@@ -23,7 +23,7 @@ from datetime import date
 from pathlib import Path
 
 from brainmri.gradcam import METHODS, heatmaps_at_image_size, last_feature_map_layer
-from brainmri.localisation import box_mask, load_annotated_set, score_against_boxes, summarise_box_scores
+from brainmri.localisation import load_annotated_set, score_against_boxes, summarise_box_scores
 from brainmri.models import class_probabilities, load_model
 from brainmri.params import IngestParams
 
@@ -42,8 +42,6 @@ def main() -> None:
     annotated = load_annotated_set(
         IngestParams(source=args.annotated), args.annotated, classes, meta["image_size"], meta["channels"]
     )
-    size = annotated.images.shape[1]
-    masks = [box_mask(row.boxes, int(row.width), int(row.height), size) for row in annotated.rows.itertuples()]
     truths = [classes[label] for label in annotated.labels]
     accuracy = float((class_probabilities(model, annotated.images).argmax(axis=1) == annotated.labels).mean())
     evaluate_file = args.project / "metrics" / "evaluate.json"
@@ -53,7 +51,7 @@ def main() -> None:
         for method in args.methods:
             start = time.perf_counter()
             heatmaps, flat = heatmaps_at_image_size(model, annotated.images, annotated.labels, layer, method)
-            summary = summarise_box_scores(score_against_boxes(heatmaps, flat, masks, truths))
+            summary = summarise_box_scores(score_against_boxes(heatmaps, flat, annotated.masks, truths))
             print(
                 json.dumps(
                     {

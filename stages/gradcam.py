@@ -20,13 +20,13 @@ from brainmri.gradcam import (
     overlay_panel,
 )
 from brainmri.localisation import (
-    box_mask,
     box_rectangles,
     brain_mask,
     deletion_insertion,
     energy_inside,
     load_annotated_set,
     mean_defined,
+    rectangles_mask,
     score_against_boxes,
     summarise_box_scores,
 )
@@ -49,7 +49,7 @@ def caption(path: str, truth: str, guess: str, confidence: float, flat: bool) ->
 
 
 def draw(rows: list[dict], classes: list[str], title: str, prefix: str, alpha: float) -> None:
-    """A grid per true class, and (for the test sample) one panel per image."""
+    """A grid per true class of the given rows (image, heatmap, overlay per row)."""
     for name in classes:
         members = [row for row in rows if row["truth"] == name]
         if members:
@@ -78,7 +78,7 @@ def explain_test_sample(
         row = boxes.loc[paths[rank]]
         rectangles = box_rectangles(row["boxes"], int(row["width"]), int(row["height"]), images.shape[1])
         if rectangles:
-            masks.append(box_mask(row["boxes"], int(row["width"]), int(row["height"]), images.shape[1]))
+            masks.append(rectangles_mask(rectangles, images.shape[1]))
             boxed.append(rank)
         if rank < p.num_images:
             truth, guess = classes[labels[rank]], classes[predicted[rank]]
@@ -136,9 +136,8 @@ def explain_annotated(model: keras.Model, classes: list[str], meta: dict, params
     geometry = list(
         zip(annotated.rows["boxes"], annotated.rows["width"].astype(int), annotated.rows["height"].astype(int))
     )
-    masks = np.stack([box_mask(b, w, h, size) for b, w, h in geometry])
     truths = [classes[label] for label in annotated.labels]
-    scores = score_against_boxes(heatmaps, flat, masks, truths)
+    scores = score_against_boxes(heatmaps, flat, annotated.masks, truths)
     predicted = class_probabilities(model, annotated.images).argmax(axis=1)
     summary = summarise_box_scores(scores, "annotated.", p.seed)
     summary.update(

@@ -52,8 +52,13 @@ def box_rectangles(boxes: str, width: int, height: int, size: int) -> list[tuple
 
 def box_mask(boxes: str, width: int, height: int, size: int) -> np.ndarray:
     """The pixels of the model's input square covered by any of the boxes."""
+    return rectangles_mask(box_rectangles(boxes, width, height, size), size)
+
+
+def rectangles_mask(rectangles: list[tuple[float, float, float, float]], size: int) -> np.ndarray:
+    """The pixels of a size x size square covered by any of the (x0, y0, x1, y1) rectangles."""
     mask = np.zeros((size, size), dtype=bool)
-    for x0, y0, x1, y1 in box_rectangles(boxes, width, height, size):
+    for x0, y0, x1, y1 in rectangles:
         mask[max(int(np.floor(y0)), 0) : int(np.ceil(y1)), max(int(np.floor(x0)), 0) : int(np.ceil(x1))] = True
     return mask
 
@@ -217,6 +222,7 @@ def mean_defined(values: np.ndarray | list[float] | pd.Series) -> float:
 class AnnotatedSet:
     images: np.ndarray  # (N, size, size, channels) uint8, as the model sees them
     labels: np.ndarray  # class indices into the model's classes
+    masks: np.ndarray  # (N, size, size) bool: each image's boxes on the model's input square
     rows: pd.DataFrame  # path, label, boxes, width, height of each image
     rejects: pd.DataFrame  # files that could not be used, with the reason
     unboxed: int  # readable images without a box (not scored)
@@ -242,9 +248,11 @@ def load_annotated_set(ingest: IngestParams, folder: str, classes: list[str], si
         raise DataError(f"gradcam.annotated: no image in '{folder}' has a YOLO box")
     images = np.stack([load_array(path, size, channels) for path in boxed["path"]])
     labels = np.array([classes.index(label) for label in boxed["label"]], dtype=np.int32)
+    masks = np.stack([box_mask(row.boxes, int(row.width), int(row.height), size) for row in boxed.itertuples()])
     return AnnotatedSet(
         images,
         labels,
+        masks,
         boxed[["path", "label", "boxes", "width", "height"]],
         found.rejects,
         len(found.images) - len(boxed),
