@@ -3,12 +3,12 @@ import pandas as pd
 
 from brainmri.augment import augment
 from brainmri.balance import balanced_training_records, plain_records
-from brainmri.data import stratified_split
 from brainmri.ingest import scan
 from brainmri.params import AugmentParams, IngestParams
 from brainmri.shards import ShardIndex, write_split
+from brainmri.split import stratified_split
 
-from conftest import CLASSES, make_dataset
+from helpers import CLASSES, make_dataset
 
 
 def uneven_split(root) -> pd.DataFrame:

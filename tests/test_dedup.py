@@ -8,7 +8,7 @@ from brainmri.dedup import candidate_pairs, find_duplicates
 from brainmri.ingest import scan
 from brainmri.params import DedupParams, IngestParams
 
-from conftest import synthetic_image
+from helpers import synthetic_image
 
 DEFAULTS = DedupParams()
 

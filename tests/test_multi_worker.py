@@ -22,7 +22,9 @@ from brainmri.errors import ModelError
 from brainmri.params import TrainParams
 from brainmri.training import configure_hardware
 
-from conftest import PROJECT, TINY_PARAMS, free_port, project_env, write_prepared_data
+from helpers import PROJECT, TINY_PARAMS, free_port, project_env, write_prepared_data
+
+pytestmark = pytest.mark.slow  # worker processes talking over 127.0.0.1
 
 # Images per class. 17 validation images in global batches of 2 x 4 leave a last batch of one:
 # one worker's share of it is empty.

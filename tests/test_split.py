@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from brainmri.data import split_images, stratified_split
 from brainmri.errors import DataError
+from brainmri.split import split_images, stratified_split
 
 
 def manifest_of(counts: dict[str, int], subset: str = "") -> pd.DataFrame:

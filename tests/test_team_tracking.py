@@ -13,9 +13,9 @@ import mlflow.keras
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import create_project, free_port, run, running_server, wait_for_queue
+from helpers import create_project, free_port, run, running_server, wait_for_queue
 
-pytestmark = pytest.mark.pipeline
+pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 TRAIN_AND_AFTER = ["train", "evaluate", "gradcam", "export"]
 
 

@@ -1,0 +1,179 @@
+"""Shared test helpers: synthetic images and datasets, a throw-away copy of the
+project, commands run in it, servers started for real."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image
+
+from brainmri.shards import Record, ShardIndex, write_split
+
+PROJECT = Path(__file__).resolve().parents[1]
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+def synthetic_image(class_index: int, variant: int, size: int = 48, mode: str = "L") -> Image.Image:
+    """A dark noisy slice with a bright blob whose position encodes the class."""
+    rng = np.random.default_rng([class_index, variant])
+    pixels = rng.normal(30, 10, (size, size))
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = [(0.3, 0.3), (0.3, 0.7), (0.7, 0.3), (0.7, 0.7)][class_index % 4]
+    cy, cx = (cy + rng.uniform(-0.05, 0.05)) * size, (cx + rng.uniform(-0.05, 0.05)) * size
+    pixels += 200 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 10) ** 2))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="L")
+    return image.convert(mode)
+
+
+def make_dataset(root: Path, per_class: int = 8, classes: list[str] = CLASSES, size: int = 48) -> Path:
+    """Write `per_class` images per class, alternating grey JPEG and RGB PNG files."""
+    for class_index, label in enumerate(classes):
+        folder = root / label
+        folder.mkdir(parents=True, exist_ok=True)
+        for variant in range(per_class):
+            if variant % 2:
+                synthetic_image(class_index, variant, size, "RGB").save(folder / f"{label}_{variant:03d}.png")
+            else:
+                synthetic_image(class_index, variant, size).save(folder / f"{label}_{variant:03d}.jpg", quality=95)
+    return root
+
+
+def write_prepared_data(folder: Path, sizes: dict[str, list[int]], image_size: int = 32) -> ShardIndex:
+    """data/prepared as the balance stage writes it: `sizes` gives each split's images per class."""
+    folder.mkdir(parents=True)
+    files, counts = {}, {}
+    for split, per_class in sizes.items():
+        offset = 100 * list(sizes).index(split)  # other variants in every split
+        records = [
+            Record(
+                np.asarray(synthetic_image(label, offset + variant, image_size))[..., None],
+                label,
+                f"{CLASSES[label]}/{split}{variant}.png",
+                False,
+            )
+            for label, count in enumerate(per_class)
+            for variant in range(count)
+        ]
+        files[split] = write_split(records, folder, split, shard_size=32)
+        counts[split] = dict(zip(CLASSES, per_class))
+    index = ShardIndex(folder, CLASSES, image_size, 1, files, counts)
+    index.save()
+    return index
+
+
+TINY_PARAMS = {
+    "train": {"epochs": 2, "batch_size": 16, "image_size": 32, "width": 4, "early_stopping_patience": 3},
+    "split": {"val": 0.25, "test": 0.25},
+    "gradcam": {"num_images": 4},
+}
+
+
+def update_params(path: Path, changes: dict) -> None:
+    params = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        params.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run(
+    args: list[str], cwd: Path, check: bool = True, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**project_env(cwd), **(env or {})}
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def project_env(repo: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # The stages and dvc of this interpreter's environment, the package from the copy under test.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(repo / "src")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "test"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "test@example.invalid"
+    return env
+
+
+def create_project(repo: Path) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline and tiny synthetic data."""
+    repo.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", "pyproject.toml", "Makefile", ".gitignore", ".dvcignore"):
+        shutil.copy2(PROJECT / name, repo / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(PROJECT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (repo / ".dvc").mkdir()
+    shutil.copy2(PROJECT / ".dvc" / "config", repo / ".dvc" / "config")
+    shutil.copy2(PROJECT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
+    make_dataset(repo / "data" / "sample")
+    update_params(repo / "params.yaml", TINY_PARAMS)
+    run(["git", "init", "-q", "-b", "main"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "project under test"], repo)
+    return repo
+
+
+def stages_run(output: str) -> list[str]:
+    """Stage names in the order `dvc repro` / `dvc exp run` ran them."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, name: str) -> None:
+    """Poll `url`/health until it answers; fail with the server's output if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{name} did not start:\n{process.stdout.read()}")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def running_server(
+    command: list[str], port: int, name: str, timeout: float, stop_timeout: float, **popen
+) -> Iterator[str]:
+    """Start `command` (serving on 127.0.0.1:`port`), yield its URL once /health answers, stop it after."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process, timeout=timeout, name=name)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=stop_timeout)
+
+
+def wait_for_queue(repo: Path, timeout: float) -> str:
+    """`dvc queue status` once nothing is queued or running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo).stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    pytest.fail(f"queue did not finish:\n{status}")
