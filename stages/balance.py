@@ -2,18 +2,16 @@
 training-ready TFRecord shards for train, val and test."""
 
 import shutil
-from pathlib import Path
 
 from brainmri.balance import balanced_training_records, plain_records
-from brainmri.data import SPLITS
 from brainmri.errors import run_entry_point
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
+from brainmri.paths import PREPARED, SPLIT, metrics_file
 from brainmri.shards import ShardIndex, write_split
+from brainmri.split import SPLITS
 from brainmri.tracking import stage_run
-
-OUT = Path("data/prepared")
 
 
 def main() -> None:
@@ -21,10 +19,10 @@ def main() -> None:
     size, channels = params.train.image_size, params.train.channels
     logged = {**flatten(params.balance, "balance"), "train.image_size": size, "train.channels": channels}
     with stage_run("balance", params.tracking, logged) as run:
-        split = read_manifest("data/interim/split.csv", [*MANIFEST_COLUMNS, "split"])
+        split = read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"])
         classes = sorted(split["label"].unique())
-        shutil.rmtree(OUT, ignore_errors=True)
-        OUT.mkdir(parents=True)
+        shutil.rmtree(PREPARED, ignore_errors=True)
+        PREPARED.mkdir(parents=True)
 
         files, counts = {}, {}
         for name in SPLITS:
@@ -36,17 +34,17 @@ def main() -> None:
                 augmented = sum(record.augmented for record in records)
             else:
                 records = plain_records(rows, classes, size, channels)
-            files[name] = write_split(records, OUT, name, params.balance.shard_size)
+            files[name] = write_split(records, PREPARED, name, params.balance.shard_size)
             counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
-        ShardIndex(OUT, classes, size, channels, files, counts).save()
+        ShardIndex(PREPARED, classes, size, channels, files, counts).save()
 
         summary = {
             **{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
             "train.augmented": augmented,
         }
-        write_json(summary, "metrics/balance.json")
+        write_json(summary, metrics_file("balance"))
         run.log_metrics(summary)
-        run.log_artifact(str(OUT / "index.json"), "balance")
+        run.log_artifact(str(PREPARED / "index.json"), "balance")
         print("balance: train " + ", ".join(f"{label} {n}" for label, n in counts["train"].items()))
 
 

@@ -1,30 +1,27 @@
 """dedup: group exact and near-duplicate images; keep one per group, drop groups with conflicting labels."""
 
-from pathlib import Path
-
 from brainmri.dedup import find_duplicates
 from brainmri.errors import run_entry_point
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
+from brainmri.paths import DEDUP, DUPLICATE_GROUPS, MANIFEST, metrics_file
 from brainmri.tracking import stage_run
-
-KEPT, GROUPS = Path("data/interim/dedup.csv"), Path("data/interim/duplicate_groups.csv")
 
 
 def main() -> None:
     params = load_params()
     p = params.dedup
     with stage_run("dedup", params.tracking, flatten(p, "dedup")) as run:
-        manifest = read_manifest("data/interim/manifest.csv", MANIFEST_COLUMNS)
+        manifest = read_manifest(MANIFEST, MANIFEST_COLUMNS)
         result = find_duplicates(manifest, p.near, p.hash_distance, p.min_correlation, p.workers)
-        write_manifest(result.kept, KEPT)
-        write_manifest(result.groups, GROUPS)
+        write_manifest(result.kept, DEDUP)
+        write_manifest(result.groups, DUPLICATE_GROUPS)
 
         summary = result.summary()
-        write_json(summary, "metrics/dedup.json")
+        write_json(summary, metrics_file("dedup"))
         run.log_metrics(summary)
-        for path in (KEPT, GROUPS):
+        for path in (DEDUP, DUPLICATE_GROUPS):
             run.log_artifact(str(path), "dedup")
         print(
             f"dedup: kept {summary['kept_images']} of {summary['input_images']} "

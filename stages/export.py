@@ -4,6 +4,7 @@ from brainmri.errors import run_entry_point
 from brainmri.export import export_all
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
+from brainmri.paths import EXPORTS, MODELS, PREPARED, metrics_file
 from brainmri.tracking import stage_run
 
 
@@ -11,19 +12,19 @@ def main() -> None:
     params = load_params()
     p = params.export
     with stage_run("export", params.tracking, flatten(p, "export")) as run:
-        report = export_all("models", "exports", "data/prepared", p.formats, p.calibration_images)
+        report = export_all(MODELS, EXPORTS, PREPARED, p.formats, p.calibration_images)
         summary = {
             f"{variant}.{key}": value
             for variant, values in report.items()
             for key, value in values.items()
             if key != "file"
         }
-        write_json(summary, "metrics/export.json")
+        write_json(summary, metrics_file("export"))
         run.log_metrics(summary)
-        run.log_artifacts("exports", "exports")
+        run.log_artifacts(str(EXPORTS), "exports")
         for values in report.values():
             print(
-                f"export: exports/{values['file']} ({values['bytes']:,} bytes), "
+                f"export: {EXPORTS / values['file']} ({values['bytes']:,} bytes), "
                 f"max |TFLite - Keras| {values['max_abs_difference']:.2g}"
             )
 

@@ -1,16 +1,13 @@
 """ingest: decode every image under ingest.source into a manifest; bad files go to rejects."""
 
-from pathlib import Path
-
 from brainmri.errors import run_entry_point
 from brainmri.ingest import scan
 from brainmri.manifest import write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
+from brainmri.paths import DATA_REPORT, MANIFEST, REJECTS, metrics_file
 from brainmri.report import write_data_report
 from brainmri.tracking import stage_run
-
-MANIFEST, REJECTS, REPORT = Path("data/interim/manifest.csv"), Path("data/interim/rejects.csv"), Path("reports/data")
 
 
 def main() -> None:
@@ -19,7 +16,7 @@ def main() -> None:
         result = scan(params.ingest)
         write_manifest(result.images, MANIFEST)
         write_manifest(result.rejects, REJECTS)
-        report = write_data_report(result.images, result.rejects, result.layout, REPORT)
+        report = write_data_report(result.images, result.rejects, result.layout, DATA_REPORT)
 
         summary = {
             "images": len(result.images),
@@ -27,12 +24,12 @@ def main() -> None:
             "outliers": int((result.images["outlier"] != "").sum()),
             **{f"class_count.{label}": n for label, n in report["per_class"].items()},
         }
-        write_json(summary, "metrics/ingest.json")
+        write_json(summary, metrics_file("ingest"))
         run.log_metrics(summary)
         run.set_tag("brainmri.layout", result.layout)
         for path in (MANIFEST, REJECTS):
             run.log_artifact(str(path), "ingest")
-        run.log_artifacts(str(REPORT), "data_report")
+        run.log_artifacts(str(DATA_REPORT), "data_report")
         print(
             f"ingest ({result.layout}): {summary['images']} images in {len(report['per_class'])} classes, "
             f"{summary['rejected']} rejected, {summary['outliers']} flagged as outliers"

@@ -1,0 +1,71 @@
+"""Where each stage reads and writes, relative to the project root.
+
+Named once here: the stage scripts and the `brainmri` command import these,
+and `tests/test_dvc_yaml.py` checks every stage's outputs in `dvc.yaml`
+against `STAGE_OUTPUTS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+VALIDATED = Path("data/interim/params.validated")
+
+MANIFEST = Path("data/interim/manifest.csv")
+REJECTS = Path("data/interim/rejects.csv")
+DATA_REPORT = Path("reports/data")
+
+DEDUP = Path("data/interim/dedup.csv")
+DUPLICATE_GROUPS = Path("data/interim/duplicate_groups.csv")
+
+SPLIT = Path("data/interim/split.csv")
+LEAKAGE = Path("data/interim/leakage.csv")
+
+PREPARED = Path("data/prepared")
+
+MODELS = Path("models")
+TRAIN_HISTORY = Path("metrics/train_history.csv")
+# Scratch space, not DVC outputs: the best checkpoint, and the history while
+# training runs (moved to TRAIN_HISTORY when training ends, so a killed run
+# never leaves a partial history where git tracks it).
+CHECKPOINT = Path("build/checkpoints/best.keras")
+HISTORY_IN_PROGRESS = Path("build/train_history.csv")
+
+PREDICTIONS = Path("reports/predictions.csv")
+EVALUATE_FIGURES = Path("reports/evaluate")
+CONFUSION_TABLE = Path("metrics/confusion.csv")
+CONFUSION_MATRIX = Path("metrics/confusion_matrix.json")
+PLOTS = Path("metrics/plots")
+
+GRADCAM_REPORTS = Path("reports/gradcam")
+
+MODEL_CARD = Path("MODEL_CARD.md")
+
+EXPORTS = Path("exports")
+
+
+def metrics_file(stage: str) -> Path:
+    """The stage's figures, for `dvc metrics diff` and MLflow."""
+    return Path("metrics") / f"{stage}.json"
+
+
+STAGE_OUTPUTS: dict[str, list[Path]] = {
+    "validate": [VALIDATED],
+    "ingest": [MANIFEST, REJECTS, DATA_REPORT, metrics_file("ingest")],
+    "dedup": [DEDUP, DUPLICATE_GROUPS, metrics_file("dedup")],
+    "split": [SPLIT, LEAKAGE, metrics_file("split")],
+    "balance": [PREPARED, metrics_file("balance")],
+    "train": [MODELS, TRAIN_HISTORY, metrics_file("train")],
+    "evaluate": [
+        PREDICTIONS,
+        EVALUATE_FIGURES,
+        CONFUSION_TABLE,
+        PLOTS,
+        metrics_file("evaluate"),
+        CONFUSION_MATRIX,
+    ],
+    "gradcam": [GRADCAM_REPORTS, metrics_file("gradcam")],
+    "model_card": [MODEL_CARD],
+    "export": [EXPORTS, metrics_file("export")],
+}
