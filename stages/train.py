@@ -7,7 +7,7 @@ train one model together and only the chief writes files and logs."""
 
 import hashlib
 import json
-from pathlib import Path
+import shutil
 
 import keras
 
@@ -24,6 +24,7 @@ from brainmri.models import (
 )
 from brainmri.multi_worker import average_batch_norm_statistics, check_workers_agree, weights_digest
 from brainmri.params import flatten, load_params
+from brainmri.paths import CHECKPOINT, HISTORY_IN_PROGRESS, MODELS, PREPARED, TRAIN_HISTORY, metrics_file
 from brainmri.shards import ShardIndex
 from brainmri.tracking import stage_run
 from brainmri.training import (
@@ -36,10 +37,6 @@ from brainmri.training import (
     steps_per_epoch,
 )
 
-MODELS = Path("models")
-HISTORY = Path("metrics/train_history.csv")
-CHECKPOINT = Path("build/checkpoints/best.keras")  # scratch space, not a DVC output
-
 
 def main() -> None:
     params = load_params()
@@ -48,9 +45,9 @@ def main() -> None:
 
     with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief) as run:
         keras.utils.set_random_seed(p.seed)
-        index = ShardIndex.load("data/prepared")
+        index = ShardIndex.load(PREPARED)
         if (index.image_size, index.channels) != (p.image_size, p.channels):
-            raise DataError("data/prepared was written for another image size or channel count: rerun balance")
+            raise DataError(f"{PREPARED} was written for another image size or channel count: rerun balance")
         num_classes = len(index.classes)
         if hardware.multi_worker:
             inputs = json.dumps([p.model_dump(), index.files, index.counts], sort_keys=True).encode()
@@ -99,7 +96,7 @@ def main() -> None:
             train_data,
             val_data,
             p.epochs,
-            callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief),
+            callbacks(p, HISTORY_IN_PROGRESS, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief),
             weight_per_class,
         )
         if p.fine_tune.epochs:
@@ -121,7 +118,7 @@ def main() -> None:
                 train_data,
                 val_data,
                 done + p.fine_tune.epochs,
-                callbacks(p, HISTORY, CHECKPOINT, run.keras_callbacks(), append=True, chief=hardware.chief),
+                callbacks(p, HISTORY_IN_PROGRESS, CHECKPOINT, run.keras_callbacks(), append=True, chief=hardware.chief),
                 weight_per_class,
                 initial_epoch=done,
             )
@@ -154,6 +151,8 @@ def main() -> None:
                 "trained_precision": hardware.precision,
             }
             save_model(model, MODELS, metadata)
+            TRAIN_HISTORY.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(HISTORY_IN_PROGRESS, TRAIN_HISTORY)
             best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
             summary = {
                 "epochs_run": len(history["val_loss"]),
@@ -162,7 +161,7 @@ def main() -> None:
                 "best_val_accuracy": history["val_accuracy"][best],
                 "parameters": model.count_params(),
             }
-            write_json(summary, "metrics/train.json")
+            write_json(summary, metrics_file("train"))
             run.log_metrics({f"final.{key}": value for key, value in summary.items()})
             run.log_artifact(str(MODELS / "model.json"), "model_meta")
             run.log_keras_model(

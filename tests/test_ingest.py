@@ -1,16 +1,18 @@
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from brainmri.errors import DataError
-from brainmri.ingest import scan
+from brainmri.images import DecodeLimits
+from brainmri.ingest import Candidate, inspect, scan
 from brainmri.manifest import write_manifest
 from brainmri.params import IngestParams
 
-from conftest import CLASSES, make_dataset, synthetic_image
+from helpers import CLASSES, make_dataset, synthetic_image
 
 
 def params(source, **overrides) -> IngestParams:
@@ -177,3 +179,16 @@ def test_data_report_has_the_charts_and_lists_outliers(dataset, tmp_path):
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == payload
     assert payload["per_class"]["glioma"] == 9 and payload["rejected"] == {"cannot decode": 1}
     assert [o["path"].rsplit("/", 1)[-1] for o in payload["outliers"]] == ["white.png"]
+
+
+def test_a_named_pipe_is_rejected_by_type_without_being_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.jpg")
+    rows = []
+    candidate = Candidate(str(tmp_path / "pipe.jpg"), "glioma")
+    # A daemon thread: opening a FIFO for reading would block, and must not hang the test run.
+    worker = threading.Thread(
+        target=lambda: rows.append(inspect(candidate, DecodeLimits(10**7, 4096, 20))), daemon=True
+    )
+    worker.start()
+    worker.join(timeout=10)
+    assert rows and rows[0]["reason"] == "not a regular file (a named pipe, socket or device)"

@@ -1,11 +1,12 @@
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from brainmri.params import Params, ParamsError, flatten, load_params
+from brainmri.params import Params, ParamsError, check_folders, flatten, load_params, special_files
 
-from conftest import PROJECT
+from helpers import PROJECT
 
 
 def write(tmp_path: Path, params: dict) -> Path:
@@ -119,3 +120,16 @@ def test_cli_check_reports_valid_and_invalid_files(tmp_path, capsys):
     # The library raises; the command turns it into one line on stderr and exit status 1.
     assert main(["check", str(write(tmp_path, raw))]) == 1
     assert "params error:" in capsys.readouterr().err
+
+
+def test_special_files_in_the_source_are_named_before_dvc_reads_them(tmp_path):
+    source = tmp_path / "source"
+    (source / "glioma").mkdir(parents=True)
+    (source / "glioma" / "a.jpg").write_bytes(b"jpeg")
+    os.mkfifo(source / "glioma" / "pipe.jpg")
+    params = Params.model_validate({"ingest": {"source": str(source)}})
+    assert special_files(source) == [source / "glioma" / "pipe.jpg"]
+    with pytest.raises(ParamsError, match=r"ingest.source: 1 special files .*glioma/pipe.jpg"):
+        check_folders(params)
+    (source / "glioma" / "pipe.jpg").unlink()
+    check_folders(params)

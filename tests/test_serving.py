@@ -20,7 +20,9 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import (
+from brainmri.images import sha256_file
+
+from helpers import (
     CLASSES,
     create_project,
     free_port,
@@ -31,7 +33,7 @@ from conftest import (
     update_params,
 )
 
-pytestmark = pytest.mark.pipeline
+pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 MAX_UPLOAD_MB = 0.25
 
 
@@ -60,12 +62,17 @@ def test_predict_prints_one_json_object_per_image(repo):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(list(folder.iterdir())) + 1 and rows[-1]["path"] == str(single)
     for row in rows:
-        assert set(row) == {"path", "predicted_class", "confidence", "probabilities", "needs_review"}
+        assert set(row) == {"path", "predicted_class", "confidence", "probabilities", "needs_review", "notice"}
+        assert "not a medical device" in row["notice"]
         assert row["predicted_class"] in CLASSES and set(row["probabilities"]) == set(CLASSES)
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert row["confidence"] == max(row["probabilities"].values())
         assert row["needs_review"] == (row["confidence"] < 0.8)
     assert "100%" in result.stderr  # the progress bar, shown because a folder was given
+    # The audit trail: one line per prediction, by the image's hash, without its path.
+    audit = [json.loads(line) for line in (repo / "logs" / "predictions.jsonl").read_text().splitlines()]
+    assert [entry["sha256"] for entry in audit[-len(rows) :]] == [sha256_file(row["path"]) for row in rows]
+    assert all(entry["source"] == "predict" and "path" not in entry for entry in audit)
 
 
 def test_predict_writes_csv_and_grad_cam_and_reports_unreadable_files(repo, tmp_path):

@@ -1,4 +1,8 @@
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -94,3 +98,55 @@ def test_with_tracking_not_required_the_stage_runs_and_warns_once(monkeypatch, c
     assert ran and not run.active
     warnings = [line for line in capsys.readouterr().err.splitlines() if "WARNING" in line]
     assert len(warnings) == 1 and uri in warnings[0] and "without MLflow logging" in warnings[0]
+
+
+STAGE_THAT_WAITS = """
+import time
+from brainmri.errors import run_entry_point
+from brainmri.params import TrackingParams
+from brainmri.tracking import stage_run
+
+def main():
+    with stage_run("train", TrackingParams(experiment="unit"), {}):
+        print("started", flush=True)
+        time.sleep(60)
+
+run_entry_point(main)
+"""
+
+
+def stage_process(tmp_path: Path) -> subprocess.Popen:
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+    process = subprocess.Popen(
+        [sys.executable, "-c", STAGE_THAT_WAITS], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "started"
+    return process
+
+
+def train_runs(tmp_path: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+
+
+@pytest.mark.slow
+def test_a_stage_ended_by_kill_marks_its_run_killed(tmp_path):
+    process = stage_process(tmp_path)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 1
+    assert [run.info.status for run in train_runs(tmp_path)] == ["KILLED"]
+
+
+@pytest.mark.slow
+def test_a_run_left_running_by_a_vanished_process_is_marked_killed_by_the_next_one(tmp_path, monkeypatch):
+    process = stage_process(tmp_path)
+    process.kill()  # SIGKILL: no clean-up runs, the run stays RUNNING
+    process.wait(timeout=30)
+    assert [run.info.status for run in train_runs(tmp_path)] == ["RUNNING"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    with tracking.stage_run("train", TrackingParams(experiment="unit"), {}):
+        pass
+    assert sorted(run.info.status for run in train_runs(tmp_path)) == ["FINISHED", "KILLED"]

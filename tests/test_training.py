@@ -6,6 +6,7 @@ import subprocess
 import keras
 import numpy as np
 import pytest
+from mlflow.tracking import MlflowClient
 
 from brainmri.errors import ModelError
 from brainmri.models import build_model, float32_copy
@@ -13,7 +14,7 @@ from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
 from brainmri.training import class_weights, compile_model, configure_hardware, labelled_batches, learning_rate
 
-from conftest import create_project, project_env, run, update_params, write_prepared_data
+from helpers import create_project, project_env, run, update_params, write_prepared_data
 
 
 def test_a_gpu_request_without_a_gpu_is_a_clear_error():
@@ -98,6 +99,7 @@ def test_balanced_class_weights_offset_class_frequency(tmp_path):
     assert class_weights(index, "none") is None
 
 
+@pytest.mark.slow
 def test_an_interrupted_train_stage_reruns_to_a_complete_model(tmp_path):
     repo = create_project(tmp_path / "repo")
     update_params(repo / "params.yaml", {"train": {"epochs": 40, "early_stopping_patience": 40}})
@@ -117,8 +119,9 @@ def test_an_interrupted_train_stage_reruns_to_a_complete_model(tmp_path):
     os.killpg(training.pid, signal.SIGKILL)  # a crash: no clean-up code runs
     training.wait()
     models = repo / "models"
-    # Whatever is left is never a half-written model under the real names.
+    # Whatever is left is never a half-written model under the real names, nor a partial history where git sees it.
     assert not models.exists() or not (models / "model.keras").exists()
+    assert not (repo / "metrics" / "train_history.csv").exists()
 
     # The rerun also goes through tf.distribute's MirroredStrategy (one replica on a CPU).
     update_params(repo / "params.yaml", {"train": {"epochs": 2, "strategy": "mirrored"}})
@@ -127,4 +130,10 @@ def test_an_interrupted_train_stage_reruns_to_a_complete_model(tmp_path):
     assert sorted(path.name for path in models.iterdir()) == ["model.json", "model.keras"]
     keras.saving.load_model(models / "model.keras")
     assert "up to date" in run(["dvc", "status", "train"], repo).stdout
+    # The killed run was left RUNNING; the rerun found its process gone and marked it KILLED.
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    trains = client.search_runs(
+        [client.get_experiment_by_name("brain-mri").experiment_id], "tags.`brainmri.stage` = 'train'"
+    )
+    assert sorted(r.info.status for r in trains) == ["FINISHED", "KILLED"]
     shutil.rmtree(repo)

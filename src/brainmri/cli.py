@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from brainmri import __version__
+from brainmri.audit import AuditLog
 from brainmri.errors import BrainMRIError, DataError
 from brainmri.params import Params, load_params
 
@@ -27,10 +28,15 @@ def project_params(path: str) -> Params:
     return Params.model_validate({"ingest": {"source": "."}})
 
 
+def audit_log(params: Params) -> AuditLog | None:
+    a = params.audit
+    return AuditLog(a.file, a.max_mb, a.backups) if a.file else None
+
+
 def predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from brainmri.images import open_image
+    from brainmri.images import open_image, sha256_file
     from brainmri.inference import Predictor, image_files
     from brainmri.ingest import decode_limits
 
@@ -39,6 +45,7 @@ def predict(args: argparse.Namespace) -> int:
     if not files:
         raise DataError("brainmri predict: no image files found in " + ", ".join(args.paths))
     predictor = Predictor.load(args.model, decode_limits(params.ingest), params.evaluate.review_threshold)
+    audit = audit_log(params)
     output = open(args.output, "w", newline="") if args.output else sys.stdout
     columns = [
         "path",
@@ -47,6 +54,7 @@ def predict(args: argparse.Namespace) -> int:
         "needs_review",
         *[f"p_{name}" for name in predictor.classes],
         "error",
+        "notice",
     ]
     writer = csv.DictWriter(output, columns) if args.format == "csv" else None
     if writer:
@@ -60,9 +68,11 @@ def predict(args: argparse.Namespace) -> int:
     for number, result in enumerate(predictor.predict_files(files, args.batch_size)):
         progress.update()
         failures += "error" in result
+        if audit and "error" not in result:
+            audit.record("predict", sha256_file(result["path"]), predictor.version, result)
         if writer:
             writer.writerow(
-                {key: result.get(key, "") for key in columns[:4] + ["error"]}
+                {key: result.get(key, "") for key in columns[:4] + ["error", "notice"]}
                 | {f"p_{name}": p for name, p in result.get("probabilities", {}).items()}
             )
         else:
@@ -86,8 +96,8 @@ def serve(args: argparse.Namespace) -> int:
 
     params = project_params(args.params)
     predictor = Predictor.load(args.model, decode_limits(params.ingest), params.evaluate.review_threshold)
-    app = create_app(predictor, max_upload_bytes=int(params.serve.max_upload_mb * 1024 * 1024))
-    run_server(app, args.host, args.port, threads=params.serve.threads)
+    app = create_app(predictor, params.serve, audit_log(params))
+    run_server(app, args.host, args.port, params.serve)
     return 0
 
 

@@ -40,3 +40,5 @@ def run_entry_point(main: Callable[[], object]) -> None:
         main()
     except BrainMRIError as error:
         sys.exit(str(error))
+    except KeyboardInterrupt:  # Ctrl-C, or `kill` during a tracked stage
+        sys.exit("interrupted: the stage's outputs are incomplete, run it again")

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from brainmri.errors import DataError, ModelError
 from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, to_array
+from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -89,6 +90,7 @@ class Predictor:
                     "confidence": round(float(row[best]), 6),
                     "probabilities": {name: round(float(p), 6) for name, p in zip(self.classes, row)},
                     "needs_review": bool(row[best] < self.review_threshold),
+                    "notice": NOT_A_MEDICAL_DEVICE,
                 }
             )
         return results
@@ -105,7 +107,7 @@ class Predictor:
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
                 yield from self._flush(batch)
                 batch = []
-                yield {"path": str(path), "error": f"not a readable image: {error}"}
+                yield {"path": str(path), "error": f"not a readable image: {error}", "notice": NOT_A_MEDICAL_DEVICE}
                 continue
             if len(batch) == batch_size:
                 yield from self._flush(batch)

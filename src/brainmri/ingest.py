@@ -18,6 +18,7 @@ to ``<name>.jpg``) adds its boxes to the manifest; the folder names the class.
 from __future__ import annotations
 
 import os
+import stat
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,9 +194,12 @@ def inspect(candidate: Candidate, limits: DecodeLimits) -> dict:
     path = Path(candidate.path)
     row = {"path": candidate.path, "label": candidate.label}
     try:
-        size = path.stat().st_size
+        status = path.stat()
     except OSError as exc:  # e.g. a link to a file that does not exist
         return {**row, "reason": f"cannot read: {exc.strerror}"}
+    if not stat.S_ISREG(status.st_mode):  # never opened: reading a named pipe would block
+        return {**row, "reason": "not a regular file (a named pipe, socket or device)"}
+    size = status.st_size
     if size == 0:
         return {**row, "reason": "empty file"}
     try:

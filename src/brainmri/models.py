@@ -36,8 +36,8 @@ def per_image_standardization(inputs):
 
 def _normalization(filters: int, norm: str, name: str) -> layers.Layer:
     if norm == "batch":
-        # Momentum 0.9, not Keras' 0.99: over ~150 steps an epoch the slower
-        # average lags the weights. The train stage also re-estimates the
+        # Momentum 0.9, not Keras' 0.99: over an epoch of a few hundred steps
+        # the slower average lags the weights. The train stage also re-estimates the
         # statistics once training ends (reestimate_batch_norm).
         return layers.BatchNormalization(momentum=0.9, name=name)
     # Group norm has no running statistics: inference computes exactly what training did.
@@ -207,9 +207,8 @@ def build_model(
     x = pool(name="pool")(features)
     if name != "compact_cnn":
         # Over a backbone's features. Not over a from-scratch CNN's: its pooled
-        # features drift every step, and a batch norm there scored 0.73 on
-        # training images in training mode, 0.47 at inference
-        # (benchmarks/batchnorm_probe.py).
+        # features drift every step, so a batch norm there computes something
+        # else at inference than in training (benchmarks/batchnorm_probe.py).
         x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     binary = num_classes == 2
@@ -301,7 +300,11 @@ def set_backbone_trainable(model: keras.Model, trainable: bool, top_layers: int 
 
 def class_probabilities(model: keras.Model, images, batch_size: int = 64):
     """(N, num_classes) probabilities, also for a one-unit sigmoid (binary) head."""
-    scores = np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
+    if len(images) <= batch_size:  # one batch: no input pipeline to build (a server answers a few at a time)
+        raw = model.predict_on_batch(np.asarray(images))
+    else:
+        raw = model.predict(images, batch_size=batch_size, verbose=0)
+    scores = np.asarray(raw, dtype=np.float64)
     if scores.shape[1] == 1:
         return np.concatenate([1.0 - scores, scores], axis=1)
     return scores / scores.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only roughly

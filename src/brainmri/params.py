@@ -7,6 +7,8 @@ surfacing later as a silent default or a traceback deep inside TensorFlow.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -185,6 +187,7 @@ class EvaluateParams(_Section):
     calibration_bins: int = Field(15, ge=2, le=100)
     tta: bool = Field(True, description="also report horizontal-flip test-time augmentation")
     external: str | None = Field(None, description="an extra labelled test folder, checked and scored too")
+    seed: int = Field(0, description="bootstrap resampling of the test images for the intervals")
 
 
 class GradcamParams(_Section):
@@ -210,7 +213,17 @@ class ExportParams(_Section):
 
 class ServeParams(_Section):
     max_upload_mb: float = Field(10.0, gt=0, description="larger uploads get 413")
-    threads: int = Field(8, ge=1, description="request threads of the WSGI server")
+    threads: int = Field(16, ge=1, description="request threads of the WSGI server")
+    max_batch: int = Field(16, ge=1, description="concurrent requests answered by one model call")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits for others to join its batch")
+    max_decodes: int = Field(4, ge=1, description="uploads decoded at once; the others wait their turn")
+    timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 503")
+
+
+class AuditParams(_Section):
+    file: str | None = Field("logs/predictions.jsonl", description="JSON lines of every prediction; null: off")
+    max_mb: float = Field(10.0, gt=0, description="the file rotates at this size")
+    backups: int = Field(5, ge=0, description="rotated files kept")
 
 
 class Params(_Section):
@@ -224,6 +237,7 @@ class Params(_Section):
     gradcam: GradcamParams = GradcamParams()
     export: ExportParams = ExportParams()
     serve: ServeParams = ServeParams()
+    audit: AuditParams = AuditParams()
 
     @field_validator("split")
     @classmethod
@@ -260,8 +274,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: {problems}") from None
 
 
+def special_files(folder: str | Path) -> list[Path]:
+    """Named pipes, sockets and device files under `folder` (links not followed): anything but files and folders."""
+    found = []
+    for current, dirs, names in os.walk(folder):
+        for name in [*dirs, *names]:
+            mode = os.lstat(os.path.join(current, name)).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+                found.append(Path(current) / name)
+    return sorted(found)
+
+
 def check_folders(params: Params) -> None:
-    """Raise ParamsError for a folder that params.yaml names but that does not exist."""
+    """Raise ParamsError for a folder that params.yaml names but that does not exist, and for
+    special files in ingest.source: DVC reads every file of that folder to hash it, before
+    the ingest stage could reject one, and reading a named pipe blocks forever."""
     named = {
         "ingest.source": params.ingest.source,
         "evaluate.external": params.evaluate.external,
@@ -270,6 +297,13 @@ def check_folders(params: Params) -> None:
     for key, folder in named.items():
         if folder is not None and not Path(folder).is_dir():
             raise ParamsError(f"{key}: folder '{folder}' does not exist")
+    special = special_files(params.ingest.source)
+    if special:
+        listed = ", ".join(f"'{path}'" for path in special[:5]) + (" ..." if len(special) > 5 else "")
+        raise ParamsError(
+            f"ingest.source: {len(special)} special files (named pipes, sockets or devices) that DVC would "
+            f"block on while hashing the folder: {listed}; remove them or move them out of the folder"
+        )
 
 
 def flatten(section: BaseModel, prefix: str) -> dict[str, Any]:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +31,7 @@ PIPELINE_TAG = "brainmri.pipeline"
 STAGE_TAG = "brainmri.stage"
 EXPERIMENT_TAG = "dvc.exp_name"
 COMMIT_TAG = "mlflow.source.git.commit"
+HOST_TAG, PID_TAG = "brainmri.host", "brainmri.pid"  # which process a RUNNING run belongs to
 
 
 def project_root() -> Path:
@@ -191,6 +195,49 @@ def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any], log:
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags[EXPERIMENT_TAG] = os.environ["DVC_EXP_NAME"]
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags):
-        mlflow.log_params({key: "" if value is None else value for key, value in params.items()})
-        yield StageRun(active=True)
+    end_orphaned_runs(experiment_id, stage)
+    tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # `kill`: like Ctrl-C
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags):
+            mlflow.log_params({key: "" if value is None else value for key, value in params.items()})
+            try:
+                yield StageRun(active=True)
+            except KeyboardInterrupt:
+                mlflow.end_run(status="KILLED")
+                raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def end_orphaned_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the runs of `stage` left RUNNING by a process of this machine that no longer
+    exists (killed outright, or the machine lost power); returns their ids."""
+    client = mlflow.MlflowClient()
+    query = (
+        f"tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING' "
+        f"and tags.`{HOST_TAG}` = '{socket.gethostname()}'"
+    )
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string=query, max_results=1000):
+        pid = run.data.tags.get(PID_TAG, "")
+        if pid.isdigit() and not _process_alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended

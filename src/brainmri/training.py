@@ -140,8 +140,8 @@ def labelled_batches(
     # Shard across replicas by element, not by file: a split may have fewer files than replicas.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     # No autotuning: Keras makes a new iterator every epoch, and deleting one
-    # waits for the autotuner's sleeping thread; that idled the CPU for ~30 s
-    # in every other epoch of a full-data run (py-spy: ~RootDataset::Iterator).
+    # waits for the autotuner's sleeping thread, which idled the CPU for much
+    # of every other epoch (py-spy: ~RootDataset::Iterator).
     # Parallel maps then use one call per core.
     options.autotune.enabled = False
     return data.batch(batch_size, drop_remainder=drop_remainder).prefetch(2).with_options(options)

@@ -1,8 +1,9 @@
 """The web page and JSON API over a trained model (`brainmri serve`).
 
 Flask routes served by waitress, a production WSGI server with a thread pool
-(no forking: TensorFlow is not fork-safe). One model is loaded at start and
-shared by the request threads; Keras inference on it is thread-safe.
+(no forking: TensorFlow is not fork-safe). One model is loaded at start;
+request threads decode their uploads (at most `serve.max_decodes` at once)
+and hand the images to one micro-batching thread that runs the model.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from importlib.resources import files
 
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from brainmri.audit import AuditLog
+from brainmri.batching import MicroBatcher
 from brainmri.inference import BadImage, Predictor, decode_bytes
-
-DISCLAIMER = "Research software, not a medical device: not for diagnosis or treatment decisions."
+from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
+from brainmri.params import ServeParams
 
 
 def content_security_policy(page: str) -> str:
@@ -33,10 +39,14 @@ def content_security_policy(page: str) -> str:
     )
 
 
-def create_app(predictor: Predictor, max_upload_bytes: int) -> Flask:
+def create_app(predictor: Predictor, settings: ServeParams, audit: AuditLog | None = None) -> Flask:
     app = Flask(__name__)
+    max_upload_bytes = int(settings.max_upload_mb * 1024 * 1024)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
-    page = files("brainmri").joinpath("static/index.html").read_text().replace("{{DISCLAIMER}}", DISCLAIMER)
+    decodes = threading.BoundedSemaphore(settings.max_decodes)
+    batcher = MicroBatcher(predictor.predict_arrays, settings.max_batch, settings.max_wait_ms / 1000)
+    app.extensions["brainmri.batcher"] = batcher
+    page = files("brainmri").joinpath("static/index.html").read_text().replace("{{DISCLAIMER}}", NOT_A_MEDICAL_DEVICE)
     security_headers = {
         "Content-Security-Policy": content_security_policy(page),
         "X-Content-Type-Options": "nosniff",
@@ -57,18 +67,34 @@ def create_app(predictor: Predictor, max_upload_bytes: int) -> Flask:
     def health():
         return jsonify(status="ok", model_loaded=True, model_version=predictor.version, classes=predictor.classes)
 
+    def busy(what: str):
+        return jsonify(error=f"server busy: {what} within serve.timeout_s={settings.timeout_s:g} s, retry later"), 503
+
     @app.post("/predict")
     def predict():
+        deadline = time.monotonic() + settings.timeout_s
         upload = request.files.get("file")
         if upload is None:
             return jsonify(error="send the image as multipart form field 'file'"), 400
         name = upload.filename or "upload"
         data = upload.read()
+        if not decodes.acquire(timeout=settings.timeout_s):
+            return busy("no decoding slot free")
         try:
             image = predictor.array(decode_bytes(data, name, predictor.limits))
         except BadImage as error:
             return jsonify(error=str(error)), 400
-        result = {"path": name, **predictor.predict_arrays(image[None])[0], "model_version": predictor.version}
+        finally:
+            decodes.release()
+        future = batcher.submit(image)
+        try:
+            prediction = future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            future.cancel()
+            return busy("not answered")
+        if audit:
+            audit.record("serve", hashlib.sha256(data).hexdigest(), predictor.version, prediction)
+        result = {"path": name, **prediction, "model_version": predictor.version}
         if request.args.get("gradcam", "").lower() in ("1", "true", "yes"):
             png = predictor.gradcam_png(image, predictor.classes.index(result["predicted_class"]))
             result["gradcam_png"] = base64.b64encode(png).decode()
@@ -76,7 +102,11 @@ def create_app(predictor: Predictor, max_upload_bytes: int) -> Flask:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(error):
-        return jsonify(error=f"upload larger than {max_upload_bytes // (1024 * 1024)} MB (serve.max_upload_mb)"), 413
+        if request.content_length is not None and request.content_length <= max_upload_bytes:
+            # Werkzeug raises the same error for a small body cut into too many parts.
+            parts = app.config.get("MAX_FORM_PARTS") or 1000
+            return jsonify(error=f"more than {parts} form parts: send one image in field 'file'"), 413
+        return jsonify(error=f"upload larger than {settings.max_upload_mb:g} MB (serve.max_upload_mb)"), 413
 
     @app.errorhandler(HTTPException)
     def http_error(error):
@@ -85,8 +115,13 @@ def create_app(predictor: Predictor, max_upload_bytes: int) -> Flask:
     return app
 
 
-def run_server(app: Flask, host: str, port: int, threads: int) -> None:
+def run_server(app: Flask, host: str, port: int, settings: ServeParams) -> None:
     from waitress import serve
 
-    print(f"brainmri serve: http://{host}:{port}/ ({threads} threads)", flush=True)
-    serve(app, host=host, port=port, threads=threads, ident="brainmri")
+    print(
+        f"brainmri serve: http://{host}:{port}/ ({settings.threads} threads, "
+        f"batches of up to {settings.max_batch} within {settings.max_wait_ms:g} ms)",
+        flush=True,
+    )
+    # channel_timeout: a connection idle that long is closed (slow or stalled clients).
+    serve(app, host=host, port=port, threads=settings.threads, channel_timeout=settings.timeout_s, ident="brainmri")

@@ -1,0 +1,147 @@
+"""The server's request handling with a stand-in model (no TensorFlow): micro-batching,
+the decode cap, the request timeout, the audit trail and the error messages."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brainmri.audit import AuditLog
+from brainmri.batching import MicroBatcher
+from brainmri.images import DecodeLimits
+from brainmri.inference import Predictor
+from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
+from brainmri.params import ServeParams
+from brainmri.webapp import create_app
+
+
+class MeanBrightnessModel:
+    """Class 1 when the image is bright; each call takes `delay` seconds and is counted."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.calls = delay, 0
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        time.sleep(self.delay)
+        bright = images.reshape(len(images), -1).mean(axis=1) / 255
+        return np.stack([1 - bright, bright], axis=1)
+
+
+def predictor(delay: float = 0.0) -> Predictor:
+    return Predictor(MeanBrightnessModel(delay), ["dark", "bright"], 8, 1, "stand-in@1", DecodeLimits(10**6, 4096, 20))
+
+
+def png(level: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16), level).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post(client, data: bytes, name: str = "scan.png"):
+    return client.post("/predict", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+
+def test_concurrent_requests_share_model_calls_and_each_gets_its_own_answer(tmp_path):
+    model_predictor = predictor(delay=0.05)
+    app = create_app(model_predictor, ServeParams(max_batch=8, max_wait_ms=20))
+    client = app.test_client()
+    levels = [0, 255] * 8
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda level: post(client, png(level)), levels))
+    assert all(response.status_code == 200 for response in responses)
+    assert [r.get_json()["predicted_class"] for r in responses] == ["dark", "bright"] * 8
+    assert all(r.get_json()["notice"] == NOT_A_MEDICAL_DEVICE for r in responses)
+    assert model_predictor.model.calls < len(levels)  # batched
+    assert max(app.extensions["brainmri.batcher"].batch_sizes) > 1
+
+
+def test_a_request_not_answered_in_time_gets_503_and_the_server_goes_on():
+    app = create_app(predictor(delay=1.0), ServeParams(timeout_s=0.2))
+    response = post(app.test_client(), png(0))
+    assert response.status_code == 503 and "not answered within serve.timeout_s=0.2 s" in response.get_json()["error"]
+    time.sleep(1.0)
+    fast = create_app(predictor(), ServeParams(timeout_s=5))
+    assert post(fast.test_client(), png(0)).status_code == 200
+
+
+def test_decoding_waits_for_a_free_slot_and_gives_up_at_the_timeout(monkeypatch):
+    slow = predictor()
+    inside = threading.Event()
+    original = slow.array
+
+    def slow_array(image):
+        inside.set()
+        time.sleep(0.6)
+        return original(image)
+
+    monkeypatch.setattr(slow, "array", slow_array)
+    client = create_app(slow, ServeParams(max_decodes=1, timeout_s=0.2)).test_client()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(post, client, png(0))
+        inside.wait(5)
+        second = post(client, png(0))
+        assert second.status_code == 503 and "no decoding slot free" in second.get_json()["error"]
+        assert first.result().status_code in (200, 503)  # its answer may also time out; it is never an error
+
+
+def test_a_small_body_in_too_many_parts_is_named_as_such():
+    client = create_app(predictor(), ServeParams()).test_client()
+    fields = {f"f{i}": "x" for i in range(1001)}
+    response = client.post("/predict", data=fields, content_type="multipart/form-data")
+    assert response.status_code == 413 and "more than 1000 form parts" in response.get_json()["error"]
+
+
+def test_every_prediction_is_audited_by_hash_without_file_names_or_pixels(tmp_path):
+    audit = AuditLog(tmp_path / "logs" / "audit.jsonl", max_mb=1, backups=2)
+    client = create_app(predictor(), ServeParams(), audit).test_client()
+    data = png(255)
+    assert post(client, data, name="Patient_Jane_Doe_1970.png").status_code == 200
+    assert post(client, b"not an image", name="x.png").status_code == 400  # no prediction, nothing audited
+    audit.close()
+    text = (tmp_path / "logs" / "audit.jsonl").read_text()
+    entries = [json.loads(line) for line in text.splitlines()]
+    assert len(entries) == 1
+    entry = entries[0]
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest() and entry["source"] == "serve"
+    assert entry["model_version"] == "stand-in@1" and entry["predicted_class"] == "bright"
+    assert set(entry) == {"time", "source", "sha256", "model_version", "predicted_class", "confidence",
+                          "probabilities", "needs_review"}  # fmt: skip
+    assert "Jane" not in text
+
+
+def test_the_audit_file_rotates_at_its_size_limit(tmp_path):
+    audit = AuditLog(tmp_path / "audit.jsonl", max_mb=0.001, backups=2)  # about 1 kB
+    result = {"predicted_class": "a", "confidence": 0.9, "probabilities": {"a": 0.9, "b": 0.1}, "needs_review": False}
+    for _ in range(40):
+        audit.record("predict", "0" * 64, "v", result)
+    audit.close()
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert all(path.stat().st_size <= 1100 for path in tmp_path.iterdir())
+
+
+def test_the_batcher_hands_an_error_to_every_waiting_request_and_keeps_going():
+    calls = []
+
+    def predict(batch: np.ndarray) -> list[float]:
+        calls.append(len(batch))
+        if batch.min() < 0:
+            raise RuntimeError("model failed")
+        return list(batch.sum(axis=1))
+
+    batcher = MicroBatcher(predict, max_batch=4, max_wait=0.05)
+    failing = [batcher.submit(np.array([-1.0, 0.0])), batcher.submit(np.array([1.0, 2.0]))]
+    for future in failing:
+        with pytest.raises(RuntimeError, match="model failed"):
+            future.result(timeout=5)
+    assert batcher.submit(np.array([1.0, 2.0])).result(timeout=5) == 3.0
+    assert calls == [2, 1]
