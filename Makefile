@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup repro lint test
+.PHONY: setup repro lint test exp-show
 
 $(INSTALLED): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,3 +23,11 @@ lint: $(INSTALLED)
 
 test: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
+
+# `dvc exp show` with the params that differ and the headline metrics only:
+# every metrics key as a column is far wider than a terminal.
+HEADLINE := ^(.*:)?(macro_f1|macro_f1_ci_low|macro_f1_ci_high|ece|annotated\.pointing_game)$$
+PARAM_SECTIONS := ^(?!(ingest|dedup|split|balance|train|evaluate|gradcam|export)\.)
+exp-show:
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp show --no-pager --only-changed \
+		--keep '^(Experiment|Created)$$' --keep '$(HEADLINE)' --drop '$(PARAM_SECTIONS)'

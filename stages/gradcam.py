@@ -34,10 +34,9 @@ from brainmri.manifest import read_manifest
 from brainmri.metrics import write_json
 from brainmri.models import class_probabilities, load_model
 from brainmri.params import GradcamParams, Params, flatten, load_params
+from brainmri.paths import GRADCAM_REPORTS, MODELS, PREPARED, SPLIT, metrics_file
 from brainmri.shards import ShardIndex
 from brainmri.tracking import stage_run
-
-OUT = Path("reports/gradcam")
 
 
 def caption(path: str, truth: str, guess: str, confidence: float, flat: bool) -> str:
@@ -53,7 +52,7 @@ def draw(rows: list[dict], classes: list[str], title: str, prefix: str, alpha: f
     for name in classes:
         members = [row for row in rows if row["truth"] == name]
         if members:
-            class_grid(members, alpha, f"{title}: true class {name}", OUT / f"{prefix}{name}.png")
+            class_grid(members, alpha, f"{title}: true class {name}", GRADCAM_REPORTS / f"{prefix}{name}.png")
 
 
 def explain_test_sample(
@@ -87,7 +86,7 @@ def explain_test_sample(
                 images[rank],
                 heatmaps[rank],
                 text,
-                OUT / "images" / f"{rank:03d}_{truth}_as_{guess}.png",
+                GRADCAM_REPORTS / "images" / f"{rank:03d}_{truth}_as_{guess}.png",
                 p.alpha,
                 bool(flat[rank]),
                 truth != guess,
@@ -176,21 +175,21 @@ def main() -> None:
     params = load_params()
     p = params.gradcam
     with stage_run("gradcam", params.tracking, flatten(p, "gradcam")) as run:
-        model, meta = load_model("models")
+        model, meta = load_model(MODELS)
         classes = meta["classes"]
-        index = ShardIndex.load("data/prepared")
-        boxes = read_manifest("data/interim/split.csv", ["path", "boxes", "width", "height"]).set_index("path")
+        index = ShardIndex.load(PREPARED)
+        boxes = read_manifest(SPLIT, ["path", "boxes", "width", "height"]).set_index("path")
         layer = p.layer or last_feature_map_layer(model)
-        shutil.rmtree(OUT, ignore_errors=True)
+        shutil.rmtree(GRADCAM_REPORTS, ignore_errors=True)
         summary = explain_test_sample(model, classes, p, layer, index, boxes)
         if p.annotated:
             summary.update(explain_annotated(model, classes, meta, params, layer))
-        write_json(summary, "metrics/gradcam.json")
+        write_json(summary, metrics_file("gradcam"))
         run.log_metrics(summary)
         run.log_param("gradcam.layer_used", layer)
-        run.log_artifacts(str(OUT), "gradcam")
+        run.log_artifacts(str(GRADCAM_REPORTS), "gradcam")
         print(
-            f"gradcam: {summary['images']} {p.method} heatmaps from layer '{layer}' in {OUT}/; "
+            f"gradcam: {summary['images']} {p.method} heatmaps from layer '{layer}' in {GRADCAM_REPORTS}/; "
             f"{summary['energy_in_brain']:.0%} of their energy on the brain"
         )
         if summary["flat_heatmaps"]:

@@ -5,9 +5,13 @@ from pathlib import Path
 
 import yaml
 
-from conftest import PROJECT
+from brainmri.paths import STAGE_OUTPUTS
 
-STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "export"]
+from helpers import PROJECT
+
+STAGES = ["ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "model_card", "export"]
+# Stages with no params section of their own: they only read upstream ones.
+READERS = {"model_card"}
 VALIDATED = "data/interim/params.validated"
 
 
@@ -48,7 +52,7 @@ def test_stages_declare_only_their_own_params_sections():
     stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
     for name in STAGES:
         sections = {entry.split(".")[0] for entry in stages[name]["params"]}
-        assert name in sections
+        assert name in sections or name in READERS
         upstream = set(STAGES[: STAGES.index(name)])
         assert sections - {name} <= upstream | {"train", "tracking"}, f"{name} reads downstream params {sections}"
     assert stages["ingest"]["params"] == ["ingest"]
@@ -61,3 +65,15 @@ def test_every_stage_waits_for_the_params_check():
     assert stages["validate"]["outs"] == [{VALIDATED: {"persist": True}}]
     for name in STAGES:
         assert VALIDATED in stages[name]["deps"], name
+
+
+def declared_outputs(stage: dict) -> set[str]:
+    entries = stage.get("outs", []) + stage.get("metrics", [])
+    return {entry if isinstance(entry, str) else next(iter(entry)) for entry in entries}
+
+
+def test_every_stage_writes_exactly_the_outputs_brainmri_paths_names():
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_OUTPUTS)
+    for name, stage in stages.items():
+        assert declared_outputs(stage) == {path.as_posix() for path in STAGE_OUTPUTS[name]}, name

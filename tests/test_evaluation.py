@@ -11,6 +11,7 @@ from brainmri.evaluation import (
     pr_points,
     risk_coverage,
     roc_points,
+    score_predictions,
     selective_prediction,
 )
 from brainmri.metrics import write_json
@@ -94,3 +95,12 @@ def test_auc_of_a_class_absent_from_the_test_labels_is_undefined_not_zero(tmp_pa
     assert roc_points(y_true, probabilities, 2) is None and pr_points(y_true, probabilities, 2) is None
     write_json(m, tmp_path / "m.json")
     assert '"roc_auc.c": null' in (tmp_path / "m.json").read_text()
+
+
+def test_scores_bracket_the_headline_metrics_with_seeded_intervals():
+    scores = score_predictions(Y_TRUE, PROBABILITIES, CLASSES, calibration_bins=5, review_threshold=0.5, seed=0)
+    for name in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert scores[f"{name}_ci_low"] <= scores[name] <= scores[f"{name}_ci_high"], name
+        assert scores[f"{name}_ci_high"] - scores[f"{name}_ci_low"] > 0.2  # six images: wide
+    assert scores == score_predictions(Y_TRUE, PROBABILITIES, CLASSES, calibration_bins=5, review_threshold=0.5, seed=0)
+    assert scores["ece_bins"] == 5 and scores["review_threshold"] == 0.5

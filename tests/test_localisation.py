@@ -6,7 +6,6 @@ from brainmri.errors import DataError
 from brainmri.ingest import scan
 from brainmri.localisation import (
     baseline_heatmap,
-    bootstrap_interval,
     box_mask,
     box_rectangles,
     deletion_insertion,
@@ -20,7 +19,7 @@ from brainmri.localisation import (
 from brainmri.models import class_probabilities
 from brainmri.params import IngestParams
 
-from conftest import make_dataset
+from helpers import make_dataset
 
 
 def test_energy_pointing_and_iou_by_hand():
@@ -93,17 +92,6 @@ def test_scores_per_class_with_intervals_and_baselines():
     assert summary["annotated.baseline_centre.pointing_game"] == pytest.approx(0.25)
     low, high = summary["annotated.pointing_game_ci_low"], summary["annotated.pointing_game_ci_high"]
     assert 0 <= low < 0.6 < high <= 1
-
-
-def test_bootstrap_interval_of_the_mean():
-    assert bootstrap_interval(np.full(30, 0.7)) == (pytest.approx(0.7), pytest.approx(0.7))
-    values = np.random.default_rng(1).binomial(1, 0.5, 400).astype(float)
-    low, high = bootstrap_interval(values)
-    # The normal approximation's 95% half-width for p = 0.5, n = 400 is 0.049.
-    assert high - low == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 400), rel=0.15)
-    assert low < values.mean() < high
-    assert bootstrap_interval(values) == bootstrap_interval(values)  # seeded
-    assert all(np.isnan(bootstrap_interval(np.array([np.nan]))))
 
 
 def quadrant_model(size: int) -> keras.Model:

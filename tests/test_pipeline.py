@@ -5,6 +5,7 @@ module; the tests run in file order and build on each other's state."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -15,13 +16,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import CLASSES, create_project, run, stages_run, synthetic_image, update_params, wait_for_queue
+from helpers import CLASSES, create_project, run, stages_run, synthetic_image, update_params, wait_for_queue
 
-pytestmark = pytest.mark.pipeline
+pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 
-ALL_STAGES = ["validate", "ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "export"]
+ALL_STAGES = ["validate", "ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "model_card", "export"]
 # A params change reruns the params check first.
-DOWNSTREAM_OF_TRAIN = ["validate", "train", "evaluate", "gradcam", "export"]
+DOWNSTREAM_OF_TRAIN = ["validate", "train", "evaluate", "gradcam", "model_card", "export"]
 
 
 def mlflow_stages(stages: list[str]) -> list[str]:
@@ -80,7 +81,12 @@ def test_repro_runs_every_stage_in_order_then_nothing(repo):
         "ece",
         "review_fraction",
         "accuracy_accepted",
+        "accuracy_ci_low",
+        "macro_f1_ci_high",
     } <= set(metrics)
+    assert metrics["macro_f1_ci_low"] <= metrics["macro_f1"] <= metrics["macro_f1_ci_high"]
+    card = (repo / "MODEL_CARD.md").read_text()
+    assert "not a medical device" in card and f"| macro-F1 | {metrics['macro_f1']:.3f} [" in card
 
     second = run(["dvc", "repro"], repo)
     assert stages_run(second.stdout) == []
@@ -136,6 +142,12 @@ def test_exp_show_lists_the_experiment_with_params_and_metrics(repo):
     assert data["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
     assert data["metrics"]["metrics/train.json"]["data"]["epochs_run"] == 1
 
+    # The README's view: the params that differ and the headline metrics, in a 120-column terminal.
+    table = run(["make", "-s", "exp-show"], repo, env={"COLUMNS": "120"}).stdout
+    assert "one-epoch" in table and "train.epochs" in table and "macro_f1" in table and "…" not in table
+    assert "f1.glioma" not in table and "train.lr" not in table  # unchanged params and minor keys left out
+    assert max(len(line) for line in table.splitlines()) <= 120
+
 
 def test_queued_experiments_run_and_log_to_the_workspace_store(repo):
     back_to_baseline(repo)
@@ -168,7 +180,7 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
     result = run(
         ["dvc", "exp", "run", "-n", "external", "-S", f"evaluate.external={external}", "-S", "evaluate.tta=true"], repo
     )
-    assert stages_run(result.stdout) == ["validate", "evaluate"]
+    assert stages_run(result.stdout) == ["validate", "evaluate", "model_card"]
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     assert metrics["external.images"] == 8
     assert metrics["external.leaked_removed"] == 1 and metrics["external.rejected"] == 1
@@ -176,6 +188,7 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
     assert {"tta.accuracy", "tta.macro_f1", "tta.ece"} <= set(metrics)  # beside the plain keys
     leakage = (repo / "reports" / "evaluate" / "external_leakage.csv").read_text()
     assert "seen.jpg" in leakage
+    assert "**External test set** (8 images; 1 removed as copies" in (repo / "MODEL_CARD.md").read_text()
     back_to_baseline(repo)
 
 
@@ -368,6 +381,19 @@ def test_bad_params_stop_the_pipeline_naming_the_key_and_keep_every_output(repo,
     assert "up to date" in run(["dvc", "status"], repo).stdout  # nothing to rebuild
 
 
+def test_a_named_pipe_in_the_source_stops_at_validate_instead_of_hanging_dvc(repo):
+    fifo = repo / "data" / "sample" / "glioma" / "pipe.jpg"
+    os.mkfifo(fifo)
+    try:
+        result = run(["dvc", "repro"], repo, check=False, timeout=180)  # DVC would block hashing the folder
+        assert result.returncode != 0 and stages_run(result.stdout) == ["validate"]
+        assert "special files" in result.stderr + result.stdout and "pipe.jpg" in result.stderr + result.stdout
+        assert (repo / "models" / "model.keras").is_file()
+    finally:
+        fifo.unlink()
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+
+
 def test_tracking_outage_stops_the_stage_or_with_the_switch_off_warns_and_completes(repo):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
@@ -423,7 +449,10 @@ def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tm
             (annotated / name / f"{variant}.txt").write_text(f"7 {cx} {cy} 0.25 0.25\n")
     update_params(repo / "params.yaml", {"gradcam": {"annotated": str(annotated)}})
     result = run(["dvc", "repro"], repo)
-    assert stages_run(result.stdout) == ["validate", "gradcam"] and "annotated images (uniform heatmap" in result.stdout
+    assert (
+        stages_run(result.stdout) == ["validate", "gradcam", "model_card"]
+        and "annotated images (uniform heatmap" in result.stdout
+    )
     gradcam = json.loads((repo / "metrics" / "gradcam.json").read_text())
     assert gradcam["annotated.images"] == 6 and gradcam["annotated.box_share"] == pytest.approx(1 / 16, rel=0.3)
     assert 0.0 <= gradcam["annotated.pointing_game.left"] <= 1.0

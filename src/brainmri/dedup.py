@@ -53,7 +53,7 @@ def candidate_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
             members = np.sort(order[start:end])
             member_hashes = hashes[members]
             # Row blocks bound memory: a band value shared by tens of thousands
-            # of images would otherwise need an n-by-n matrix (24 GB at 100k).
+            # of images would otherwise need an n-by-n matrix (benchmarks/scaling.py).
             for first in range(0, len(members), BLOCK_ROWS):
                 block = member_hashes[first : first + BLOCK_ROWS]
                 close = np.bitwise_count(block[:, None] ^ member_hashes[None, :]) <= max_distance
@@ -126,7 +126,7 @@ def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlat
     thumbs = thumbnails(manifest["path"].to_numpy()[involved].tolist(), workers)
     left = np.array([lookup[i] for i in pairs[:, 0]])
     right = np.array([lookup[j] for j in pairs[:, 1]])
-    # In blocks of pairs: all pairs' thumbnails at once took over 24 GB at 100k images.
+    # In blocks of pairs: all pairs' thumbnails at once do not fit in memory at scale (benchmarks/scaling.py).
     correlation = np.concatenate(
         [
             (thumbs[left[start : start + BLOCK_PAIRS]] * thumbs[right[start : start + BLOCK_PAIRS]]).mean(axis=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,15 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from brainmri import stats
+
+# Figures reported with a bootstrap interval: a reviewer compares runs by these.
+INTERVAL_METRICS = {
+    "accuracy": stats.accuracy,
+    "balanced_accuracy": stats.balanced_accuracy,
+    "macro_f1": stats.macro_f1,
+}
 
 
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, float]:
@@ -60,6 +70,31 @@ def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classe
     defined_aucs = [auc for auc in aucs if not math.isnan(auc)]
     metrics["roc_auc_macro"] = float(np.mean(defined_aucs)) if defined_aucs else math.nan
     return metrics
+
+
+def score_predictions(
+    y_true: np.ndarray,
+    probabilities: np.ndarray,
+    classes: list[str],
+    calibration_bins: int,
+    review_threshold: float,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Every figure of the evaluate stage for one set of predictions: classification
+    metrics, calibration, selective prediction, and 95% bootstrap intervals
+    (`<metric>_ci_low`, `<metric>_ci_high`) for the headline metrics."""
+    scores = {
+        **classification_metrics(y_true, probabilities, classes),
+        "ece": calibration(y_true, probabilities, calibration_bins).ece,
+        "ece_bins": calibration_bins,
+        **selective_prediction(y_true, probabilities, review_threshold),
+    }
+    y_pred = probabilities.argmax(axis=1)
+    for name, statistic in INTERVAL_METRICS.items():
+        metric = partial(statistic, num_classes=len(classes))
+        low, high = stats.bootstrap_metric_interval(y_true, y_pred, metric, seed=seed)
+        scores[f"{name}_ci_low"], scores[f"{name}_ci_high"] = low, high
+    return scores
 
 
 def brier_score(y_true: np.ndarray, probabilities: np.ndarray) -> float:

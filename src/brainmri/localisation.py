@@ -26,6 +26,7 @@ from brainmri.errors import DataError
 from brainmri.images import fitted_size, load_array
 from brainmri.ingest import scan
 from brainmri.params import IngestParams
+from brainmri.stats import bootstrap_interval
 
 BOX_METRICS = ("pointing_game", "energy_in_box", "box_iou")
 BASELINES = ("uniform", "centre")
@@ -124,21 +125,6 @@ def score_against_boxes(heatmaps: np.ndarray, flat: np.ndarray, masks: np.ndarra
             row.update({f"{name}.{metric}": value for metric, value in scores.items()})
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def bootstrap_interval(
-    values: np.ndarray, confidence: float = 0.95, resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over the defined (non-NaN) values."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[~np.isnan(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 def summarise_box_scores(scores: pd.DataFrame, prefix: str = "", seed: int = 0) -> dict[str, float]:

@@ -1,0 +1,44 @@
+"""An extra labelled test set from elsewhere (`evaluate.external`): read with
+the same checks as ingest, stripped of copies of any image the pipeline
+ingested, so its figures measure generalisation and not memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from brainmri.dedup import copies_of_known_images
+from brainmri.errors import DataError
+from brainmri.images import load_array
+from brainmri.ingest import scan
+from brainmri.params import Params
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    images: np.ndarray | None  # None when every image was a copy or a reject
+    labels: np.ndarray
+    kept: pd.DataFrame  # path, label, ... of the scored images
+    leaked: pd.DataFrame  # path, label of the copies removed
+    rejects: pd.DataFrame
+
+
+def external_test_set(params: Params, known: pd.DataFrame, classes: list[str], size: int, channels: int) -> ExternalSet:
+    """The `evaluate.external` folder, validated like ingest, minus copies of the `known` manifest's images."""
+    folder = params.evaluate.external
+    found = scan(
+        params.ingest.model_copy(update={"source": folder, "classes": None, "min_per_class": 1}), min_classes=1
+    )
+    unknown = sorted(set(found.images["label"]) - set(classes))
+    if unknown:
+        raise DataError(
+            f"evaluate.external: classes {unknown} in '{folder}' are not among the model's classes {classes}"
+        )
+    d = params.dedup
+    leaked = copies_of_known_images(found.images, known, d.hash_distance, d.min_correlation, d.workers)
+    kept = found.images[~leaked].sort_values("path", kind="mergesort")
+    images = np.stack([load_array(path, size, channels) for path in kept["path"]]) if len(kept) else None
+    labels = np.array([classes.index(label) for label in kept["label"]], dtype=np.int32)
+    return ExternalSet(images, labels, kept, found.images[leaked][["path", "label"]], found.rejects)

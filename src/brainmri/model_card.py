@@ -1,0 +1,202 @@
+"""MODEL_CARD.md, rendered from one run's params and metrics files.
+
+The fields follow Google's model cards (Mitchell et al. 2019) and MONAI
+bundles' model cards: details, intended use, data, evaluation with
+intervals, explanations, limitations. Nothing here is typed by hand per
+run, so the card always matches the committed `dvc.lock`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
+from brainmri.params import Params
+
+SPLITS = ("train", "val", "test")
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def _with_interval(metrics: dict, key: str) -> str:
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    interval = f" [{_number(low)}, {_number(high)}]" if low is not None and high is not None else ""
+    return _number(metrics.get(key)) + interval
+
+
+def _classes(evaluate: dict) -> list[str]:
+    return sorted(key.split(".", 1)[1] for key in evaluate if key.startswith("support."))
+
+
+def _details(params: Params) -> list[str]:
+    t = params.train
+    head = f"global {t.pooling} pooling, dropout {t.dropout}, softmax (sigmoid for two classes)"
+    augment = [f"{k} {v}" for k, v in t.augment.model_dump().items() if v not in (0, 0.0, False)]
+    return [
+        "## Model details",
+        "",
+        f"- **Architecture:** `{t.model}` ({'from scratch' if t.weights == 'none' else f'weights: {t.weights}'}), "
+        f"{head}.",
+        f"- **Input:** {t.image_size}×{t.image_size} {'grey' if t.channels == 1 else 'RGB'} 8-bit slices, "
+        "the longer side resized and centred on a black square; scaling and normalisation are layers of the model.",
+        f"- **Training:** AdamW, learning rate {t.lr} ({t.lr_schedule}), batch {t.batch_size}, up to {t.epochs} "
+        f"epochs with early stopping (patience {t.early_stopping_patience}), label smoothing {t.label_smoothing}; "
+        f"in-model augmentation: {', '.join(augment) or 'none'}; the training split evened out per class with "
+        "augmented copies.",
+        f"- **Registered as** `{params.tracking.registered_model}` in MLflow's model registry.",
+        "",
+    ]
+
+
+def _intended_use(threshold: float) -> list[str]:
+    return [
+        "## Intended use",
+        "",
+        f"**{NOT_A_MEDICAL_DEVICE}**",
+        "",
+        "- **For:** research and teaching on classifying 2D brain MRI slices; a reproducible baseline "
+        "to compare models, data and training recipes against.",
+        f"- **Human review:** predictions with a top-1 probability under {threshold} are flagged `needs_review`.",
+        "- **Not for:** diagnosis, triage or treatment decisions; whole 3D studies; modalities, sequences or "
+        "populations absent from the training data.",
+        "",
+    ]
+
+
+def _data(params: Params, ingest: dict, dedup: dict, split: dict, classes: list[str]) -> list[str]:
+    lines = [
+        "## Training data",
+        "",
+        f"- **Source:** the folder `{Path(params.ingest.source).name}` (`ingest.source`), one class per folder.",
+        f"- **Images:** {_number(ingest.get('images'))} read, {_number(ingest.get('rejected'))} rejected; "
+        f"{_number(dedup.get('exact_duplicates_removed'))} exact and "
+        f"{_number(dedup.get('near_duplicates_removed'))} near copies removed, "
+        f"{_number(dedup.get('conflicting_images_removed'))} with conflicting labels; "
+        f"{_number(split.get('leaked_test_images_removed'))} test images removed as copies of training images.",
+        f"- **Split** (stratified, seed {params.split.seed}, duplicate groups never across splits):",
+        "",
+        "| class | " + " | ".join(SPLITS) + " |",
+        "| --- | " + " | ".join("---" for _ in SPLITS) + " |",
+    ]
+    for name in [*classes, "total"]:
+        lines.append(f"| {name} | " + " | ".join(_number(split.get(f"{s}.{name}")) for s in SPLITS) + " |")
+    return [*lines, ""]
+
+
+def _evaluation(evaluate: dict, classes: list[str], train: dict) -> list[str]:
+    lines = [
+        "## Evaluation on the test split",
+        "",
+        f"{_number(sum(evaluate.get(f'support.{c}', 0) for c in classes))} held-out images; "
+        "95% percentile-bootstrap intervals over the images in brackets. Best epoch "
+        f"{_number(train.get('best_epoch'))} of {_number(train.get('epochs_run'))} (validation loss).",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| accuracy | {_with_interval(evaluate, 'accuracy')} |",
+        f"| balanced accuracy | {_with_interval(evaluate, 'balanced_accuracy')} |",
+        f"| macro-F1 | {_with_interval(evaluate, 'macro_f1')} |",
+        f"| ROC AUC, macro one-vs-rest | {_number(evaluate.get('roc_auc_macro'))} |",
+        f"| log loss | {_number(evaluate.get('log_loss'))} |",
+        f"| expected calibration error ({evaluate.get('ece_bins')} bins) | {_number(evaluate.get('ece'))} |",
+        f"| flagged for review (under {evaluate.get('review_threshold')}) | "
+        f"{_number(evaluate.get('review_fraction'))}, accuracy on the rest {_number(evaluate.get('accuracy_accepted'))}"
+        " |",
+    ]
+    if "tta.macro_f1" in evaluate:
+        lines.append(f"| macro-F1 with flip test-time augmentation | {_with_interval(evaluate, 'tta.macro_f1')} |")
+    lines += ["", "| class | precision | recall | F1 | ROC AUC | images |", "| --- | --- | --- | --- | --- | --- |"]
+    for c in classes:
+        lines.append(
+            f"| {c} | {_number(evaluate.get(f'precision.{c}'))} | {_number(evaluate.get(f'recall.{c}'))} | "
+            f"{_number(evaluate.get(f'f1.{c}'))} | {_number(evaluate.get(f'roc_auc.{c}'))} | "
+            f"{_number(evaluate.get(f'support.{c}'))} |"
+        )
+    if "external.images" in evaluate:
+        lines += [
+            "",
+            f"**External test set** ({_number(evaluate.get('external.images'))} images; "
+            f"{_number(evaluate.get('external.leaked_removed'))} removed as copies of the pipeline's images): accuracy "
+            f"{_with_interval(evaluate, 'external.accuracy')}, "
+            f"macro-F1 {_with_interval(evaluate, 'external.macro_f1')}.",
+        ]
+    return [*lines, ""]
+
+
+def _explanations(gradcam: dict, classes: list[str]) -> list[str]:
+    lines = ["## Explanations (Grad-CAM)", ""]
+    if "faithfulness.insertion_auc" in gradcam:
+        lines.append(
+            f"- **Faithfulness** on {_number(gradcam.get('faithfulness.images'))} test images: insertion AUC "
+            f"{_number(gradcam['faithfulness.insertion_auc'])} against "
+            f"{_number(gradcam.get('faithfulness.insertion_auc_random'))} for random pixels, deletion AUC "
+            f"{_number(gradcam.get('faithfulness.deletion_auc'))} against "
+            f"{_number(gradcam.get('faithfulness.deletion_auc_random'))}."
+        )
+    for prefix, what in (("annotated.", "the annotated folder"), ("boxes.", "the test split's boxes")):
+        if f"{prefix}pointing_game" not in gradcam:
+            continue
+        per_class = ", ".join(
+            f"{c} {_number(gradcam[f'{prefix}pointing_game.{c}'], 2)}"
+            for c in classes
+            if gradcam.get(f"{prefix}pointing_game.{c}") is not None
+        )
+        lines.append(
+            f"- **Where the heatmaps point**, on {_number(gradcam.get(f'{prefix}images'))} slices of {what}: "
+            f"the peak falls inside the tumour box on {_with_interval(gradcam, f'{prefix}pointing_game')} of them "
+            f"({per_class}); a fixed point at the image centre scores "
+            f"{_number(gradcam.get(f'{prefix}baseline_centre.pointing_game'), 2)}."
+        )
+    if len(lines) == 2:
+        lines.append("- No explanation figures in this run.")
+    return [*lines, ""]
+
+
+def _limitations(gradcam: dict) -> list[str]:
+    lines = [
+        "## Limitations",
+        "",
+        "- 2D slices, judged one at a time; no 3D context, no sequence or scanner metadata.",
+        "- Trained and tested on one collection: the test split shares its sources, scanners and "
+        "preprocessing with training, so these figures overstate performance elsewhere (score an external "
+        "set with `evaluate.external`).",
+        "- No patient-level split: data without patient keys is split by image and duplicate group, so "
+        "neighbouring slices of one patient can sit on both sides.",
+        "- Small test sets give wide intervals: compare runs by the intervals, not by bare numbers.",
+    ]
+    pointing = gradcam.get("annotated.pointing_game", gradcam.get("boxes.pointing_game"))
+    if pointing is not None and pointing < 0.8:
+        lines.append(
+            f"- The heatmaps point at the tumour on only {_number(pointing, 2)} of annotated slices: the model can "
+            "be right for reasons other than the lesion (the slice's anatomy and view). Do not read a heatmap "
+            "as a localisation."
+        )
+    return [*lines, ""]
+
+
+def render_model_card(params: Params, metrics: dict[str, dict]) -> str:
+    """The card as Markdown; `metrics` maps a stage name to its metrics/<stage>.json contents."""
+    evaluate, gradcam = metrics["evaluate"], metrics.get("gradcam", {})
+    classes = _classes(evaluate)
+    lines = [
+        f"# Model card: {params.tracking.registered_model}",
+        "",
+        f"A `{params.train.model}` classifier of brain MRI slices into {len(classes)} classes "
+        f"({', '.join(classes)}). Written by the `model_card` stage from this run's params and metrics; "
+        "`dvc repro` rebuilds it with every figure in it.",
+        "",
+        *_intended_use(evaluate.get("review_threshold", params.evaluate.review_threshold)),
+        *_details(params),
+        *_data(params, metrics.get("ingest", {}), metrics.get("dedup", {}), metrics.get("split", {}), classes),
+        *_evaluation(evaluate, classes, metrics.get("train", {})),
+        *_explanations(gradcam, classes),
+        *_limitations(gradcam),
+    ]
+    return "\n".join(lines)

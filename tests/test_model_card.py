@@ -1,0 +1,60 @@
+from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
+from brainmri.model_card import render_model_card
+from brainmri.params import Params
+
+CLASSES = ["glioma", "pituitary"]
+
+
+def run_metrics(**extra_evaluate) -> dict[str, dict]:
+    evaluate = {
+        "accuracy": 0.9,
+        "accuracy_ci_low": 0.85,
+        "accuracy_ci_high": 0.94,
+        "macro_f1": 0.88,
+        "macro_f1_ci_low": 0.8,
+        "macro_f1_ci_high": 0.93,
+        "ece": 0.05,
+        "ece_bins": 15,
+        "review_threshold": 0.8,
+        "review_fraction": 0.1,
+        "accuracy_accepted": 0.95,
+        "roc_auc_macro": None,  # undefined: written as null
+        **{f"{key}.{c}": value for c in CLASSES for key, value in (("support", 20), ("f1", 0.9), ("recall", 0.8))},
+        **extra_evaluate,
+    }
+    split = {f"{s}.{c}": n for s, n in (("train", 50), ("val", 10), ("test", 20)) for c in CLASSES}
+    return {
+        "ingest": {"images": 170, "rejected": 3},
+        "dedup": {"exact_duplicates_removed": 4, "near_duplicates_removed": 6},
+        "split": {**split, "train.total": 100, "val.total": 20, "test.total": 40, "leaked_test_images_removed": 0},
+        "train": {"best_epoch": 7, "epochs_run": 12},
+        "evaluate": evaluate,
+        "gradcam": {"annotated.images": 30, "annotated.pointing_game": 0.4, "annotated.pointing_game.glioma": 0.5,
+                    "annotated.pointing_game_ci_low": 0.25, "annotated.pointing_game_ci_high": 0.55,
+                    "annotated.baseline_centre.pointing_game": 0.2},
+    }  # fmt: skip
+
+
+def test_the_card_has_every_section_with_intervals_from_the_metrics():
+    params = Params.model_validate({"ingest": {"source": "/somewhere/private/Training"}})
+    card = render_model_card(params, run_metrics())
+    for heading in ("## Intended use", "## Model details", "## Training data", "## Evaluation on the test split",
+                    "## Explanations (Grad-CAM)", "## Limitations"):  # fmt: skip
+        assert heading in card
+    assert NOT_A_MEDICAL_DEVICE in card
+    assert "| accuracy | 0.900 [0.850, 0.940] |" in card and "| macro-F1 | 0.880 [0.800, 0.930] |" in card
+    assert "| ROC AUC, macro one-vs-rest | n/a |" in card
+    assert "| glioma | 50 | 10 | 20 |" in card and "| total | 100 | 20 | 40 |" in card
+    assert "40 held-out images" in card and "Best epoch 7 of 12" in card
+    assert "0.400 [0.250, 0.550] of them (glioma 0.50)" in card
+    assert "point at the tumour on only 0.40" in card  # the limitation follows the measurement
+    assert "`Training`" in card and "/somewhere/private" not in card  # no machine path
+    assert "External test set" not in card
+
+
+def test_an_external_set_gets_its_own_line():
+    metrics = run_metrics(**{"external.images": 8, "external.leaked_removed": 1, "external.accuracy": 0.75,
+                             "external.macro_f1": 0.7, "external.macro_f1_ci_low": 0.5,
+                             "external.macro_f1_ci_high": 0.9})  # fmt: skip
+    card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics)
+    assert "**External test set** (8 images; 1 removed as copies" in card and "macro-F1 0.700 [0.500, 0.900]" in card
