@@ -25,7 +25,7 @@ def ingest_and_dedup(params: Params, source: str) -> tuple[Scan, Dedup, dict[str
     scanned = scan(params.ingest.model_copy(update={"source": source}))
     scanned_at = time.perf_counter()
     d = params.dedup
-    result = find_duplicates(scanned.images, d.near, d.hash_distance, d.min_correlation, d.workers)
+    result = find_duplicates(scanned.images, d.near, d.hash_distance, d.min_correlation, d.workers, source)
     end = time.perf_counter()
     return scanned, result, {"ingest_s": scanned_at - start, "dedup_s": end - scanned_at, "total_s": end - start}
 

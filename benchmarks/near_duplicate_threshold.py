@@ -41,12 +41,12 @@ def main() -> None:
         if following in index:
             neighbours.append((i, index[following]))
     pairs = np.array(neighbours)
-    thumbs = thumbnails(manifest["path"].tolist(), dedup.workers)
+    thumbs = thumbnails([str(Path(args.source) / path) for path in manifest["path"]], dedup.workers)
     correlation = (thumbs[pairs[:, 0]] * thumbs[pairs[:, 1]]).mean(axis=1)
     hashes = np.array([int(h, 16) for h in manifest["phash"]], dtype=np.uint64)
     distance = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
     merged = (distance <= dedup.hash_distance) & (correlation >= dedup.min_correlation)
-    confirmed = near_duplicate_pairs(manifest, dedup.hash_distance, dedup.min_correlation, dedup.workers)
+    confirmed = near_duplicate_pairs(manifest, dedup.hash_distance, dedup.min_correlation, dedup.workers, args.source)
     print(
         json.dumps(
             {

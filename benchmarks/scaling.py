@@ -95,7 +95,7 @@ def measure(folder: Path, pairs: list[tuple], repeat: int) -> dict:
         candidates = candidate_pairs(hashes, params.dedup.hash_distance)
         timing["search_only_s"] = time.perf_counter() - search_start
         best = timing if best is None or timing["total_s"] < best["total_s"] else best
-    group_of = dict(zip(result.groups["path"], result.groups["group"]))
+    group_of = {str(folder / path): group for path, group in zip(result.groups["path"], result.groups["group"])}
     found = {
         kind: sum(1 for a, b, k in pairs if k == kind and a in group_of and group_of.get(a) == group_of.get(b))
         for kind in ("exact", "near")

@@ -16,7 +16,7 @@ from brainmri.tracking import stage_run
 
 def main() -> None:
     params = load_params()
-    size, channels = params.train.image_size, params.train.channels
+    b, size, channels = params.balance, params.train.image_size, params.train.channels
     logged = {**flatten(params.balance, "balance"), "train.image_size": size, "train.channels": channels}
     with stage_run("balance", params.tracking, logged) as run:
         split = read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"])
@@ -29,12 +29,12 @@ def main() -> None:
             rows = split[split["split"] == name]
             if name == "train":
                 records = balanced_training_records(
-                    rows, classes, size, channels, params.balance.target, params.balance.seed, params.balance.augment
+                    rows, classes, size, channels, b.target, b.seed, b.augment, params.ingest.source
                 )
                 augmented = sum(record.augmented for record in records)
             else:
-                records = plain_records(rows, classes, size, channels)
-            files[name] = write_split(records, PREPARED, name, params.balance.shard_size)
+                records = plain_records(rows, classes, size, channels, params.ingest.source)
+            files[name] = write_split(records, PREPARED, name, b.shard_size)
             counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
         ShardIndex(PREPARED, classes, size, channels, files, counts).save()
 

@@ -14,7 +14,7 @@ def main() -> None:
     p = params.dedup
     with stage_run("dedup", params.tracking, flatten(p, "dedup")) as run:
         manifest = read_manifest(MANIFEST, MANIFEST_COLUMNS)
-        result = find_duplicates(manifest, p.near, p.hash_distance, p.min_correlation, p.workers)
+        result = find_duplicates(manifest, p.near, p.hash_distance, p.min_correlation, p.workers, params.ingest.source)
         write_manifest(result.kept, DEDUP)
         write_manifest(result.groups, DUPLICATE_GROUPS)
 

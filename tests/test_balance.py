@@ -40,7 +40,7 @@ def test_training_split_is_balanced_to_the_largest_class(tmp_path):
     train = split[split["split"] == "train"]
     before = train["label"].value_counts()
     assert before["glioma"] < before["notumor"]
-    records = balanced_training_records(train, CLASSES, 24, 1, "max", 0, AugmentParams())
+    records = balanced_training_records(train, CLASSES, 24, 1, "max", 0, AugmentParams(), tmp_path)
     counts = pd.Series([CLASSES[r.label] for r in records]).value_counts()
     assert set(counts) == {before.max()}
     originals = [r for r in records if not r.augmented]
@@ -50,7 +50,7 @@ def test_training_split_is_balanced_to_the_largest_class(tmp_path):
 
 def test_integer_target_below_a_class_size_undersamples(tmp_path):
     train = uneven_split(tmp_path).query("split == 'train'")
-    records = balanced_training_records(train, CLASSES, 24, 1, 3, 0, AugmentParams())
+    records = balanced_training_records(train, CLASSES, 24, 1, 3, 0, AugmentParams(), tmp_path)
     assert len(records) == 12 and not any(r.augmented for r in records)
 
 
@@ -61,7 +61,7 @@ def test_shards_are_byte_identical_for_the_same_inputs(tmp_path):
     for attempt in ("a", "b"):
         folder = tmp_path / attempt
         folder.mkdir()
-        records = balanced_training_records(train, CLASSES, 24, 1, "max", 5, AugmentParams())
+        records = balanced_training_records(train, CLASSES, 24, 1, "max", 5, AugmentParams(), tmp_path / "images")
         names = write_split(records, folder, "train", shard_size=10)
         outputs.append([(folder / name).read_bytes() for name in names])
     assert len(outputs[0]) > 1 and outputs[0] == outputs[1]
@@ -70,7 +70,7 @@ def test_shards_are_byte_identical_for_the_same_inputs(tmp_path):
 def test_shard_index_round_trip(tmp_path):
     split = uneven_split(tmp_path / "images")
     test = split[split["split"] == "test"]
-    records = plain_records(test, CLASSES, 24, 3)
+    records = plain_records(test, CLASSES, 24, 3, tmp_path / "images")
     names = write_split(records, tmp_path, "test", shard_size=4)
     counts = {label: int((test["label"] == label).sum()) for label in CLASSES}
     ShardIndex(tmp_path, CLASSES, 24, 3, {"test": names}, {"test": counts}).save()

@@ -15,7 +15,9 @@ DEFAULTS = DedupParams()
 
 def dedup(folder):
     manifest = scan(IngestParams(source=str(folder), workers=1)).images
-    return manifest, find_duplicates(manifest, True, DEFAULTS.hash_distance, DEFAULTS.min_correlation, workers=1)
+    return manifest, find_duplicates(
+        manifest, True, DEFAULTS.hash_distance, DEFAULTS.min_correlation, workers=1, root=folder
+    )
 
 
 def actions(result) -> dict[str, str]:
@@ -95,7 +97,9 @@ def test_copies_of_known_images_are_found_among_new_ones(dataset, tmp_path):
     shutil.copy(dataset / "notumor" / "notumor_000.jpg", external / "glioma" / "byte_copy.jpg")
     synthetic_image(0, 500).save(external / "glioma" / "new.png")
     candidates = scan(IngestParams(source=str(external), workers=1, min_per_class=1), min_classes=1).images
-    copied = copies_of_known_images(candidates, known, DEFAULTS.hash_distance, DEFAULTS.min_correlation, 1)
+    copied = copies_of_known_images(
+        candidates, known, DEFAULTS.hash_distance, DEFAULTS.min_correlation, 1, external, dataset
+    )
     flags = dict(zip(candidates["path"].str.rsplit("/", n=1).str[-1], copied))
     assert flags == {"byte_copy.jpg": True, "new.png": False, "seen_before.jpg": True}
 

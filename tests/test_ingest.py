@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import threading
@@ -11,6 +12,7 @@ from brainmri.images import DecodeLimits
 from brainmri.ingest import Candidate, inspect, scan
 from brainmri.manifest import write_manifest
 from brainmri.params import IngestParams
+from brainmri.report import write_data_report
 
 from helpers import CLASSES, make_dataset, synthetic_image
 
@@ -166,10 +168,6 @@ def test_manifest_is_byte_identical_across_runs_and_worker_counts(dataset, tmp_p
 
 
 def test_data_report_has_the_charts_and_lists_outliers(dataset, tmp_path):
-    import json
-
-    from brainmri.report import write_data_report
-
     (dataset / "notumor" / "broken.jpg").write_bytes(b"not a jpeg")
     Image.new("L", (48, 48), 255).save(dataset / "glioma" / "white.png")
     result = scan(params(dataset, outliers={"min_side": 16}))
@@ -179,6 +177,23 @@ def test_data_report_has_the_charts_and_lists_outliers(dataset, tmp_path):
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == payload
     assert payload["per_class"]["glioma"] == 9 and payload["rejected"] == {"cannot decode": 1}
     assert [o["path"].rsplit("/", 1)[-1] for o in payload["outliers"]] == ["white.png"]
+
+
+def test_outputs_name_files_relative_to_the_source_wherever_it_is(dataset, tmp_path):
+    (dataset / "notumor" / "broken.jpg").write_bytes(b"not a jpeg")
+    moved = shutil.copytree(dataset, tmp_path / "elsewhere" / "copy")
+    manifests = []
+    for source in (dataset.resolve(), moved.resolve()):  # absolute sources, as for data outside the project
+        result = scan(params(source))
+        assert (
+            not result.images["path"].str.startswith("/").any() and not result.rejects["path"].str.startswith("/").any()
+        )
+        assert "notumor/broken.jpg" in set(result.rejects["path"])
+        write_manifest(result.images, tmp_path / "manifest.csv")
+        manifests.append((tmp_path / "manifest.csv").read_bytes())
+        payload = write_data_report(result.images, result.rejects, result.layout, tmp_path / "report")
+        assert str(source) not in json.dumps(payload)
+    assert manifests[0] == manifests[1]  # the same manifest on any machine
 
 
 def test_a_named_pipe_is_rejected_by_type_without_being_opened(tmp_path):

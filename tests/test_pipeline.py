@@ -188,6 +188,8 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
     assert {"tta.accuracy", "tta.macro_f1", "tta.ece"} <= set(metrics)  # beside the plain keys
     leakage = (repo / "reports" / "evaluate" / "external_leakage.csv").read_text()
     assert "seen.jpg" in leakage
+    for table in ("external_leakage.csv", "external_predictions.csv", "external_rejects.csv"):
+        assert str(external) not in (repo / "reports" / "evaluate" / table).read_text()  # relative to the folder
     assert "**External test set** (8 images; 1 removed as copies" in (repo / "MODEL_CARD.md").read_text()
     back_to_baseline(repo)
 

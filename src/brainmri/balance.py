@@ -6,6 +6,8 @@ Validation and test images are only resized, never augmented."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -27,7 +29,9 @@ def balanced_training_records(
     target: int | str,
     seed: int,
     augment_params: AugmentParams,
+    root: str | Path = "",
 ) -> list[Record]:
+    """Every training image, and augmented copies up to the class target; paths relative to `root`."""
     goal = class_target(train["label"].value_counts(), target)
     records: list[Record] = []
     for class_index, label in enumerate(classes):
@@ -35,7 +39,7 @@ def balanced_training_records(
         pick = np.random.default_rng([seed, class_index])
         if len(paths) > goal:  # an integer target below the class size undersamples it
             paths = sorted(pick.choice(paths, goal, replace=False))
-        originals = [load_array(path, size, channels) for path in paths]
+        originals = [load_array(Path(root) / path, size, channels) for path in paths]
         records += [Record(image, class_index, path, False) for image, path in zip(originals, paths)]
         order = pick.permutation(len(paths))
         for copy in range(goal - len(paths)):
@@ -47,10 +51,12 @@ def balanced_training_records(
     return [records[i] for i in shuffle]
 
 
-def plain_records(frame: pd.DataFrame, classes: list[str], size: int, channels: int) -> list[Record]:
+def plain_records(
+    frame: pd.DataFrame, classes: list[str], size: int, channels: int, root: str | Path = ""
+) -> list[Record]:
     index = {label: i for i, label in enumerate(classes)}
     rows = frame.sort_values(["label", "path"], kind="mergesort")
     return [
-        Record(load_array(path, size, channels), index[label], path, False)
+        Record(load_array(Path(root) / path, size, channels), index[label], path, False)
         for path, label in zip(rows["path"], rows["label"])
     ]

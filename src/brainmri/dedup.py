@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -115,15 +116,18 @@ class Dedup:
         }
 
 
-def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlation: float, workers: int) -> np.ndarray:
-    """Candidate pairs by pHash, kept where the thumbnails correlate at least `min_correlation`."""
+def near_duplicate_pairs(
+    manifest: pd.DataFrame, max_distance: int, min_correlation: float, workers: int, root: str | Path = ""
+) -> np.ndarray:
+    """Candidate pairs by pHash, kept where the thumbnails correlate at least `min_correlation`;
+    the manifest's paths are relative to `root`."""
     pairs = candidate_pairs(hash_values(manifest["phash"]), max_distance)
     pairs = pairs[manifest["sha256"].to_numpy()[pairs[:, 0]] != manifest["sha256"].to_numpy()[pairs[:, 1]]]
     if len(pairs) == 0:
         return pairs
     involved = np.unique(pairs)
     lookup = {index: row for row, index in enumerate(involved)}
-    thumbs = thumbnails(manifest["path"].to_numpy()[involved].tolist(), workers)
+    thumbs = thumbnails([str(Path(root) / path) for path in manifest["path"].to_numpy()[involved]], workers)
     left = np.array([lookup[i] for i in pairs[:, 0]])
     right = np.array([lookup[j] for j in pairs[:, 1]])
     # In blocks of pairs: all pairs' thumbnails at once do not fit in memory at scale (benchmarks/scaling.py).
@@ -137,17 +141,22 @@ def near_duplicate_pairs(manifest: pd.DataFrame, max_distance: int, min_correlat
 
 
 def find_duplicates(
-    manifest: pd.DataFrame, near: bool, max_distance: int, min_correlation: float, workers: int = 0
+    manifest: pd.DataFrame,
+    near: bool,
+    max_distance: int,
+    min_correlation: float,
+    workers: int = 0,
+    root: str | Path = "",
 ) -> Dedup:
     """Group exact and near copies; keep the first path of each group in each subset;
-    drop whole any group whose members disagree on the label."""
+    drop whole any group whose members disagree on the label. Paths are relative to `root`."""
     manifest = manifest.sort_values("path", kind="mergesort").reset_index(drop=True)
     union = _UnionFind(len(manifest))
     for indices in manifest.groupby("sha256").indices.values():
         for other in indices[1:]:
             union.union(int(indices[0]), int(other))
     near_pairs = (
-        near_duplicate_pairs(manifest, max_distance, min_correlation, workers)
+        near_duplicate_pairs(manifest, max_distance, min_correlation, workers, root)
         if near
         else np.empty((0, 2), dtype=np.int64)
     )
@@ -177,13 +186,22 @@ def find_duplicates(
 
 
 def copies_of_known_images(
-    candidates: pd.DataFrame, known: pd.DataFrame, max_distance: int, min_correlation: float, workers: int = 0
+    candidates: pd.DataFrame,
+    known: pd.DataFrame,
+    max_distance: int,
+    min_correlation: float,
+    workers: int = 0,
+    candidates_root: str | Path = "",
+    known_root: str | Path = "",
 ) -> pd.Series:
-    """For each candidate row: is it an exact or near copy of any `known` image?"""
+    """For each candidate row: is it an exact or near copy of any `known` image?
+    Each manifest's paths are relative to its own root."""
+    candidates = candidates.assign(path=[str(Path(candidates_root) / p) for p in candidates["path"]])
+    known = known.assign(path=[str(Path(known_root) / p) for p in known["path"]])
     both = pd.concat([known.assign(subset="known"), candidates.assign(subset="candidate")], ignore_index=True)
     result = find_duplicates(both, True, max_distance, min_correlation, workers)
     known_groups = set(result.groups.loc[result.groups["subset"] == "known", "group"])
     copied = set(
         result.groups.loc[(result.groups["subset"] == "candidate") & result.groups["group"].isin(known_groups), "path"]
     )
-    return candidates["path"].isin(copied)
+    return candidates["path"].isin(copied).set_axis(candidates.index)

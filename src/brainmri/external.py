@@ -5,6 +5,7 @@ ingested, so its figures measure generalisation and not memory."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -37,8 +38,10 @@ def external_test_set(params: Params, known: pd.DataFrame, classes: list[str], s
             f"evaluate.external: classes {unknown} in '{folder}' are not among the model's classes {classes}"
         )
     d = params.dedup
-    leaked = copies_of_known_images(found.images, known, d.hash_distance, d.min_correlation, d.workers)
+    leaked = copies_of_known_images(
+        found.images, known, d.hash_distance, d.min_correlation, d.workers, folder, params.ingest.source
+    )
     kept = found.images[~leaked].sort_values("path", kind="mergesort")
-    images = np.stack([load_array(path, size, channels) for path in kept["path"]]) if len(kept) else None
+    images = np.stack([load_array(Path(folder) / path, size, channels) for path in kept["path"]]) if len(kept) else None
     labels = np.array([classes.index(label) for label in kept["label"]], dtype=np.int32)
     return ExternalSet(images, labels, kept, found.images[leaked][["path", "label"]], found.rejects)

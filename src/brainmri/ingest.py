@@ -54,6 +54,11 @@ class Scan:
     layout: str
 
 
+def relative_to_source(path: str, source: str | Path) -> str:
+    """A found file's path as the manifests record it: relative to the source folder."""
+    return Path(path).relative_to(source).as_posix()
+
+
 def _inside(path: Path, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(root)
 
@@ -124,9 +129,9 @@ def _yolo_candidates(
         try:
             boxes = read_yolo_boxes(label_file)
         except FileNotFoundError:
-            reason = f"no label file {label_file.as_posix()}"
+            reason = f"no label file {label_file.relative_to(source).as_posix()}"
         except ValueError:
-            reason = f"malformed label file {label_file.as_posix()}"
+            reason = f"malformed label file {label_file.relative_to(source).as_posix()}"
         else:
             class_ids = [int(box.split()[0]) for box in boxes.split(";") if box]
             if not class_ids:
@@ -154,7 +159,7 @@ def _folder_candidates(
                 {
                     "path": image.as_posix(),
                     "label": folder.name,
-                    "reason": f"malformed label file {label_file.as_posix()}",
+                    "reason": f"malformed label file {label_file.name}",
                 }
             )
             continue
@@ -273,8 +278,13 @@ def scan(params: IngestParams, min_classes: int = 2) -> Scan:
     rejects += [{key: row[key] for key in REJECT_COLUMNS} for row in rows if "reason" in row]
     images = pd.DataFrame([row for row in rows if "reason" not in row], columns=MANIFEST_COLUMNS[:-1])
     images["outlier"] = flag_outliers(images, params) if len(images) else pd.Series(dtype=str)
+    # Paths relative to the source: no machine's folder layout in any output, and the same
+    # manifests wherever the data is kept.
+    images["path"] = [relative_to_source(path, params.source) for path in images["path"]]
     images = images.sort_values(["label", "path"], kind="mergesort").reset_index(drop=True)
-    rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("path", kind="mergesort")
+    rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
+    rejects_frame["path"] = [relative_to_source(path, params.source) for path in rejects_frame["path"]]
+    rejects_frame = rejects_frame.sort_values("path", kind="mergesort")
 
     counts = images["label"].value_counts()
     short = {label: int(counts.get(label, 0)) for label in labels if counts.get(label, 0) < params.min_per_class}

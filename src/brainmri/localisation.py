@@ -232,7 +232,7 @@ def load_annotated_set(ingest: IngestParams, folder: str, classes: list[str], si
     boxed = found.images[found.images["boxes"] != ""].reset_index(drop=True)
     if boxed.empty:
         raise DataError(f"gradcam.annotated: no image in '{folder}' has a YOLO box")
-    images = np.stack([load_array(path, size, channels) for path in boxed["path"]])
+    images = np.stack([load_array(Path(folder) / path, size, channels) for path in boxed["path"]])
     labels = np.array([classes.index(label) for label in boxed["label"]], dtype=np.int32)
     masks = np.stack([box_mask(row.boxes, int(row.width), int(row.height), size) for row in boxed.itertuples()])
     return AnnotatedSet(
