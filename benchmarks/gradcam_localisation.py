@@ -9,7 +9,10 @@ images/ + labels/), e.g. the Figshare tumour boxes. For every method and
 layer asked for, the heatmap of the true class is scored against the box:
 pointing game, energy inside the box and box IoU, overall and per class with
 95% bootstrap intervals, beside a uniform heatmap and a fixed centre point on
-the same images. Prints one JSON line per method and layer.
+the same images; and, once per model, how much the true class's probability
+drops when the box is set to black, against a box of the same size set to
+black elsewhere (does the model need the lesion at all?). Prints one JSON
+line per method and layer.
 """
 
 from __future__ import annotations
@@ -23,7 +26,13 @@ from datetime import date
 from pathlib import Path
 
 from brainmri.gradcam import METHODS, heatmaps_at_image_size, last_feature_map_layer
-from brainmri.localisation import load_annotated_set, score_against_boxes, summarise_box_scores
+from brainmri.localisation import (
+    lesion_occlusion,
+    load_annotated_set,
+    score_against_boxes,
+    summarise_box_scores,
+    summarise_occlusion,
+)
 from brainmri.models import class_probabilities, load_model
 from brainmri.params import IngestParams
 
@@ -44,6 +53,13 @@ def main() -> None:
     )
     truths = [classes[label] for label in annotated.labels]
     accuracy = float((class_probabilities(model, annotated.images).argmax(axis=1) == annotated.labels).mean())
+    occlusion = summarise_occlusion(
+        lesion_occlusion(
+            lambda batch: class_probabilities(model, batch), annotated.images, annotated.masks, annotated.labels
+        ),
+        truths,
+        "",
+    )
     evaluate_file = args.project / "metrics" / "evaluate.json"
     test_split = json.loads(evaluate_file.read_text()) if evaluate_file.is_file() else {}
     for layer in args.layers:
@@ -65,6 +81,7 @@ def main() -> None:
                         "test_macro_f1": test_split.get("macro_f1"),
                         "test_accuracy": test_split.get("accuracy"),
                         **summary,
+                        **occlusion,
                         "seconds": round(time.perf_counter() - start, 1),
                         "cpus": os.cpu_count(),
                         "machine": platform.processor() or platform.machine(),

@@ -24,11 +24,13 @@ from brainmri.localisation import (
     brain_mask,
     deletion_insertion,
     energy_inside,
+    lesion_occlusion,
     load_annotated_set,
     mean_defined,
     rectangles_mask,
     score_against_boxes,
     summarise_box_scores,
+    summarise_occlusion,
 )
 from brainmri.manifest import read_manifest
 from brainmri.metrics import write_json
@@ -139,6 +141,10 @@ def explain_annotated(model: keras.Model, classes: list[str], meta: dict, params
     scores = score_against_boxes(heatmaps, flat, annotated.masks, truths)
     predicted = class_probabilities(model, annotated.images).argmax(axis=1)
     summary = summarise_box_scores(scores, "annotated.", p.seed)
+    occlusion = lesion_occlusion(
+        lambda batch: class_probabilities(model, batch), annotated.images, annotated.masks, annotated.labels, p.seed
+    )
+    summary.update(summarise_occlusion(occlusion, truths, "annotated.", p.seed))
     summary.update(
         {
             "annotated.accuracy": float((predicted == annotated.labels).mean()),

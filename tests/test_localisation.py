@@ -11,10 +11,12 @@ from brainmri.localisation import (
     deletion_insertion,
     energy_inside,
     heatmap_iou,
+    lesion_occlusion,
     load_annotated_set,
     pointing_score,
     score_against_boxes,
     summarise_box_scores,
+    summarise_occlusion,
 )
 from brainmri.models import class_probabilities
 from brainmri.params import IngestParams
@@ -128,6 +130,25 @@ def test_deletion_and_insertion_see_where_the_evidence_is():
     misleading = deletion_insertion(predict, images, np.stack([elsewhere] * 6), classes, steps=8)
     assert misleading["deletion_auc"] > misleading["deletion_auc_random"]
     assert misleading["insertion_auc"] < misleading["insertion_auc_random"]
+
+
+def test_occluding_the_lesion_shows_whether_the_model_needs_it():
+    size = 16
+    model = quadrant_model(size)
+    images = np.random.default_rng(1).integers(150, 255, (4, size, size, 1)).astype(np.uint8)
+    needed, ignored = np.zeros((size, size), bool), np.zeros((size, size), bool)
+    needed[:8, :8] = True  # the quadrant the model reads
+    ignored[8:, 8:] = True  # another one
+    masks = np.stack([needed, needed, ignored, ignored])
+    labels = np.zeros(4, dtype=int)
+    scores = lesion_occlusion(lambda batch: class_probabilities(model, batch), images, masks, labels, seed=0)
+    assert (scores["occlusion_drop"][:2] > 0.9).all() and (scores["occlusion_drop"][2:].abs() < 1e-6).all()
+    # The control moves each box clear of its lesion, so it never hides the lesion itself.
+    assert (scores["occlusion_drop_elsewhere"][:2].abs() < 1e-6).all()
+    summary = summarise_occlusion(scores, ["a", "a", "b", "b"], "annotated.")
+    assert summary["annotated.occlusion_drop.b"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["annotated.occlusion_drop_ci_low.a"] <= summary["annotated.occlusion_drop.a"]
+    assert summary["annotated.occluded_accuracy.b"] == 1.0 and summary["annotated.occluded_accuracy.a"] == 0.0
 
 
 def write_beside_boxes(root, label_lines: dict[str, str]):

@@ -31,7 +31,9 @@ def run_metrics(**extra_evaluate) -> dict[str, dict]:
         "evaluate": evaluate,
         "gradcam": {"annotated.images": 30, "annotated.pointing_game": 0.4, "annotated.pointing_game.glioma": 0.5,
                     "annotated.pointing_game_ci_low": 0.25, "annotated.pointing_game_ci_high": 0.55,
-                    "annotated.baseline_centre.pointing_game": 0.2},
+                    "annotated.baseline_centre.pointing_game": 0.2, "annotated.occlusion_drop": 0.3,
+                    "annotated.occlusion_drop.glioma": 0.5, "annotated.occlusion_drop_elsewhere": 0.01,
+                    "annotated.occlusion_drop_elsewhere.glioma": 0.02},
     }  # fmt: skip
 
 
@@ -48,6 +50,7 @@ def test_the_card_has_every_section_with_intervals_from_the_metrics():
     assert "40 held-out images" in card and "Best epoch 7 of 12" in card
     assert "0.400 [0.250, 0.550] of them (glioma 0.50)" in card
     assert "point at the tumour on only 0.40" in card  # the limitation follows the measurement
+    assert "probability by 0.300 on average, a box of the same size elsewhere by 0.010: glioma 0.50" in card
     assert "`Training`" in card and "/somewhere/private" not in card  # no machine path
     assert "External test set" not in card
 

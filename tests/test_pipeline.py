@@ -459,4 +459,5 @@ def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tm
     assert gradcam["annotated.images"] == 6 and gradcam["annotated.box_share"] == pytest.approx(1 / 16, rel=0.3)
     assert 0.0 <= gradcam["annotated.pointing_game.left"] <= 1.0
     assert gradcam["annotated.baseline_centre.pointing_game"] == 0.0  # the blobs are off centre
+    assert -1.0 <= gradcam["annotated.occlusion_drop"] <= 1.0 and "annotated.occlusion_drop_elsewhere.left" in gradcam
     assert (repo / "reports" / "gradcam" / "annotated_right.png").is_file()

@@ -154,6 +154,18 @@ def _explanations(gradcam: dict, classes: list[str]) -> list[str]:
             f"({per_class}); a fixed point at the image centre scores "
             f"{_number(gradcam.get(f'{prefix}baseline_centre.pointing_game'), 2)}."
         )
+    if "annotated.occlusion_drop" in gradcam:
+        per_class = ", ".join(
+            f"{c} {_number(gradcam[f'annotated.occlusion_drop.{c}'], 2)} (elsewhere "
+            f"{_number(gradcam.get(f'annotated.occlusion_drop_elsewhere.{c}'), 2)})"
+            for c in classes
+            if gradcam.get(f"annotated.occlusion_drop.{c}") is not None
+        )
+        lines.append(
+            "- **Does the prediction need the lesion?** Setting the tumour box to black lowers the true class's "
+            f"probability by {_with_interval(gradcam, 'annotated.occlusion_drop')} on average, a box of the same "
+            f"size elsewhere by {_number(gradcam.get('annotated.occlusion_drop_elsewhere'))}: {per_class}."
+        )
     if len(lines) == 2:
         lines.append("- No explanation figures in this run.")
     return [*lines, ""]
