@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -167,6 +168,16 @@ def test_queued_experiments_run_and_log_to_the_workspace_store(repo):
         assert train.data.params["train.lr"] == lr
         assert train.info.status == "FINISHED"
     assert not list((repo / ".dvc" / "tmp" / "exps").glob("**/mlflow.db")), "a queued run made its own store"
+
+
+def test_compare_gives_a_verdict_on_two_experiments(repo):
+    command = [sys.executable, "-m", "brainmri.cli", "compare", "queued-a", "queued-b"]
+    text = run(command, repo).stdout
+    assert "test images" in text and "McNemar's exact test" in text
+    assert re.search(r"B is (better than|worse than|indistinguishable from) A at the 5% level", text)
+    assert "| macro_f1 |" in run([*command, "--md"], repo).stdout
+    missing = run([*command[:-1], "no-such-experiment"], repo, check=False)
+    assert missing.returncode == 1 and "'no-such-experiment' is not a predictions file" in missing.stderr
 
 
 def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):

@@ -101,6 +101,13 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    from brainmri.compare import compare_refs
+
+    print(compare_refs(args.a, args.b, markdown=args.md), end="")
+    return 0
+
+
 def export(args: argparse.Namespace) -> int:
     from brainmri.export import export_all
 
@@ -141,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser.add_argument("--model", default="models", help=model_help)
     serve_parser.add_argument("--params", default="params.yaml", help="for serve.* and evaluate.review_threshold")
     serve_parser.set_defaults(handler=serve)
+
+    compare_parser = commands.add_parser(
+        "compare", help="is run B better than run A on the same test images? (paired bootstrap, McNemar)"
+    )
+    ref_help = "a DVC revision or experiment name, an MLflow run id of evaluate, or a predictions CSV"
+    compare_parser.add_argument("a", help=ref_help)
+    compare_parser.add_argument("b", help=ref_help)
+    compare_parser.add_argument("--md", action="store_true", help="Markdown, to paste into a pull request")
+    compare_parser.set_defaults(handler=compare)
 
     export_parser = commands.add_parser("export", help="TFLite (float32, float16, int8) and ONNX files")
     export_parser.add_argument("--model", default="models", help="model folder")

@@ -67,3 +67,33 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) 
     hits = np.bincount(y_true[y_true == y_pred], minlength=num_classes)
     present = actual > 0
     return float((hits[present] / actual[present]).mean())
+
+
+def paired_bootstrap_difference(
+    y_true: np.ndarray,
+    pred_a: np.ndarray,
+    pred_b: np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray], float],
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """metric(B) - metric(A) on the same images, and its percentile interval from resampling
+    the images (the same draw for both runs, so image difficulty cancels out)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(y_true), (resamples, len(y_true)))
+    differences = np.array([metric(y_true[d], pred_b[d]) - metric(y_true[d], pred_a[d]) for d in draws])
+    low, high = _percentiles(differences, confidence)
+    return metric(y_true, pred_b) - metric(y_true, pred_a), low, high
+
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, float]:
+    """McNemar's exact test on paired right/wrong outcomes: (A right and B wrong, A wrong and B
+    right, two-sided p-value of the binomial test of the discordant pairs)."""
+    from scipy.stats import binomtest
+
+    only_a = int((correct_a & ~correct_b).sum())
+    only_b = int((~correct_a & correct_b).sum())
+    if only_a + only_b == 0:
+        return 0, 0, 1.0
+    return only_a, only_b, float(binomtest(only_b, only_a + only_b, 0.5).pvalue)
