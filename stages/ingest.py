@@ -16,7 +16,7 @@ def main() -> None:
         result = scan(params.ingest)
         write_manifest(result.images, MANIFEST)
         write_manifest(result.rejects, REJECTS)
-        report = write_data_report(result.images, result.rejects, result.layout, DATA_REPORT)
+        report = write_data_report(result.images, result.rejects, result.layout, DATA_REPORT, params.ingest.source)
 
         summary = {
             "images": len(result.images),

@@ -171,8 +171,9 @@ def test_data_report_has_the_charts_and_lists_outliers(dataset, tmp_path):
     (dataset / "notumor" / "broken.jpg").write_bytes(b"not a jpeg")
     Image.new("L", (48, 48), 255).save(dataset / "glioma" / "white.png")
     result = scan(params(dataset, outliers={"min_side": 16}))
-    payload = write_data_report(result.images, result.rejects, result.layout, tmp_path / "report")
+    payload = write_data_report(result.images, result.rejects, result.layout, tmp_path / "report", dataset)
     assert (tmp_path / "report" / "counts.png").stat().st_size > 0
+    assert Image.open(tmp_path / "report" / "samples.png").size[1] > 4 * 100  # a row per class
     assert (tmp_path / "report" / "resolution.png").stat().st_size > 0
     assert json.loads((tmp_path / "report" / "report.json").read_text()) == payload
     assert payload["per_class"]["glioma"] == 9 and payload["rejected"] == {"cannot decode": 1}
@@ -191,7 +192,7 @@ def test_outputs_name_files_relative_to_the_source_wherever_it_is(dataset, tmp_p
         assert "notumor/broken.jpg" in set(result.rejects["path"])
         write_manifest(result.images, tmp_path / "manifest.csv")
         manifests.append((tmp_path / "manifest.csv").read_bytes())
-        payload = write_data_report(result.images, result.rejects, result.layout, tmp_path / "report")
+        payload = write_data_report(result.images, result.rejects, result.layout, tmp_path / "report", source)
         assert str(source) not in json.dumps(payload)
     assert manifests[0] == manifests[1]  # the same manifest on any machine
 

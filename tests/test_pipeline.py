@@ -441,7 +441,7 @@ def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tm
     run(["git", "commit", "-qm", "yolo data"], repo)
     assert stages_run(run(["dvc", "repro"], repo).stdout) == ALL_STAGES
     manifest = (repo / "data" / "interim" / "manifest.csv").read_text()
-    assert "0 0.3 0.3 0.25 0.25" in manifest
+    assert "0 0.3 0.3 0.25 0.25" in manifest and (repo / "reports" / "data" / "samples.png").is_file()
     gradcam = json.loads((repo / "metrics" / "gradcam.json").read_text())
     test_images = json.loads((repo / "metrics" / "split.json").read_text())["test.total"]
     assert gradcam["images"] == 4 and gradcam["boxes.images"] == gradcam["faithfulness.images"] == test_images
