@@ -208,3 +208,24 @@ def test_a_named_pipe_is_rejected_by_type_without_being_opened(tmp_path):
     worker.start()
     worker.join(timeout=10)
     assert rows and rows[0]["reason"] == "not a regular file (a named pipe, socket or device)"
+
+
+def test_yolo_per_class_layout_keeps_its_boxes_and_empty_label_files_mean_no_box(tmp_path):
+    source = tmp_path / "seed"
+    for split in ("Train", "Val"):
+        for class_index, label in enumerate(["glioma", "notumor"]):
+            (source / split / label / "images").mkdir(parents=True)
+            (source / split / label / "labels").mkdir(parents=True)
+            for variant in range(3):
+                name = f"{split}_{variant}"
+                synthetic_image(class_index, variant + (10 if split == "Val" else 0)).save(
+                    source / split / label / "images" / f"{name}.png"
+                )
+                box = "0 0.5 0.5 0.2 0.2\n" if label == "glioma" else ""  # no tumour: an empty label file
+                (source / split / label / "labels" / f"{name}.txt").write_text(box)
+    result = scan(params(source, min_per_class=1))
+    assert result.layout == "split-folders" and result.rejects.empty
+    boxes = dict(zip(result.images["path"], result.images["boxes"]))
+    assert boxes["Train/glioma/images/Train_0.png"] == "0 0.5 0.5 0.2 0.2"
+    assert boxes["Val/notumor/images/Val_2.png"] == ""
+    assert set(result.images["subset"]) == {"Train", "Val"} and len(result.images) == 12

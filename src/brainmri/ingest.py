@@ -148,10 +148,15 @@ def _yolo_candidates(
 def _folder_candidates(
     folder: Path, root: Path, extensions: set[str], rejects: list[dict], subset: str
 ) -> list[Candidate]:
-    """A class folder's images, each with the boxes of a YOLO label file beside it, if there is one."""
+    """A class folder's images, each with the boxes of its YOLO label file, if it has one: beside
+    the image, or in YOLO's per-class layout `<class>/images/**/x.jpg` + `<class>/labels/**/x.txt`.
+    The folder names the class, so an empty label file means an image without a box."""
+    per_class_yolo = (folder / "images").is_dir() and (folder / "labels").is_dir()
     candidates = []
-    for image in _walk(folder, root, extensions, rejects, folder.name):
+    for image in _walk(folder / "images" if per_class_yolo else folder, root, extensions, rejects, folder.name):
         label_file = image.with_suffix(".txt")
+        if per_class_yolo:
+            label_file = (folder / "labels" / image.relative_to(folder / "images")).with_suffix(".txt")
         try:
             boxes = read_yolo_boxes(label_file) if label_file.is_file() else ""
         except ValueError:
