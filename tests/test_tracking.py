@@ -73,6 +73,7 @@ def test_stage_run_logs_params_and_tags_to_the_default_store(tmp_path, monkeypat
     assert logged.info.run_name == "train" and logged.info.status == "FINISHED"
     experiment = client.get_experiment(logged.info.experiment_id)
     assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
 
 
 def test_unreachable_tracking_server_stops_the_stage_fast_naming_the_uri(monkeypatch):

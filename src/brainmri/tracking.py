@@ -32,6 +32,7 @@ STAGE_TAG = "brainmri.stage"
 EXPERIMENT_TAG = "dvc.exp_name"
 COMMIT_TAG = "mlflow.source.git.commit"
 HOST_TAG, PID_TAG = "brainmri.host", "brainmri.pid"  # which process a RUNNING run belongs to
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def project_root() -> Path:
@@ -80,7 +81,8 @@ def _experiment_id(name: str) -> str:
     # Artifacts next to the store, by absolute path: a temp copy's cwd would vanish.
     location = (project_root() / ARTIFACT_DIR).as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=location)
+        # Marked as model training, so the UI opens on its runs rather than on the GenAI overview.
+        return mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent stage
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
