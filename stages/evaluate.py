@@ -8,8 +8,10 @@ import shutil
 import numpy as np
 import pandas as pd
 
+from brainmri.calibration import apply_temperature, negative_log_likelihood
 from brainmri.errors import DataError, run_entry_point
 from brainmri.evaluation import (
+    brier_score,
     calibration,
     classification_report_text,
     confusion,
@@ -125,6 +127,17 @@ def main() -> None:
         if p.tta:  # beside the plain figures, never instead of them
             tta = scores(labels, flip_tta_probabilities(model, images, p.batch_size), classes, p)
             metrics.update({f"tta.{key}": value for key, value in tta.items()})
+        temperature = meta.get("temperature", 1.0)
+        if temperature != 1.0:  # the model's own probabilities, before train folded the temperature in
+            raw = apply_temperature(probabilities, 1 / temperature)
+            metrics.update(
+                {
+                    "uncalibrated.ece": calibration(labels, raw, p.calibration_bins).ece,
+                    "uncalibrated.brier": brier_score(labels, raw),
+                    "uncalibrated.log_loss": negative_log_likelihood(raw, labels),
+                    "temperature": temperature,
+                }
+            )
         if p.external:
             metrics.update(score_external(params, model, meta))
         write_json(metrics, metrics_file("evaluate"))

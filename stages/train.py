@@ -11,6 +11,7 @@ import shutil
 
 import keras
 
+from brainmri.calibration import calibrate_model
 from brainmri.errors import DataError, run_entry_point
 from brainmri.metrics import write_json
 from brainmri.models import (
@@ -137,6 +138,11 @@ def main() -> None:
             reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
             used = min(len(images), PRECISE_BN_IMAGES)
             print(f"train: batch-norm statistics re-estimated over {used} training images")
+        calibration = {"temperature": 1.0}
+        if p.calibrate and index.size("val"):
+            images, labels, _ = index.arrays("val")
+            calibration = calibrate_model(model, images, labels, p.batch_size)
+            print(f"train: temperature {calibration['temperature']:.3f}, fitted on {len(labels)} validation images")
         if hardware.multi_worker:
             digest = weights_digest(model)
             check_workers_agree(hardware.strategy, "the trained weights", digest)
@@ -149,6 +155,7 @@ def main() -> None:
                 "channels": p.channels,
                 "model": p.model,
                 "trained_precision": hardware.precision,
+                "temperature": calibration["temperature"],
             }
             save_model(model, MODELS, metadata)
             TRAIN_HISTORY.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +167,7 @@ def main() -> None:
                 "best_val_loss": history["val_loss"][best],
                 "best_val_accuracy": history["val_accuracy"][best],
                 "parameters": model.count_params(),
+                **calibration,
             }
             write_json(summary, metrics_file("train"))
             run.log_metrics({f"final.{key}": value for key, value in summary.items()})

@@ -19,6 +19,8 @@ def run_metrics(**extra_evaluate) -> dict[str, dict]:
         "review_fraction": 0.1,
         "accuracy_accepted": 0.95,
         "roc_auc_macro": None,  # undefined: written as null
+        "uncalibrated.ece": 0.12,
+        "temperature": 1.8,
         **{f"{key}.{c}": value for c in CLASSES for key, value in (("support", 20), ("f1", 0.9), ("recall", 0.8))},
         **extra_evaluate,
     }
@@ -46,6 +48,7 @@ def test_the_card_has_every_section_with_intervals_from_the_metrics():
     assert NOT_A_MEDICAL_DEVICE in card
     assert "| accuracy | 0.900 [0.850, 0.940] |" in card and "| macro-F1 | 0.880 [0.800, 0.930] |" in card
     assert "| ROC AUC, macro one-vs-rest | n/a |" in card
+    assert "0.050, 0.120 before temperature scaling (T = 1.80" in card
     assert "| glioma | 50 | 10 | 20 |" in card and "| total | 100 | 20 | 40 |" in card
     assert "40 held-out images" in card and "Best epoch 7 of 12" in card
     assert "0.400 [0.250, 0.550] of them (glioma 0.50)" in card

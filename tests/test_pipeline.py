@@ -86,6 +86,9 @@ def test_repro_runs_every_stage_in_order_then_nothing(repo):
         "macro_f1_ci_high",
     } <= set(metrics)
     assert metrics["macro_f1_ci_low"] <= metrics["macro_f1"] <= metrics["macro_f1_ci_high"]
+    train = json.loads((repo / "metrics" / "train.json").read_text())
+    assert train["temperature"] > 0 and train["val_log_loss"] <= train["val_log_loss_uncalibrated"] + 1e-9
+    assert {"uncalibrated.ece", "uncalibrated.brier"} <= set(metrics) or train["temperature"] == 1.0
     card = (repo / "MODEL_CARD.md").read_text()
     assert "not a medical device" in card and f"| macro-F1 | {metrics['macro_f1']:.3f} [" in card
 

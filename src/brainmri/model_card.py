@@ -105,7 +105,14 @@ def _evaluation(evaluate: dict, classes: list[str], train: dict) -> list[str]:
         f"| macro-F1 | {_with_interval(evaluate, 'macro_f1')} |",
         f"| ROC AUC, macro one-vs-rest | {_number(evaluate.get('roc_auc_macro'))} |",
         f"| log loss | {_number(evaluate.get('log_loss'))} |",
-        f"| expected calibration error ({evaluate.get('ece_bins')} bins) | {_number(evaluate.get('ece'))} |",
+        f"| expected calibration error ({evaluate.get('ece_bins')} bins) | {_number(evaluate.get('ece'))}"
+        + (
+            f", {_number(evaluate['uncalibrated.ece'])} before temperature scaling (T = "
+            f"{_number(evaluate.get('temperature'), 2)}, fitted on the validation split)"
+            if "uncalibrated.ece" in evaluate
+            else ""
+        )
+        + " |",
         f"| flagged for review (under {evaluate.get('review_threshold')}) | "
         f"{_number(evaluate.get('review_fraction'))}, accuracy on the rest {_number(evaluate.get('accuracy_accepted'))}"
         " |",

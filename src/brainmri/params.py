@@ -147,6 +147,7 @@ class TrainParams(_Section):
         description="random layers, active only in fit; the balance stage already transforms its copies",
     )
     early_stopping_patience: int = Field(8, ge=1)
+    calibrate: bool = Field(True, description="temperature scaling fitted on the validation split")
     reduce_lr_patience: int = Field(3, ge=1)
     fine_tune: FineTuneParams = FineTuneParams()
     device: Literal["auto", "cpu", "gpu"] = "auto"
