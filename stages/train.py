@@ -7,7 +7,10 @@ train one model together and only the chief writes files and logs."""
 
 import hashlib
 import json
+import os
 import shutil
+from datetime import datetime
+from pathlib import Path
 
 import keras
 
@@ -25,9 +28,17 @@ from brainmri.models import (
 )
 from brainmri.multi_worker import average_batch_norm_statistics, check_workers_agree, weights_digest
 from brainmri.params import flatten, load_params
-from brainmri.paths import CHECKPOINT, HISTORY_IN_PROGRESS, MODELS, PREPARED, TRAIN_HISTORY, metrics_file
+from brainmri.paths import (
+    CHECKPOINT,
+    HISTORY_IN_PROGRESS,
+    MODELS,
+    PREPARED,
+    TENSORBOARD_LOGS,
+    TRAIN_HISTORY,
+    metrics_file,
+)
 from brainmri.shards import ShardIndex
-from brainmri.tracking import stage_run
+from brainmri.tracking import project_root, stage_run
 from brainmri.training import (
     callbacks,
     class_weights,
@@ -37,6 +48,12 @@ from brainmri.training import (
     labelled_batches,
     steps_per_epoch,
 )
+
+
+def tensorboard_folder() -> Path:
+    """logs/tensorboard/<experiment or workspace>-<time> under the workspace, also from an experiment's temp copy."""
+    name = os.environ.get("DVC_EXP_NAME") or "workspace"
+    return project_root() / TENSORBOARD_LOGS / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def main() -> None:
@@ -91,13 +108,16 @@ def main() -> None:
         for key, value in hardware.describe().items():
             run.set_tag(f"brainmri.train.{key}", str(value))
         weight_per_class = class_weights(index, p.class_weight)
+        logs = tensorboard_folder() if p.tensorboard else None
         history = fit_model(
             model,
             hardware,
             train_data,
             val_data,
             p.epochs,
-            callbacks(p, HISTORY_IN_PROGRESS, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief),
+            callbacks(
+                p, HISTORY_IN_PROGRESS, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief, tensorboard=logs
+            ),
             weight_per_class,
         )
         if p.fine_tune.epochs:
@@ -119,7 +139,15 @@ def main() -> None:
                 train_data,
                 val_data,
                 done + p.fine_tune.epochs,
-                callbacks(p, HISTORY_IN_PROGRESS, CHECKPOINT, run.keras_callbacks(), append=True, chief=hardware.chief),
+                callbacks(
+                    p,
+                    HISTORY_IN_PROGRESS,
+                    CHECKPOINT,
+                    run.keras_callbacks(),
+                    append=True,
+                    chief=hardware.chief,
+                    tensorboard=logs,
+                ),
                 weight_per_class,
                 initial_epoch=done,
             )

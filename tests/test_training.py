@@ -12,7 +12,14 @@ from brainmri.errors import ModelError
 from brainmri.models import build_model, float32_copy
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
-from brainmri.training import class_weights, compile_model, configure_hardware, labelled_batches, learning_rate
+from brainmri.training import (
+    callbacks,
+    class_weights,
+    compile_model,
+    configure_hardware,
+    labelled_batches,
+    learning_rate,
+)
 
 from helpers import create_project, project_env, run, update_params, write_prepared_data
 
@@ -137,3 +144,20 @@ def test_an_interrupted_train_stage_reruns_to_a_complete_model(tmp_path):
     )
     assert sorted(r.info.status for r in trains) == ["FINISHED", "KILLED"]
     shutil.rmtree(repo)
+
+
+def test_tensorboard_event_files_are_written_when_asked(tmp_path):
+    index = write_prepared_data(tmp_path / "prepared", {"train": [8, 8, 8, 8], "val": [2, 2, 2, 2]})
+    params = TrainParams(image_size=32, width=4, tensorboard=True)
+    model = build_model("compact_cnn", 4, 32, 1, width=4)
+    compile_model(model, params, 4, epochs=1, steps_per_epoch=2)
+    chosen = callbacks(params, tmp_path / "history.csv", tmp_path / "best.keras", [], tensorboard=tmp_path / "tb")
+    model.fit(
+        labelled_batches(index, "train", 16, shuffle_seed=0),
+        validation_data=labelled_batches(index, "val", 16),
+        epochs=1,
+        callbacks=chosen,
+        verbose=0,
+    )
+    assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "tb" / "validation").glob("events.out.tfevents.*"))

@@ -148,6 +148,7 @@ class TrainParams(_Section):
     )
     early_stopping_patience: int = Field(8, ge=1)
     calibrate: bool = Field(True, description="temperature scaling fitted on the validation split")
+    tensorboard: bool = Field(False, description="also write TensorBoard event files under logs/tensorboard/")
     reduce_lr_patience: int = Field(3, ge=1)
     fine_tune: FineTuneParams = FineTuneParams()
     device: Literal["auto", "cpu", "gpu"] = "auto"

@@ -31,6 +31,7 @@ TRAIN_HISTORY = Path("metrics/train_history.csv")
 # never leaves a partial history where git tracks it).
 CHECKPOINT = Path("build/checkpoints/best.keras")
 HISTORY_IN_PROGRESS = Path("build/train_history.csv")
+TENSORBOARD_LOGS = Path("logs/tensorboard")  # one folder per training run, under the workspace root
 
 PREDICTIONS = Path("reports/predictions.csv")
 EVALUATE_FIGURES = Path("reports/evaluate")

@@ -207,10 +207,16 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 def callbacks(
-    params: TrainParams, history_csv: Path, checkpoint: Path, extra: list, append: bool = False, chief: bool = True
+    params: TrainParams,
+    history_csv: Path,
+    checkpoint: Path,
+    extra: list,
+    append: bool = False,
+    chief: bool = True,
+    tensorboard: Path | None = None,
 ) -> list:
-    """Early stopping and the LR plateau on every worker (all see the same logs); files and `extra`
-    (MLflow) on the chief only."""
+    """Early stopping and the LR plateau on every worker (all see the same logs); files, `extra`
+    (MLflow) and TensorBoard event files (into `tensorboard`, when given) on the chief only."""
     chosen = [
         EpochTimer(),  # first, so the callbacks after it see the time
         keras.callbacks.EarlyStopping(
@@ -231,6 +237,8 @@ def callbacks(
             keras.callbacks.CSVLogger(history_csv, append=append),
             *extra,
         ]
+        if tensorboard is not None:
+            chosen.append(keras.callbacks.TensorBoard(tensorboard))
     return chosen
 
 
