@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from brainmri.models import (
     set_backbone_trainable,
 )
 from brainmri.multi_worker import average_batch_norm_statistics, check_workers_agree, weights_digest
-from brainmri.params import flatten, load_params
+from brainmri.params import Params, TrainParams, flatten, load_params
 from brainmri.paths import (
     CHECKPOINT,
     HISTORY_IN_PROGRESS,
@@ -40,6 +41,7 @@ from brainmri.paths import (
 from brainmri.shards import ShardIndex
 from brainmri.tracking import project_root, stage_run
 from brainmri.training import (
+    Hardware,
     callbacks,
     class_weights,
     compile_model,
@@ -56,6 +58,159 @@ def tensorboard_folder() -> Path:
     return project_root() / TENSORBOARD_LOGS / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
+def load_shards(p: TrainParams, hardware: Hardware) -> ShardIndex:
+    """The balance stage's shards, checked against the params (and, across machines, against every worker's)."""
+    index = ShardIndex.load(PREPARED)
+    if (index.image_size, index.channels) != (p.image_size, p.channels):
+        raise DataError(f"{PREPARED} was written for another image size or channel count: rerun balance")
+    if hardware.multi_worker:
+        inputs = json.dumps([p.model_dump(), index.files, index.counts], sort_keys=True).encode()
+        check_workers_agree(hardware.strategy, "train params and data/prepared", hashlib.sha256(inputs).hexdigest())
+    return index
+
+
+def model_builder(p: TrainParams, num_classes: int) -> Callable[[str | None], keras.Model]:
+    """Builds the params' model with the given weights (None: random, as for a float32 copy)."""
+
+    def build(weights: str | None) -> keras.Model:
+        return build_model(
+            p.model,
+            num_classes,
+            p.image_size,
+            p.channels,
+            p.width,
+            p.dropout,
+            weights=weights,
+            augment=p.augment,
+            seed=p.seed,
+            norm=p.norm,
+            pooling=p.pooling,
+            last_block_kernel=p.last_block_kernel,
+        )
+
+    return build
+
+
+def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: ShardIndex, run) -> dict[str, list]:
+    """Train (a pretrained backbone frozen), then fine-tune its top when asked; the whole history."""
+    global_batch = p.batch_size * hardware.replicas
+    # Across machines every worker needs a share of every training batch: the last partial one is dropped.
+    drop_remainder = hardware.multi_worker
+    if drop_remainder and index.size("train") < global_batch:
+        raise DataError(
+            f"the train split has {index.size('train')} images, fewer than one global batch "
+            f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
+        )
+    steps = steps_per_epoch(index, global_batch, drop_remainder)
+    train_data = labelled_batches(index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder)
+    val_data = labelled_batches(index, "val", global_batch)
+    num_classes = len(index.classes)
+    with hardware.strategy.scope():
+        if p.model in APPLICATIONS and p.weights is not None:
+            set_backbone_trainable(model, False)
+        compile_model(model, p, num_classes, steps_per_epoch=steps)
+    weight_per_class = class_weights(index, p.class_weight)
+    logs = tensorboard_folder() if p.tensorboard else None
+
+    def phase_callbacks(append: bool) -> list:
+        return callbacks(p, HISTORY_IN_PROGRESS, CHECKPOINT, run.keras_callbacks(), append, hardware.chief, logs)
+
+    history = fit_model(
+        model, hardware, train_data, val_data, p.epochs, phase_callbacks(append=False), weight_per_class
+    )
+    if p.fine_tune.epochs:
+        done = len(history["val_loss"])
+        with hardware.strategy.scope():
+            set_backbone_trainable(model, True, top_layers=p.fine_tune.layers)
+            compile_model(
+                model,
+                p,
+                num_classes,
+                lr_value=p.fine_tune.lr,
+                epochs=p.fine_tune.epochs,
+                steps_per_epoch=steps,
+                warmup_epochs=0,
+            )
+        last = done + p.fine_tune.epochs
+        tuned = fit_model(
+            model, hardware, train_data, val_data, last, phase_callbacks(append=True), weight_per_class, done
+        )
+        history = {key: history[key] + tuned.get(key, []) for key in history}
+    return history
+
+
+def finish(
+    model: keras.Model, build: Callable, p: TrainParams, hardware: Hardware, index: ShardIndex
+) -> tuple[keras.Model, dict[str, float]]:
+    """What inference needs after training: float32, batch-norm statistics of the final weights,
+    calibrated probabilities, and (across machines) proof that every worker holds the same model."""
+    if hardware.multi_worker:
+        average_batch_norm_statistics(model, hardware.strategy)  # each worker's follow only its own batches
+    if hardware.precision != "float32" or hardware.multi_worker:
+        # The saved model computes in float32 whatever training used: the same
+        # answers on every machine, and exporters that know no bfloat16. The copy
+        # is also free of any distribution strategy, so what follows runs locally.
+        keras.mixed_precision.set_global_policy("float32")
+        model = float32_copy(model, build(None))
+    if p.model == "compact_cnn" and p.norm == "batch":
+        images, _, _ = index.arrays("train")
+        reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
+        used = min(len(images), PRECISE_BN_IMAGES)
+        print(f"train: batch-norm statistics re-estimated over {used} training images")
+    calibration = {"temperature": 1.0}
+    if p.calibrate and index.size("val"):
+        images, labels, _ = index.arrays("val")
+        calibration = calibrate_model(model, images, labels, p.batch_size)
+        print(f"train: temperature {calibration['temperature']:.3f}, fitted on {len(labels)} validation images")
+    if hardware.multi_worker:
+        digest = weights_digest(model)
+        check_workers_agree(hardware.strategy, "the trained weights", digest)
+        print(f"train: every worker holds the same weights (sha256 {digest})")
+    return model, calibration
+
+
+def save_and_log(
+    model: keras.Model,
+    history: dict[str, list],
+    calibration: dict[str, float],
+    params: Params,
+    hardware: Hardware,
+    index: ShardIndex,
+    run,
+) -> None:
+    """models/, the history and metrics/train.json; the same figures and the model to MLflow."""
+    p = params.train
+    metadata = {
+        "classes": index.classes,
+        "image_size": p.image_size,
+        "channels": p.channels,
+        "model": p.model,
+        "trained_precision": hardware.precision,
+        "temperature": calibration["temperature"],
+    }
+    save_model(model, MODELS, metadata)
+    TRAIN_HISTORY.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(HISTORY_IN_PROGRESS, TRAIN_HISTORY)
+    best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
+    summary = {
+        "epochs_run": len(history["val_loss"]),
+        "best_epoch": best + 1,
+        "best_val_loss": history["val_loss"][best],
+        "best_val_accuracy": history["val_accuracy"][best],
+        "parameters": model.count_params(),
+        **calibration,
+    }
+    write_json(summary, metrics_file("train"))
+    run.log_metrics({f"final.{key}": value for key, value in summary.items()})
+    run.log_artifact(str(MODELS / "model.json"), "model_meta")
+    run.log_keras_model(
+        model,
+        example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
+        registered_name=params.tracking.registered_model,
+    )
+    print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
+
+
 def main() -> None:
     params = load_params()
     p = params.train
@@ -63,149 +218,17 @@ def main() -> None:
 
     with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief) as run:
         keras.utils.set_random_seed(p.seed)
-        index = ShardIndex.load(PREPARED)
-        if (index.image_size, index.channels) != (p.image_size, p.channels):
-            raise DataError(f"{PREPARED} was written for another image size or channel count: rerun balance")
-        num_classes = len(index.classes)
-        if hardware.multi_worker:
-            inputs = json.dumps([p.model_dump(), index.files, index.counts], sort_keys=True).encode()
-            check_workers_agree(hardware.strategy, "train params and data/prepared", hashlib.sha256(inputs).hexdigest())
-
-        def build(weights: str | None) -> keras.Model:
-            return build_model(
-                p.model,
-                num_classes,
-                p.image_size,
-                p.channels,
-                p.width,
-                p.dropout,
-                weights=weights,
-                augment=p.augment,
-                seed=p.seed,
-                norm=p.norm,
-                pooling=p.pooling,
-                last_block_kernel=p.last_block_kernel,
-            )
-
-        global_batch = p.batch_size * hardware.replicas
-        # Across machines every worker needs a share of every training batch: the last partial one is dropped.
-        drop_remainder = hardware.multi_worker
-        if drop_remainder and index.size("train") < global_batch:
-            raise DataError(
-                f"the train split has {index.size('train')} images, fewer than one global batch "
-                f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
-            )
-        steps = steps_per_epoch(index, global_batch, drop_remainder)
-        train_data = labelled_batches(index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder)
-        val_data = labelled_batches(index, "val", global_batch)
+        index = load_shards(p, hardware)
+        build = model_builder(p, len(index.classes))
         with hardware.strategy.scope():
             model = build(p.weights)
-            pretrained = p.model in APPLICATIONS and p.weights is not None
-            if pretrained:
-                set_backbone_trainable(model, False)
-            compile_model(model, p, num_classes, steps_per_epoch=steps)
         print(f"train: {p.model}, {model.count_params():,} parameters, {hardware.describe()}")
         for key, value in hardware.describe().items():
             run.set_tag(f"brainmri.train.{key}", str(value))
-        weight_per_class = class_weights(index, p.class_weight)
-        logs = tensorboard_folder() if p.tensorboard else None
-        history = fit_model(
-            model,
-            hardware,
-            train_data,
-            val_data,
-            p.epochs,
-            callbacks(
-                p, HISTORY_IN_PROGRESS, CHECKPOINT, run.keras_callbacks(), chief=hardware.chief, tensorboard=logs
-            ),
-            weight_per_class,
-        )
-        if p.fine_tune.epochs:
-            done = len(history["val_loss"])
-            with hardware.strategy.scope():
-                set_backbone_trainable(model, True, top_layers=p.fine_tune.layers)
-                compile_model(
-                    model,
-                    p,
-                    num_classes,
-                    lr_value=p.fine_tune.lr,
-                    epochs=p.fine_tune.epochs,
-                    steps_per_epoch=steps,
-                    warmup_epochs=0,
-                )
-            tuned = fit_model(
-                model,
-                hardware,
-                train_data,
-                val_data,
-                done + p.fine_tune.epochs,
-                callbacks(
-                    p,
-                    HISTORY_IN_PROGRESS,
-                    CHECKPOINT,
-                    run.keras_callbacks(),
-                    append=True,
-                    chief=hardware.chief,
-                    tensorboard=logs,
-                ),
-                weight_per_class,
-                initial_epoch=done,
-            )
-            history = {key: history[key] + tuned.get(key, []) for key in history}
-
-        if hardware.multi_worker:
-            average_batch_norm_statistics(model, hardware.strategy)  # each worker's follow only its own batches
-        if hardware.precision != "float32" or hardware.multi_worker:
-            # The saved model computes in float32 whatever training used: the same
-            # answers on every machine, and exporters that know no bfloat16. The copy
-            # is also free of any distribution strategy, so what follows runs locally.
-            keras.mixed_precision.set_global_policy("float32")
-            model = float32_copy(model, build(None))
-        if p.model == "compact_cnn" and p.norm == "batch":
-            images, _, _ = index.arrays("train")
-            reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
-            used = min(len(images), PRECISE_BN_IMAGES)
-            print(f"train: batch-norm statistics re-estimated over {used} training images")
-        calibration = {"temperature": 1.0}
-        if p.calibrate and index.size("val"):
-            images, labels, _ = index.arrays("val")
-            calibration = calibrate_model(model, images, labels, p.batch_size)
-            print(f"train: temperature {calibration['temperature']:.3f}, fitted on {len(labels)} validation images")
-        if hardware.multi_worker:
-            digest = weights_digest(model)
-            check_workers_agree(hardware.strategy, "the trained weights", digest)
-            print(f"train: every worker holds the same weights (sha256 {digest})")
-
+        history = fit_phases(model, p, hardware, index, run)
+        model, calibration = finish(model, build, p, hardware, index)
         if hardware.chief:
-            metadata = {
-                "classes": index.classes,
-                "image_size": p.image_size,
-                "channels": p.channels,
-                "model": p.model,
-                "trained_precision": hardware.precision,
-                "temperature": calibration["temperature"],
-            }
-            save_model(model, MODELS, metadata)
-            TRAIN_HISTORY.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(HISTORY_IN_PROGRESS, TRAIN_HISTORY)
-            best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
-            summary = {
-                "epochs_run": len(history["val_loss"]),
-                "best_epoch": best + 1,
-                "best_val_loss": history["val_loss"][best],
-                "best_val_accuracy": history["val_accuracy"][best],
-                "parameters": model.count_params(),
-                **calibration,
-            }
-            write_json(summary, metrics_file("train"))
-            run.log_metrics({f"final.{key}": value for key, value in summary.items()})
-            run.log_artifact(str(MODELS / "model.json"), "model_meta")
-            run.log_keras_model(
-                model,
-                example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
-                registered_name=params.tracking.registered_model,
-            )
-            print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
+            save_and_log(model, history, calibration, params, hardware, index, run)
         else:
             print("train: done; the chief writes models/ and metrics/ and logs to MLflow")
 
