@@ -125,7 +125,9 @@ def test_two_workers_train_one_model_and_only_the_chief_writes_and_logs(tmp_path
     }
 
     client = MlflowClient(tracking_uri=f"sqlite:///{chief_host / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("brain-mri").experiment_id])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("brain-mri").experiment_id], "tags.`brainmri.stage` LIKE '%'"
+    )
     assert [run.data.tags["brainmri.stage"] for run in runs] == ["train"]
     assert runs[0].data.tags["brainmri.train.workers"] == "2"
     assert runs[0].data.tags["brainmri.train.strategy"] == "MultiWorkerMirroredStrategy"

@@ -48,9 +48,11 @@ def mlflow_client(repo: Path) -> MlflowClient:
 
 
 def runs(repo: Path, filter_string: str = "") -> list:
+    """The stage runs (not the pipelines' parent runs) matching `filter_string`."""
     client = mlflow_client(repo)
     experiment = client.get_experiment_by_name("brain-mri")
-    return client.search_runs([experiment.experiment_id], filter_string=filter_string, max_results=500)
+    stage_runs = " and ".join(filter(None, [filter_string, "tags.`brainmri.stage` LIKE '%'"]))
+    return client.search_runs([experiment.experiment_id], filter_string=stage_runs, max_results=500)
 
 
 def test_repro_runs_every_stage_in_order_then_nothing(repo):
@@ -228,6 +230,13 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     head = run(["git", "rev-list", "--max-parents=0", "HEAD"], repo).stdout.strip()
     by_stage = {r.data.tags["brainmri.stage"]: r for r in group}
     assert all(r.data.tags["mlflow.source.git.commit"] == head for r in group)
+    # One parent run per pipeline configuration: the UI shows the repro as one row that expands.
+    parents = {r.data.tags["mlflow.parentRunId"] for r in group}
+    assert len(parents) == 1
+    parent = mlflow_client(repo).get_run(parents.pop())
+    assert (
+        parent.info.run_name == f"pipeline {head[:7]}" and parent.data.tags["brainmri.pipeline_run"] == first_pipeline
+    )
     assert by_stage["ingest"].data.params["ingest.source"] == "data/sample"
     assert by_stage["ingest"].data.metrics["images"] == 32
     assert by_stage["train"].data.params["train.epochs"] == "2"

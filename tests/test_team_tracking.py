@@ -78,7 +78,9 @@ def test_two_parallel_queued_experiments_log_everything_to_the_team_server(track
     }
     versions = client.search_model_versions("name='brain-mri-classifier'")
     for name, lr in lrs.items():
-        stage_runs = client.search_runs([experiment.experiment_id], f"tags.`dvc.exp_name` = '{name}'")
+        stage_runs = client.search_runs(
+            [experiment.experiment_id], f"tags.`dvc.exp_name` = '{name}' and tags.`brainmri.stage` LIKE '%'"
+        )
         by_stage = {r.data.tags["brainmri.stage"]: r for r in stage_runs}
         assert sorted(by_stage) == sorted(TRAIN_AND_AFTER) and len(stage_runs) == len(TRAIN_AND_AFTER)
         assert all(r.info.status == "FINISHED" for r in stage_runs)

@@ -128,7 +128,7 @@ def stage_process(tmp_path: Path) -> subprocess.Popen:
 
 def train_runs(tmp_path: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return client.search_runs([client.get_experiment_by_name("unit").experiment_id])
+    return client.search_runs([client.get_experiment_by_name("unit").experiment_id], "tags.`brainmri.stage` = 'train'")
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ EXPERIMENT_TAG = "dvc.exp_name"
 COMMIT_TAG = "mlflow.source.git.commit"
 HOST_TAG, PID_TAG = "brainmri.host", "brainmri.pid"  # which process a RUNNING run belongs to
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+PARENT_TAG = "brainmri.pipeline_run"  # on the parent run that holds one pipeline configuration's stage runs
 
 
 def project_root() -> Path:
@@ -198,11 +199,12 @@ def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any], log:
     if os.environ.get("DVC_EXP_NAME"):
         tags[EXPERIMENT_TAG] = os.environ["DVC_EXP_NAME"]
     end_orphaned_runs(experiment_id, stage)
+    parent = pipeline_parent_run(experiment_id, tags[PIPELINE_TAG], tags[COMMIT_TAG])
     tags.update({HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())})
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # `kill`: like Ctrl-C
     try:
-        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags):
+        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags, parent_run_id=parent):
             mlflow.log_params({key: "" if value is None else value for key, value in params.items()})
             try:
                 yield StageRun(active=True)
@@ -212,6 +214,20 @@ def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any], log:
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def pipeline_parent_run(experiment_id: str, pipeline: str, commit: str) -> str:
+    """The run that nests every stage run of one pipeline configuration, created by its first stage:
+    the UI shows a `dvc repro` or an experiment as one row that expands into its stages."""
+    client = mlflow.MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{pipeline}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    experiment = os.environ.get("DVC_EXP_NAME")
+    tags = {PARENT_TAG: pipeline, COMMIT_TAG: commit, **({EXPERIMENT_TAG: experiment} if experiment else {})}
+    run = client.create_run(experiment_id, run_name=experiment or f"pipeline {commit[:7]}", tags=tags)
+    client.set_terminated(run.info.run_id)  # a container: its stages carry the status that matters
+    return run.info.run_id
 
 
 def _interrupt(signum: int, frame: Any) -> None:
