@@ -118,7 +118,7 @@ MODEL_NAMES = (
 class TrainParams(_Section):
     model: str = "compact_cnn"
     weights: str | None = Field(None, description="none, imagenet, or a weights file for the backbone")
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(45, ge=1)
     lr: float = Field(2e-3, gt=0)
     lr_schedule: Literal["cosine", "plateau"] = "cosine"
     warmup_epochs: int = Field(1, ge=0, description="cosine: linear warm-up epochs")
@@ -143,10 +143,10 @@ class TrainParams(_Section):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
     augment: AugmentParams = Field(
-        AugmentParams(rotation=0.0, shift=0.0, zoom=0.0, brightness=0.0, contrast=0.0),
+        AugmentParams(rotation=10.0, shift=0.1, zoom=0.2, brightness=0.0, contrast=0.0),
         description="random layers, active only in fit; the balance stage already transforms its copies",
     )
-    early_stopping_patience: int = Field(8, ge=1)
+    early_stopping_patience: int = Field(15, ge=1)
     calibrate: bool = Field(True, description="temperature scaling fitted on the validation split")
     tensorboard: bool = Field(False, description="also write TensorBoard event files under logs/tensorboard/")
     reduce_lr_patience: int = Field(3, ge=1)
