@@ -56,6 +56,7 @@ def test_the_card_has_every_section_with_intervals_from_the_metrics():
     assert "probability by 0.300 on average, a box of the same size elsewhere by 0.010: glioma 0.50" in card
     assert "`Training`" in card and "/somewhere/private" not in card  # no machine path
     assert "External test set" not in card
+    assert "(from scratch)" in card and "rotation 10, shift 0.1, zoom 0.2, flip;" in card
 
 
 def test_an_external_set_gets_its_own_line():

@@ -38,12 +38,12 @@ def _classes(evaluate: dict) -> list[str]:
 def _details(params: Params) -> list[str]:
     t = params.train
     head = f"global {t.pooling} pooling, dropout {t.dropout}, softmax (sigmoid for two classes)"
-    augment = [f"{k} {v}" for k, v in t.augment.model_dump().items() if v not in (0, 0.0, False)]
+    augment = [k if v is True else f"{k} {v:g}" for k, v in t.augment.model_dump().items() if v not in (0, 0.0, False)]
+    weights = "from scratch" if t.weights in (None, "none") else f"weights: {t.weights}"
     return [
         "## Model details",
         "",
-        f"- **Architecture:** `{t.model}` ({'from scratch' if t.weights == 'none' else f'weights: {t.weights}'}), "
-        f"{head}.",
+        f"- **Architecture:** `{t.model}` ({weights}), {head}.",
         f"- **Input:** {t.image_size}×{t.image_size} {'grey' if t.channels == 1 else 'RGB'} 8-bit slices, "
         "the longer side resized and centred on a black square; scaling and normalisation are layers of the model.",
         f"- **Training:** AdamW, learning rate {t.lr} ({t.lr_schedule}), batch {t.batch_size}, up to {t.epochs} "

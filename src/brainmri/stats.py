@@ -11,6 +11,11 @@ RESAMPLES = 2000
 CONFIDENCE = 0.95
 
 
+def _resampled_indices(count: int, resamples: int, seed: int) -> np.ndarray:
+    """`resamples` rows of `count` indices drawn with replacement, seeded."""
+    return np.random.default_rng(seed).integers(0, count, (resamples, count))
+
+
 def _percentiles(statistics: np.ndarray, confidence: float) -> tuple[float, float]:
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(statistics, [tail, 100 - tail])
@@ -25,8 +30,7 @@ def bootstrap_interval(
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    means = values[_resampled_indices(len(values), resamples, seed)].mean(axis=1)
     return _percentiles(means, confidence)
 
 
@@ -41,8 +45,7 @@ def bootstrap_metric_interval(
     """Percentile bootstrap interval of metric(y_true, y_pred) over images drawn with replacement."""
     if len(y_true) == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(y_true), (resamples, len(y_true)))
+    draws = _resampled_indices(len(y_true), resamples, seed)
     return _percentiles(np.array([metric(y_true[draw], y_pred[draw]) for draw in draws]), confidence)
 
 
@@ -80,8 +83,7 @@ def paired_bootstrap_difference(
 ) -> tuple[float, float, float]:
     """metric(B) - metric(A) on the same images, and its percentile interval from resampling
     the images (the same draw for both runs, so image difficulty cancels out)."""
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(y_true), (resamples, len(y_true)))
+    draws = _resampled_indices(len(y_true), resamples, seed)
     differences = np.array([metric(y_true[d], pred_b[d]) - metric(y_true[d], pred_a[d]) for d in draws])
     low, high = _percentiles(differences, confidence)
     return metric(y_true, pred_b) - metric(y_true, pred_a), low, high
