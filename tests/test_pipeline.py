@@ -439,7 +439,7 @@ def test_tracking_outage_stops_the_stage_or_with_the_switch_off_warns_and_comple
 
 def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tmp_path):
     repo = create_project(tmp_path / "yolo-project")
-    source = repo / "data" / "yolo"
+    source = tmp_path / "scanner-exports" / "yolo"  # outside the project, named by absolute path
     for folder in ("images/train", "labels/train"):
         (source / folder).mkdir(parents=True)
     for class_index, (cx, cy) in enumerate([(0.3, 0.3), (0.7, 0.3)]):  # the blob's place in synthetic_image
@@ -448,10 +448,21 @@ def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tm
             (source / "labels" / "train" / f"{class_index}_{variant}.txt").write_text(
                 f"{class_index} {cx} {cy} 0.25 0.25\n"
             )
-    update_params(repo / "params.yaml", {"ingest": {"source": "data/yolo", "classes": ["left", "right"]}})
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "yolo data"], repo)
+    update_params(repo / "params.yaml", {"ingest": {"source": str(source), "classes": ["left", "right"]}})
+    run(["git", "commit", "-qam", "yolo data"], repo)
     assert stages_run(run(["dvc", "repro"], repo).stdout) == ALL_STAGES
+    # No machine path in what a run shares: files are named relative to the source, which
+    # appears only as given (params.yaml, dvc.lock, the ingest.source param).
+    shared = [*(repo / "data" / "interim").glob("*.csv"), *(repo / "metrics").rglob("*.*"), repo / "MODEL_CARD.md"]
+    shared += [
+        *(repo / "reports").rglob("*.csv"),
+        *(repo / "reports").rglob("*.json"),
+        *(repo / "mlartifacts").rglob("*.csv"),
+    ]
+    assert [path for path in shared if str(source) in path.read_text(errors="ignore")] == []
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    for logged in client.search_runs([client.get_experiment_by_name("brain-mri").experiment_id]):
+        assert [k for k, v in logged.data.params.items() if str(source) in v] in ([], ["ingest.source"])
     manifest = (repo / "data" / "interim" / "manifest.csv").read_text()
     assert "0 0.3 0.3 0.25 0.25" in manifest and (repo / "reports" / "data" / "samples.png").is_file()
     gradcam = json.loads((repo / "metrics" / "gradcam.json").read_text())
