@@ -14,8 +14,9 @@ $(INSTALLED): requirements.txt pyproject.toml
 
 setup: $(INSTALLED)
 
+# brainmri check first: it names special files in ingest.source, on which DVC's hashing would block.
 repro: $(INSTALLED)
-	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" brainmri check && PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

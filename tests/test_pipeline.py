@@ -264,7 +264,7 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     assert len(client.list_artifacts(by_stage["gradcam"].info.run_id, "gradcam/images")) == 4
     assert 0.0 <= by_stage["gradcam"].data.metrics["energy_in_brain"] <= 1.0
     report = {a.path for a in client.list_artifacts(by_stage["ingest"].info.run_id, "data_report")}
-    assert report == {"data_report/counts.png", "data_report/resolution.png", "data_report/report.json"}
+    assert report == {f"data_report/{name}" for name in ("counts.png", "resolution.png", "samples.png", "report.json")}
 
     import mlflow
 
@@ -406,16 +406,21 @@ def test_bad_params_stop_the_pipeline_naming_the_key_and_keep_every_output(repo,
     assert "up to date" in run(["dvc", "status"], repo).stdout  # nothing to rebuild
 
 
-def test_a_named_pipe_in_the_source_stops_at_validate_instead_of_hanging_dvc(repo):
+def test_a_named_pipe_in_the_source_is_named_before_dvc_reads_it(repo):
+    # DVC reads every file of ingest.source to hash it, and reading a named pipe blocks.
     fifo = repo / "data" / "sample" / "glioma" / "pipe.jpg"
     os.mkfifo(fifo)
     try:
-        result = run(["dvc", "repro"], repo, check=False, timeout=180)  # DVC would block hashing the folder
+        checked = run([sys.executable, "-m", "brainmri.cli", "check"], repo, check=False, timeout=60)
+        assert checked.returncode == 1 and "special files" in checked.stderr and "pipe.jpg" in checked.stderr
+        update_params(repo / "params.yaml", {"gradcam": {"alpha": 0.5}})  # validate reruns on any params change
+        result = run(["dvc", "repro"], repo, check=False, timeout=180)
         assert result.returncode != 0 and stages_run(result.stdout) == ["validate"]
         assert "special files" in result.stderr + result.stdout and "pipe.jpg" in result.stderr + result.stdout
         assert (repo / "models" / "model.keras").is_file()
     finally:
         fifo.unlink()
+        run(["git", "checkout", "--", "params.yaml"], repo)
     assert "up to date" in run(["dvc", "status"], repo).stdout
 
 

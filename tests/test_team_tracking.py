@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from helpers import create_project, free_port, run, running_server, wait_for_queue
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
-TRAIN_AND_AFTER = ["train", "evaluate", "gradcam", "export"]
+TRAIN_AND_AFTER = ["train", "evaluate", "gradcam", "model_card", "export"]
 
 
 @pytest.fixture(scope="module")

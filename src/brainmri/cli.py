@@ -12,11 +12,12 @@ from pathlib import Path
 from brainmri import __version__
 from brainmri.audit import AuditLog
 from brainmri.errors import BrainMRIError, DataError
-from brainmri.params import Params, load_params
+from brainmri.params import Params, check_folders, load_params
 
 
 def check(args: argparse.Namespace) -> int:
     params = load_params(args.params)
+    check_folders(params)  # without DVC, which would block on a named pipe in ingest.source
     print(f"{args.params}: valid (ingest.source={params.ingest.source}, train.model={params.train.model})")
     return 0
 
