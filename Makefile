@@ -27,8 +27,8 @@ test: lint
 
 # `dvc exp show` with the params that differ and the headline metrics only:
 # every metrics key as a column is far wider than a terminal.
-HEADLINE := ^(.*:)?(macro_f1|macro_f1_ci_low|macro_f1_ci_high|ece|annotated\.pointing_game)$$
+HEADLINE := ^(.*:)?(macro_f1|macro_f1_ci_low|macro_f1_ci_high|annotated\.pointing_game)$$
 PARAM_SECTIONS := ^(?!(ingest|dedup|split|balance|train|evaluate|gradcam|export)\.)
 exp-show:
 	PATH="$(CURDIR)/$(BIN):$$PATH" dvc exp show --no-pager --only-changed \
-		--keep '^(Experiment|Created)$$' --keep '$(HEADLINE)' --drop '$(PARAM_SECTIONS)'
+		--keep '^Experiment$$' --keep '$(HEADLINE)' --drop '$(PARAM_SECTIONS)'

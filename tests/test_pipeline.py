@@ -181,6 +181,8 @@ def test_compare_gives_a_verdict_on_two_experiments(repo):
     assert "test images" in text and "McNemar's exact test" in text
     assert re.search(r"B is (better than|worse than|indistinguishable from) A at the 5% level", text)
     assert "| macro_f1 |" in run([*command, "--md"], repo).stdout
+    workspace = run([*command[:-2], "workspace", "queued-a"], repo).stdout  # the working tree's outputs
+    assert "B is" in workspace
     missing = run([*command[:-1], "no-such-experiment"], repo, check=False)
     assert missing.returncode == 1 and "'no-such-experiment' is not a predictions file" in missing.stderr
 

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser = commands.add_parser(
         "compare", help="is run B better than run A on the same test images? (paired bootstrap, McNemar)"
     )
-    ref_help = "a DVC revision or experiment name, an MLflow run id of evaluate, or a predictions CSV"
+    ref_help = "a DVC revision or experiment name, workspace, an MLflow run id of evaluate, or a predictions CSV"
     compare_parser.add_argument("a", help=ref_help)
     compare_parser.add_argument("b", help=ref_help)
     compare_parser.add_argument("--md", action="store_true", help="Markdown, to paste into a pull request")

@@ -1,7 +1,7 @@
 """`brainmri compare A B`: is run B better than run A on the same test images?
 
 A and B are DVC revisions or experiment names (their `reports/predictions.csv`
-is read from DVC's cache), MLflow run ids of an evaluate stage (its logged
+is read from DVC's cache or remote), `workspace`, MLflow run ids of an evaluate stage (its logged
 `evaluate/predictions.csv`), or predictions CSV files. The difference of each
 headline metric gets a paired bootstrap interval, and McNemar's exact test on
 the images one run gets right and the other wrong gives the verdict.
@@ -27,6 +27,10 @@ METRICS = {"accuracy": stats.accuracy, "balanced_accuracy": stats.balanced_accur
 
 def load_predictions(ref: str) -> pd.DataFrame:
     """The predictions table (path, actual, predicted, ...) that `ref` names."""
+    if ref == "workspace":  # as `dvc exp show` names it: the outputs in the working tree
+        if not PREDICTIONS.is_file():
+            raise DataError(f"workspace: no {PREDICTIONS}; run dvc repro first")
+        return pd.read_csv(PREDICTIONS)
     if Path(ref).is_file():
         return pd.read_csv(ref)
     if MLFLOW_RUN_ID.fullmatch(ref):
