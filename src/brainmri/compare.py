@@ -105,8 +105,8 @@ def report(comparison: Comparison, a: str, b: str, markdown: bool = False) -> st
     ]
     header = ("metric", "A", "B", "B - A", "95% interval (paired bootstrap)")
     mcnemar = (
-        f"McNemar's exact test: {comparison.a_only_right} images right only in A, "
-        f"{comparison.b_only_right} right only in B"
+        f"McNemar's exact test on the images only one run gets right: A {comparison.a_only_right}, "
+        f"B {comparison.b_only_right}"
     )
     if markdown:
         lines = [f"**A** `{a}` vs **B** `{b}`, {comparison.images} test images", ""]
