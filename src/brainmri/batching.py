@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -26,7 +27,7 @@ class MicroBatcher:
         self.max_batch = max_batch
         self.max_wait = max_wait
         self._queue: queue.Queue[tuple[np.ndarray, Future]] = queue.Queue()
-        self.batch_sizes: list[int] = []  # every batch run, for the load benchmark and tests
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # the latest batches run; bounded, the server runs for days
         threading.Thread(target=self._run, name="micro-batcher", daemon=True).start()
 
     def submit(self, array: np.ndarray) -> Future:

@@ -19,21 +19,25 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 ECE_BINS = 15  # the figures of the train stage; evaluate reports its own with evaluate.calibration_bins
 
 
+def _logits(probabilities: np.ndarray) -> np.ndarray:
+    """log p: the logits up to a constant per image, which softmax ignores."""
+    return np.log(np.clip(probabilities, 1e-12, 1.0))
+
+
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(logits / T) from probabilities: log p equals the logits up to a constant per image."""
-    return softmax(np.log(np.clip(probabilities, 1e-12, 1.0)) / temperature, axis=1)
+    """softmax(logits / T) from probabilities."""
+    return softmax(_logits(probabilities) / temperature, axis=1)
 
 
 def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """The T that minimises the negative log-likelihood of the labels under apply_temperature."""
-    logits = np.log(np.clip(probabilities, 1e-12, 1.0))
-    rows = np.arange(len(labels))
+    logits, rows = _logits(probabilities), np.arange(len(labels))
 
-    def negative_log_likelihood(log_temperature: float) -> float:
+    def loss(log_temperature: float) -> float:
         return float(-log_softmax(logits / np.exp(log_temperature), axis=1)[rows, labels].mean())
 
     bounds = tuple(np.log(TEMPERATURE_RANGE))
-    return float(np.exp(minimize_scalar(negative_log_likelihood, bounds=bounds, method="bounded").x))
+    return float(np.exp(minimize_scalar(loss, bounds=bounds, method="bounded").x))
 
 
 def fold_temperature(model: keras.Model, temperature: float) -> None:

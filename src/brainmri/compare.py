@@ -22,7 +22,6 @@ from brainmri.paths import PREDICTIONS
 
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")
 SIGNIFICANCE = 0.05
-METRICS = {"accuracy": stats.accuracy, "balanced_accuracy": stats.balanced_accuracy, "macro_f1": stats.macro_f1}
 
 
 def load_predictions(ref: str) -> pd.DataFrame:
@@ -90,7 +89,7 @@ def compare_predictions(a: pd.DataFrame, b: pd.DataFrame, seed: int = 0) -> Comp
     y_true = merged["actual_a"].map(code).to_numpy()
     pred_a, pred_b = merged["predicted_a"].map(code).to_numpy(), merged["predicted_b"].map(code).to_numpy()
     metrics = {}
-    for name, statistic in METRICS.items():
+    for name, statistic in stats.HEADLINE_METRICS.items():
         metric = partial(statistic, num_classes=len(classes))
         difference, low, high = stats.paired_bootstrap_difference(y_true, pred_a, pred_b, metric, seed=seed)
         metrics[name] = (metric(y_true, pred_a), metric(y_true, pred_b), difference, low, high)

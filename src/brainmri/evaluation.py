@@ -22,13 +22,6 @@ from sklearn.metrics import (
 
 from brainmri import stats
 
-# Figures reported with a bootstrap interval: a reviewer compares runs by these.
-INTERVAL_METRICS = {
-    "accuracy": stats.accuracy,
-    "balanced_accuracy": stats.balanced_accuracy,
-    "macro_f1": stats.macro_f1,
-}
-
 
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict[str, float]:
     """Flat dict of scalar metrics, stable keys for `dvc metrics diff`.
@@ -90,7 +83,7 @@ def score_predictions(
         **selective_prediction(y_true, probabilities, review_threshold),
     }
     y_pred = probabilities.argmax(axis=1)
-    for name, statistic in INTERVAL_METRICS.items():
+    for name, statistic in stats.HEADLINE_METRICS.items():
         metric = partial(statistic, num_classes=len(classes))
         low, high = stats.bootstrap_metric_interval(y_true, y_pred, metric, seed=seed)
         scores[f"{name}_ci_low"], scores[f"{name}_ci_high"] = low, high

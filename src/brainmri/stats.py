@@ -72,6 +72,14 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) 
     return float((hits[present] / actual[present]).mean())
 
 
+# The headline figures that get intervals in evaluate and paired tests in `brainmri compare`.
+HEADLINE_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, int], float]] = {
+    "accuracy": accuracy,
+    "balanced_accuracy": balanced_accuracy,
+    "macro_f1": macro_f1,
+}
+
+
 def paired_bootstrap_difference(
     y_true: np.ndarray,
     pred_a: np.ndarray,
