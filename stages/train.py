@@ -102,7 +102,9 @@ def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: Sh
             f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
         )
     steps = steps_per_epoch(index, global_batch, drop_remainder)
-    train_data = labelled_batches(index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder)
+    train_data = labelled_batches(
+        index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder, cutmix=p.cutmix
+    )
     val_data = labelled_batches(index, "val", global_batch)
     num_classes = len(index.classes)
     with hardware.strategy.scope():

@@ -161,3 +161,16 @@ def test_tensorboard_event_files_are_written_when_asked(tmp_path):
     )
     assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
     assert list((tmp_path / "tb" / "validation").glob("events.out.tfevents.*"))
+
+
+def test_cutmix_pastes_parts_of_other_images_and_mixes_their_targets(tmp_path):
+    index = write_prepared_data(tmp_path / "prepared", {"train": [8, 8, 8, 8]})
+    plain_images, _ = next(iter(labelled_batches(index, "train", 32, shuffle_seed=0)))
+    images, targets = next(iter(labelled_batches(index, "train", 32, shuffle_seed=0, cutmix=1.0)))
+    again, _ = next(iter(labelled_batches(index, "train", 32, shuffle_seed=0, cutmix=1.0)))
+    images, targets = images.numpy(), targets.numpy()
+    assert images.dtype == np.uint8
+    assert (images != plain_images.numpy()).any(axis=(1, 2, 3)).sum() > 8
+    np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
+    assert ((targets > 0.01) & (targets < 0.99)).any(axis=1).sum() > 8  # mixed, not one-hot
+    np.testing.assert_array_equal(again.numpy(), images)  # the same seed draws the same boxes

@@ -6,10 +6,11 @@ gradient, the log keeps it informative. Heatmaps that still come out flat are
 reported as such, never written as silently blank images. How well they
 point at lesions is scored in `brainmri.localisation`.
 
-A backbone from `keras.applications` sits in the classifier as one nested
-model; its last feature map is not reachable as a tensor of the outer graph,
-so the probe model is rebuilt by calling the outer layers in order and
-keeping the nested model's output on the way.
+The classifier is split at the explained feature map: a model up to it, and
+the layers after it, whose gradient is taken on whichever Keras backend runs
+(TensorFlow, JAX or torch). A backbone from `keras.applications` sits in the
+classifier as one nested model; its last feature map is not a tensor of the
+outer graph, so the first part is rebuilt by calling the outer layers in order.
 """
 
 from __future__ import annotations
@@ -41,23 +42,64 @@ def last_feature_map_layer(model: keras.Model) -> str:
     raise ModelError(f"model '{model.name}' has no convolutional feature map for Grad-CAM; set gradcam.layer")
 
 
-def feature_probe(model: keras.Model, layer_name: str) -> keras.Model:
-    """A model returning (feature map of `layer_name`, class probabilities)."""
+def _split_at(model: keras.Model, layer_name: str) -> tuple[keras.Model, list[keras.layers.Layer]]:
+    """A model returning the feature map of `layer_name`, and the outer layers that follow it.
+
+    Every classifier here is a chain of layers, so the class probabilities are
+    those layers applied in order to the feature map."""
     try:
         layer = model.get_layer(layer_name)
     except ValueError:
         raise ModelError(f"gradcam.layer: model has no layer '{layer_name}'") from None
-    if not isinstance(layer, keras.Model):
-        return keras.Model(model.input, [layer.output, model.output])
-    # Nested backbone: re-trace the outer chain so both outputs hang off one graph.
-    x, features = model.input, None
-    for outer in model.layers:
-        if isinstance(outer, keras.layers.InputLayer):
-            continue
-        x = outer(x)
-        if outer is layer:
-            features = x
-    return keras.Model(model.input, [features, x])
+    if isinstance(layer, keras.Model):
+        # Nested backbone: re-trace the outer chain up to it so the map hangs off the outer input.
+        x = model.input
+        for outer in model.layers[: model.layers.index(layer) + 1]:
+            if not isinstance(outer, keras.layers.InputLayer):
+                x = outer(x)
+        features = keras.Model(model.input, x)
+    else:
+        features = keras.Model(model.input, layer.output)
+    return features, model.layers[model.layers.index(layer) + 1 :]
+
+
+def _log_probability_of(head: list[keras.layers.Layer], class_indices: np.ndarray):
+    """The summed log-probability of each image's explained class, as a function of the feature maps."""
+    indices = keras.ops.convert_to_tensor(np.asarray(class_indices, dtype="int32")[:, None])
+
+    def score(features):
+        x = features
+        for layer in head:
+            x = layer(x, training=False)
+        probabilities = keras.ops.cast(x, "float32")
+        if probabilities.shape[-1] == 1:  # binary sigmoid head: class 0 is 1 - p
+            probabilities = keras.ops.concatenate([1.0 - probabilities, probabilities], axis=-1)
+        chosen = keras.ops.take_along_axis(probabilities, indices, axis=1)
+        return keras.ops.sum(keras.ops.log(chosen + 1e-12))
+
+    return score
+
+
+def _gradient(function, features: np.ndarray) -> np.ndarray:
+    """d function / d features on whichever Keras backend this process runs."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        features = tf.convert_to_tensor(features)
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            score = function(features)
+        return tape.gradient(score, features).numpy()
+    if backend == "jax":
+        import jax
+
+        return np.asarray(jax.grad(function)(keras.ops.convert_to_tensor(features)))
+    if backend == "torch":
+        tensor = keras.ops.convert_to_tensor(features).detach().requires_grad_(True)
+        function(tensor).backward()
+        return tensor.grad.cpu().numpy()
+    raise ModelError(f"Grad-CAM: no gradients on the '{backend}' backend")
 
 
 def gradcam_heatmaps(
@@ -66,38 +108,29 @@ def gradcam_heatmaps(
     """Heatmaps in [0, 1] at the feature map's resolution, and a mask of flat ones."""
     if method not in METHODS:
         raise ModelError(f"gradcam.method: '{method}' is not one of {METHODS}")
-    if keras.backend.backend() != "tensorflow":
-        raise ModelError(f"Grad-CAM needs the TensorFlow backend, this process runs '{keras.backend.backend()}'")
-    import tensorflow as tf
-
-    probe = feature_probe(model, layer_name)
-    with tf.GradientTape() as tape:
-        features, probabilities = probe(images, training=False)
-        if probabilities.shape[-1] == 1:  # binary sigmoid head: class 0 is 1 - p
-            probabilities = tf.concat([1.0 - probabilities, probabilities], axis=-1)
-        chosen = tf.gather(probabilities, class_indices, axis=1, batch_dims=1)
-        scores = tf.math.log(chosen + 1e-12)
-    gradients = tf.cast(tape.gradient(scores, features), tf.float64)
-    features = tf.cast(features, tf.float64)
+    feature_model, head = _split_at(model, layer_name)
+    features = keras.ops.convert_to_numpy(feature_model(images, training=False)).astype(np.float32)
+    gradients = _gradient(_log_probability_of(head, class_indices), features).astype(np.float64)
+    features = features.astype(np.float64)
     if method == "hirescam":
         # HiResCAM (Draelos & Carin 2020): gradient times activation location by
         # location, without averaging the gradient over the map first.
-        cams = tf.reduce_sum(gradients * features, axis=-1)
+        cams = (gradients * features).sum(axis=-1)
     elif method == "layercam":
         # LayerCAM (Jiang et al. 2021): the same with positive gradients only.
-        cams = tf.reduce_sum(tf.nn.relu(gradients) * features, axis=-1)
+        cams = (np.maximum(gradients, 0) * features).sum(axis=-1)
     else:
         if method == "gradcam":
-            weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)
+            weights = gradients.mean(axis=(1, 2), keepdims=True)
         else:
             # Grad-CAM++ (Chattopadhyay et al. 2018): pixel-wise weights from the
             # second and third powers of the gradient, positive gradients only.
             squared, cubed = gradients**2, gradients**3
-            denominator = 2 * squared + tf.reduce_sum(features, axis=(1, 2), keepdims=True) * cubed
-            alphas = tf.math.divide_no_nan(squared, denominator)
-            weights = tf.reduce_sum(alphas * tf.nn.relu(gradients), axis=(1, 2), keepdims=True)
-        cams = tf.reduce_sum(features * weights, axis=-1)
-    return _normalised(tf.nn.relu(cams).numpy())
+            denominator = 2 * squared + features.sum(axis=(1, 2), keepdims=True) * cubed
+            alphas = np.divide(squared, denominator, out=np.zeros_like(squared), where=denominator != 0)
+            weights = (alphas * np.maximum(gradients, 0)).sum(axis=(1, 2), keepdims=True)
+        cams = (features * weights).sum(axis=-1)
+    return _normalised(np.maximum(cams, 0))
 
 
 def _normalised(cams: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -146,6 +146,12 @@ class TrainParams(_Section):
         AugmentParams(rotation=10.0, shift=0.1, zoom=0.2, brightness=0.0, contrast=0.0),
         description="random layers, active only in fit; the balance stage already transforms its copies",
     )
+    cutmix: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="CutMix on each training batch (keras.layers.CutMix's factor); 0: off",
+    )
     early_stopping_patience: int = Field(15, ge=1)
     calibrate: bool = Field(True, description="temperature scaling fitted on the validation split")
     tensorboard: bool = Field(False, description="also write TensorBoard event files under logs/tensorboard/")

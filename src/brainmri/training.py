@@ -117,12 +117,19 @@ def configure_hardware(params: TrainParams) -> Hardware:
 
 
 def labelled_batches(
-    index: ShardIndex, split: str, batch_size: int, shuffle_seed: int | None = None, drop_remainder: bool = False
+    index: ShardIndex,
+    split: str,
+    batch_size: int,
+    shuffle_seed: int | None = None,
+    drop_remainder: bool = False,
+    cutmix: float = 0.0,
 ):
     """Batches of (uint8 images, one-hot or 0/1 targets) for `fit`.
 
     The decoded split is cached in memory after the first pass, so later
-    epochs only shuffle and batch.
+    epochs only shuffle and batch. With `cutmix` > 0 each batch goes through
+    `keras.layers.CutMix` (seeded by `shuffle_seed`): the class has to be
+    found in whatever part of the slice an image still shows.
     """
     import tensorflow as tf
 
@@ -144,7 +151,17 @@ def labelled_batches(
     # of every other epoch (py-spy: ~RootDataset::Iterator).
     # Parallel maps then use one call per core.
     options.autotune.enabled = False
-    return data.batch(batch_size, drop_remainder=drop_remainder).prefetch(2).with_options(options)
+    data = data.batch(batch_size, drop_remainder=drop_remainder)
+    if cutmix:
+        mixer = keras.layers.CutMix(factor=cutmix, seed=shuffle_seed)
+
+        def mixed(images, targets):
+            out = mixer({"images": images, "labels": targets}, training=True)
+            # Pasted pixels are the partner's own values: back to the model's uint8 input, exactly.
+            return tf.cast(out["images"], tf.uint8), out["labels"]
+
+        data = data.map(mixed, num_parallel_calls=tf.data.AUTOTUNE)
+    return data.prefetch(2).with_options(options)
 
 
 def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:
