@@ -37,15 +37,18 @@ from brainmri.paths import (
     PREPARED,
     metrics_file,
 )
+from brainmri.review import review_threshold, threshold_for_accuracy
 from brainmri.shards import ShardIndex
 from brainmri.tracking import stage_run
 
 
-def scores(labels: np.ndarray, probabilities: np.ndarray, classes: list[str], p: EvaluateParams) -> dict:
-    return score_predictions(labels, probabilities, classes, p.calibration_bins, p.review_threshold, p.seed)
+def scores(
+    labels: np.ndarray, probabilities: np.ndarray, classes: list[str], p: EvaluateParams, threshold: float
+) -> dict:
+    return score_predictions(labels, probabilities, classes, p.calibration_bins, threshold, p.seed)
 
 
-def score_external(params: Params, model, meta: dict) -> dict:
+def score_external(params: Params, model, meta: dict, threshold: float) -> dict:
     """external.* figures; the folder's leaked copies, rejects and predictions beside the figures."""
     p, classes = params.evaluate, meta["classes"]
     known = read_manifest(MANIFEST, MANIFEST_COLUMNS)
@@ -59,7 +62,9 @@ def score_external(params: Params, model, meta: dict) -> dict:
     }
     if len(external.kept):
         probabilities = class_probabilities(model, external.images, p.batch_size)
-        metrics.update({f"external.{k}": v for k, v in scores(external.labels, probabilities, classes, p).items()})
+        metrics.update(
+            {f"external.{k}": v for k, v in scores(external.labels, probabilities, classes, p, threshold).items()}
+        )
         write_manifest(
             external.kept[["path", "label"]].assign(
                 predicted=[classes[i] for i in probabilities.argmax(axis=1)],
@@ -122,10 +127,16 @@ def main() -> None:
         if len(labels) == 0:
             raise DataError("the test split is empty: raise split.test or add images")
 
+        threshold = review_threshold(p.review_threshold, p.target_accuracy, meta)
         probabilities = class_probabilities(model, images, p.batch_size)
-        metrics = scores(labels, probabilities, classes, p)
+        metrics = scores(labels, probabilities, classes, p, threshold)
+        if p.review_threshold == "auto":
+            metrics["review_target_accuracy"] = p.target_accuracy
+            metrics["review_val_coverage"] = threshold_for_accuracy(
+                meta["validation_confidence"], meta["validation_correct"], p.target_accuracy
+            )[1]
         if p.tta:  # beside the plain figures, never instead of them
-            tta = scores(labels, flip_tta_probabilities(model, images, p.batch_size), classes, p)
+            tta = scores(labels, flip_tta_probabilities(model, images, p.batch_size), classes, p, threshold)
             metrics.update({f"tta.{key}": value for key, value in tta.items()})
         temperature = meta.get("temperature", 1.0)
         if temperature != 1.0:  # the model's own probabilities, before train folded the temperature in
@@ -139,13 +150,13 @@ def main() -> None:
                 }
             )
         if p.external:
-            metrics.update(score_external(params, model, meta))
+            metrics.update(score_external(params, model, meta, threshold))
         write_json(metrics, metrics_file("evaluate"))
 
         predicted = probabilities.argmax(axis=1)
         matrix = confusion(labels, predicted, classes)
         CONFUSION_MATRIX.write_text(json.dumps(matrix, indent=2) + "\n")
-        write_predictions(paths, labels, probabilities, classes, p.review_threshold)
+        write_predictions(paths, labels, probabilities, classes, threshold)
         write_plots(labels, probabilities, classes, p, matrix, metrics["ece"])
         report = classification_report_text(labels, predicted, classes)
         (EVALUATE_FIGURES / "classification_report.txt").write_text(report)
@@ -159,7 +170,7 @@ def main() -> None:
             f"[{metrics['accuracy_ci_low']:.3f}, {metrics['accuracy_ci_high']:.3f}], "
             f"macro-F1 {metrics['macro_f1']:.3f} [{metrics['macro_f1_ci_low']:.3f}, {metrics['macro_f1_ci_high']:.3f}] "
             f"on {len(labels)} images; "
-            f"{metrics['review_fraction']:.0%} below confidence {p.review_threshold} go to review"
+            f"{metrics['review_fraction']:.0%} below confidence {threshold:.3f} go to review"
         )
 
 

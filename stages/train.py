@@ -22,6 +22,7 @@ from brainmri.models import (
     APPLICATIONS,
     PRECISE_BN_IMAGES,
     build_model,
+    class_probabilities,
     float32_copy,
     reestimate_batch_norm,
     save_model,
@@ -143,9 +144,10 @@ def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: Sh
 
 def finish(
     model: keras.Model, build: Callable, p: TrainParams, hardware: Hardware, index: ShardIndex
-) -> tuple[keras.Model, dict[str, float]]:
+) -> tuple[keras.Model, dict[str, float], dict[str, list]]:
     """What inference needs after training: float32, batch-norm statistics of the final weights,
-    calibrated probabilities, and (across machines) proof that every worker holds the same model."""
+    calibrated probabilities, the validation confidences an automatic review threshold is chosen
+    from, and (across machines) proof that every worker holds the same model."""
     if hardware.multi_worker:
         average_batch_norm_statistics(model, hardware.strategy)  # each worker's follow only its own batches
     if hardware.precision != "float32" or hardware.multi_worker:
@@ -159,22 +161,29 @@ def finish(
         reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
         used = min(len(images), PRECISE_BN_IMAGES)
         print(f"train: batch-norm statistics re-estimated over {used} training images")
-    calibration = {"temperature": 1.0}
-    if p.calibrate and index.size("val"):
+    calibration, validation = {"temperature": 1.0}, {}
+    if index.size("val"):
         images, labels, _ = index.arrays("val")
-        calibration = calibrate_model(model, images, labels, p.batch_size)
-        print(f"train: temperature {calibration['temperature']:.3f}, fitted on {len(labels)} validation images")
+        if p.calibrate:
+            calibration = calibrate_model(model, images, labels, p.batch_size)
+            print(f"train: temperature {calibration['temperature']:.3f}, fitted on {len(labels)} validation images")
+        probabilities = class_probabilities(model, images, p.batch_size)
+        validation = {
+            "validation_confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],
+            "validation_correct": [bool(c) for c in probabilities.argmax(axis=1) == labels],
+        }
     if hardware.multi_worker:
         digest = weights_digest(model)
         check_workers_agree(hardware.strategy, "the trained weights", digest)
         print(f"train: every worker holds the same weights (sha256 {digest})")
-    return model, calibration
+    return model, calibration, validation
 
 
 def save_and_log(
     model: keras.Model,
     history: dict[str, list],
     calibration: dict[str, float],
+    validation: dict[str, list],
     params: Params,
     hardware: Hardware,
     index: ShardIndex,
@@ -189,6 +198,7 @@ def save_and_log(
         "model": p.model,
         "trained_precision": hardware.precision,
         "temperature": calibration["temperature"],
+        **validation,
     }
     save_model(model, MODELS, metadata)
     TRAIN_HISTORY.parent.mkdir(parents=True, exist_ok=True)
@@ -228,9 +238,9 @@ def main() -> None:
         for key, value in hardware.describe().items():
             run.set_tag(f"brainmri.train.{key}", str(value))
         history = fit_phases(model, p, hardware, index, run)
-        model, calibration = finish(model, build, p, hardware, index)
+        model, calibration, validation = finish(model, build, p, hardware, index)
         if hardware.chief:
-            save_and_log(model, history, calibration, params, hardware, index, run)
+            save_and_log(model, history, calibration, validation, params, hardware, index, run)
         else:
             print("train: done; the chief writes models/ and metrics/ and logs to MLflow")
 

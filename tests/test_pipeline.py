@@ -196,10 +196,29 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
     shutil.copy(repo / "data" / "sample" / "glioma" / "glioma_000.jpg", external / "glioma" / "seen.jpg")
     (external / "glioma" / "broken.png").write_bytes(b"")
     result = run(
-        ["dvc", "exp", "run", "-n", "external", "-S", f"evaluate.external={external}", "-S", "evaluate.tta=true"], repo
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "external",
+            "-S",
+            f"evaluate.external={external}",
+            "-S",
+            "evaluate.tta=true",
+            "-S",
+            "evaluate.review_threshold=auto",
+        ],
+        repo,
     )
     assert stages_run(result.stdout) == ["validate", "evaluate", "model_card"]
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    # auto: chosen from the validation confidences the trained model carries, no retraining
+    assert metrics["review_target_accuracy"] == 0.99 and 0.0 <= metrics["review_val_coverage"] <= 1.0
+    assert (
+        isinstance(metrics["review_threshold"], float)
+        and metrics["external.review_threshold"] == metrics["review_threshold"]
+    )
     assert metrics["external.images"] == 8
     assert metrics["external.leaked_removed"] == 1 and metrics["external.rejected"] == 1
     assert 0.0 <= metrics["external.accuracy"] <= 1.0 and "accuracy" in metrics

@@ -45,7 +45,9 @@ def predict(args: argparse.Namespace) -> int:
     files = image_files(args.paths)
     if not files:
         raise DataError("brainmri predict: no image files found in " + ", ".join(args.paths))
-    predictor = Predictor.load(args.model, decode_limits(params.ingest), params.evaluate.review_threshold)
+    predictor = Predictor.load(
+        args.model, decode_limits(params.ingest), params.evaluate.review_threshold, params.evaluate.target_accuracy
+    )
     audit = audit_log(params)
     output = open(args.output, "w", newline="") if args.output else sys.stdout
     columns = [
@@ -96,7 +98,9 @@ def serve(args: argparse.Namespace) -> int:
     from brainmri.webapp import create_app, run_server
 
     params = project_params(args.params)
-    predictor = Predictor.load(args.model, decode_limits(params.ingest), params.evaluate.review_threshold)
+    predictor = Predictor.load(
+        args.model, decode_limits(params.ingest), params.evaluate.review_threshold, params.evaluate.target_accuracy
+    )
     app = create_app(predictor, params.serve, audit_log(params))
     run_server(app, args.host, args.port, params.serve)
     return 0

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from brainmri.errors import DataError, ModelError
 from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, to_array
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
+from brainmri.review import review_threshold
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -37,11 +38,16 @@ class Predictor:
     review_threshold: float = 0.8
 
     @classmethod
-    def load(cls, source: str | Path, limits: DecodeLimits, review_threshold: float = 0.8) -> Predictor:
-        """From a model folder (`models/`) or an MLflow model URI (`runs:/<id>/model`, `models:/<name>/<version>`)."""
+    def load(
+        cls, source: str | Path, limits: DecodeLimits, review: float | str = 0.8, target_accuracy: float = 0.99
+    ) -> Predictor:
+        """From a model folder (`models/`) or an MLflow model URI (`runs:/<id>/model`, `models:/<name>/<version>`).
+
+        `review` is evaluate.review_threshold: a number, or auto (fitted to `target_accuracy` on the
+        validation confidences the model carries)."""
         source = str(source)
         if "://" in source or source.startswith(("runs:/", "models:/")):
-            return cls._from_mlflow(source, limits, review_threshold)
+            return cls._from_mlflow(source, limits, review, target_accuracy)
         from brainmri.models import MODEL_FILE, load_model
 
         model, meta = load_model(source)
@@ -53,11 +59,11 @@ class Predictor:
             meta["channels"],
             f"{meta.get('model', 'model')}@sha256:{digest}",
             limits,
-            review_threshold,
+            review_threshold(review, target_accuracy, meta),
         )
 
     @classmethod
-    def _from_mlflow(cls, uri: str, limits: DecodeLimits, review_threshold: float) -> Predictor:
+    def _from_mlflow(cls, uri: str, limits: DecodeLimits, review: float | str, target_accuracy: float) -> Predictor:
         import mlflow
         import mlflow.keras
 
@@ -72,7 +78,8 @@ class Predictor:
         except Exception as error:  # MLflow raises several types for an unknown run, model or version
             raise ModelError(f"--model {uri}: cannot load it from MLflow at {tracking_uri()}: {error}") from None
         meta = json.loads(Path(meta_path).read_text())
-        return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, limits, review_threshold)
+        threshold = review_threshold(review, target_accuracy, meta)
+        return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, limits, threshold)
 
     def array(self, image: Image.Image) -> np.ndarray:
         return to_array(normalise_mode(image), self.image_size, self.channels)

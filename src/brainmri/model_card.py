@@ -113,7 +113,13 @@ def _evaluation(evaluate: dict, classes: list[str], train: dict) -> list[str]:
             else ""
         )
         + " |",
-        f"| flagged for review (under {evaluate.get('review_threshold')}) | "
+        f"| flagged for review (under {_number(evaluate.get('review_threshold'))}"
+        + (
+            f", chosen for {_number(evaluate['review_target_accuracy'])} accuracy on the validation split"
+            if "review_target_accuracy" in evaluate
+            else ""
+        )
+        + ") | "
         f"{_number(evaluate.get('review_fraction'))}, accuracy on the rest {_number(evaluate.get('accuracy_accepted'))}"
         " |",
     ]

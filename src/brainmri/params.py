@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -191,7 +191,12 @@ class TrainParams(_Section):
 
 class EvaluateParams(_Section):
     batch_size: int = Field(64, ge=1)
-    review_threshold: float = Field(0.8, ge=0, le=1, description="below this top-1 confidence: human review")
+    review_threshold: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        0.8, description="below this top-1 confidence: human review; auto: fitted to target_accuracy"
+    )
+    target_accuracy: float = Field(
+        0.99, gt=0, le=1, description="auto review threshold: the accuracy its accepted validation images reach"
+    )
     calibration_bins: int = Field(15, ge=2, le=100)
     tta: bool = Field(True, description="also report horizontal-flip test-time augmentation")
     external: str | None = Field(None, description="an extra labelled test folder, checked and scored too")

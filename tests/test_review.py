@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from brainmri.errors import ModelError
+from brainmri.images import DecodeLimits
+from brainmri.inference import Predictor
+from brainmri.models import build_model, save_model
+from brainmri.review import review_threshold, threshold_for_accuracy
+
+# Confidences, most confident first, and whether each prediction was right.
+CONFIDENCE = np.array([0.99, 0.95, 0.90, 0.90, 0.80, 0.60, 0.55])
+CORRECT = np.array([True, True, True, False, True, False, True])
+
+
+def test_the_threshold_is_the_lowest_whose_accepted_images_reach_the_target():
+    # Accepting down to 0.95: 2/2 right; to 0.90: 3/4; to 0.80: 4/5; to 0.60: 4/6; all: 5/7.
+    assert threshold_for_accuracy(CONFIDENCE, CORRECT, 1.0) == (0.95, 2 / 7)
+    assert threshold_for_accuracy(CONFIDENCE, CORRECT, 0.8) == (0.80, 5 / 7)
+    assert threshold_for_accuracy(CONFIDENCE, CORRECT, 0.7) == (0.55, 1.0)
+
+
+def test_tied_confidences_are_accepted_or_reviewed_together():
+    # 0.90 right and 0.90 wrong: a threshold cannot take one without the other (3/4 < 1.0).
+    threshold, coverage = threshold_for_accuracy(CONFIDENCE, CORRECT, 0.9)
+    assert (threshold, coverage) == (0.95, 2 / 7)
+
+
+def test_an_unreachable_target_sends_everything_to_review():
+    threshold, coverage = threshold_for_accuracy(np.array([0.9, 0.8]), np.array([False, True]), 0.99)
+    assert threshold > 0.9 and coverage == 0.0
+
+
+def test_a_number_is_used_as_it_is_and_auto_needs_the_models_validation_confidences():
+    assert review_threshold(0.7, 0.99, {}) == 0.7
+    meta = {"validation_confidence": CONFIDENCE.tolist(), "validation_correct": list(CORRECT)}
+    assert review_threshold("auto", 0.8, meta) == 0.80
+    with pytest.raises(ModelError, match="review_threshold is auto, but this model carries no validation"):
+        review_threshold("auto", 0.99, {"classes": ["a", "b"]})
+
+
+def test_predict_and_serve_apply_the_automatic_threshold_the_model_carries(tmp_path):
+    model = build_model("compact_cnn", 2, 32, 1, width=4)
+    meta = {
+        "classes": ["a", "b"],
+        "image_size": 32,
+        "channels": 1,
+        "validation_confidence": CONFIDENCE.tolist(),
+        "validation_correct": CORRECT.tolist(),
+    }
+    save_model(model, tmp_path / "models", meta)
+    limits = DecodeLimits(max_pixels=10**6, max_side=4096, max_aspect=20.0)
+    assert Predictor.load(tmp_path / "models", limits, "auto", 0.8).review_threshold == 0.80
+    assert Predictor.load(tmp_path / "models", limits, 0.5).review_threshold == 0.5
