@@ -163,7 +163,16 @@ def test_tensorboard_event_files_are_written_when_asked(tmp_path):
     assert list((tmp_path / "tb" / "validation").glob("events.out.tfevents.*"))
 
 
-def test_cutmix_pastes_parts_of_other_images_and_mixes_their_targets(tmp_path):
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])  # the train stage sets the global policy
+def test_cutmix_pastes_parts_of_other_images_and_mixes_their_targets(tmp_path, policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        check_cutmix(tmp_path)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def check_cutmix(tmp_path):
     index = write_prepared_data(tmp_path / "prepared", {"train": [8, 8, 8, 8]})
     plain_images, _ = next(iter(labelled_batches(index, "train", 32, shuffle_seed=0)))
     images, targets = next(iter(labelled_batches(index, "train", 32, shuffle_seed=0, cutmix=1.0)))

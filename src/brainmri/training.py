@@ -153,7 +153,8 @@ def labelled_batches(
     options.autotune.enabled = False
     data = data.batch(batch_size, drop_remainder=drop_remainder)
     if cutmix:
-        mixer = keras.layers.CutMix(factor=cutmix, seed=shuffle_seed)
+        # float32 whatever the global policy: under mixed_bfloat16 the layer's own sampling fails.
+        mixer = keras.layers.CutMix(factor=cutmix, seed=shuffle_seed, dtype="float32")
 
         def mixed(images, targets):
             out = mixer({"images": images, "labels": targets}, training=True)
