@@ -16,8 +16,13 @@ from brainmri.tracking import stage_run
 
 def main() -> None:
     params = load_params()
-    b, size, channels = params.balance, params.train.image_size, params.train.channels
-    logged = {**flatten(params.balance, "balance"), "train.image_size": size, "train.channels": channels}
+    b, size, channels, crop = params.balance, params.train.image_size, params.train.channels, params.train.crop
+    logged = {
+        **flatten(params.balance, "balance"),
+        "train.image_size": size,
+        "train.channels": channels,
+        "train.crop": crop,
+    }
     with stage_run("balance", params.tracking, logged) as run:
         split = read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"])
         classes = sorted(split["label"].unique())
@@ -29,14 +34,14 @@ def main() -> None:
             rows = split[split["split"] == name]
             if name == "train":
                 records = balanced_training_records(
-                    rows, classes, size, channels, b.target, b.seed, b.augment, params.ingest.source
+                    rows, classes, size, channels, b.target, b.seed, b.augment, params.ingest.source, crop
                 )
                 augmented = sum(record.augmented for record in records)
             else:
-                records = plain_records(rows, classes, size, channels, params.ingest.source)
+                records = plain_records(rows, classes, size, channels, params.ingest.source, crop)
             files[name] = write_split(records, PREPARED, name, b.shard_size)
             counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
-        ShardIndex(PREPARED, classes, size, channels, files, counts).save()
+        ShardIndex(PREPARED, classes, size, channels, files, counts, crop).save()
 
         summary = {
             **{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},

@@ -52,7 +52,7 @@ def score_external(params: Params, model, meta: dict, threshold: float) -> dict:
     """external.* figures; the folder's leaked copies, rejects and predictions beside the figures."""
     p, classes = params.evaluate, meta["classes"]
     known = read_manifest(MANIFEST, MANIFEST_COLUMNS)
-    external = external_test_set(params, known, classes, meta["image_size"], meta["channels"])
+    external = external_test_set(params, known, classes, meta["image_size"], meta["channels"], meta.get("crop", "none"))
     write_manifest(external.leaked, EVALUATE_FIGURES / "external_leakage.csv")
     write_manifest(external.rejects, EVALUATE_FIGURES / "external_rejects.csv")
     metrics = {

@@ -131,7 +131,9 @@ def explain_test_sample(
 def explain_annotated(model: keras.Model, classes: list[str], meta: dict, params: Params, layer: str) -> dict:
     """Score the heatmaps of the true class against the boxes of `gradcam.annotated`; draw a grid per class."""
     p = params.gradcam
-    annotated = load_annotated_set(params.ingest, p.annotated, classes, meta["image_size"], meta["channels"])
+    annotated = load_annotated_set(
+        params.ingest, p.annotated, classes, meta["image_size"], meta["channels"], meta.get("crop", "none")
+    )
     heatmaps, flat = heatmaps_at_image_size(model, annotated.images, annotated.labels, layer, p.method)
     size = annotated.images.shape[1]
     geometry = list(

@@ -195,6 +195,7 @@ def save_and_log(
         "classes": index.classes,
         "image_size": p.image_size,
         "channels": p.channels,
+        "crop": index.crop,
         "model": p.model,
         "trained_precision": hardware.precision,
         "temperature": calibration["temperature"],

@@ -5,7 +5,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainmri.images import DecodeLimits, ImageTooLarge, load_array, normalise_mode, open_image, to_array
+from brainmri.images import (
+    DecodeLimits,
+    ImageTooLarge,
+    content_box,
+    load_array,
+    normalise_mode,
+    open_image,
+    otsu_level,
+    to_array,
+)
 
 
 def test_every_mode_becomes_8_bit_grey_or_rgb():
@@ -78,3 +87,23 @@ def test_grey_and_rgb_files_load_to_the_requested_channels(dataset):
     for path in (dataset / "glioma" / "glioma_000.jpg", dataset / "glioma" / "glioma_001.png"):
         assert load_array(path, 32, 1).shape == (32, 32, 1)
         assert load_array(path, 32, 3).shape == (32, 32, 3)
+
+
+def test_the_head_crop_finds_the_head_whatever_the_margins_and_ignores_burnt_in_text():
+    pixels = np.zeros((300, 500), dtype=np.uint8)
+    pixels[50:250, 150:330] = 120  # head
+    pixels[5:9, 470:490] = 255  # a burnt-in label
+    image = Image.fromarray(pixels)
+    assert content_box(image, "head") == (150, 50, 330, 250)
+    assert content_box(image, "none") == (0, 0, 500, 300)
+    assert content_box(Image.new("L", (40, 30)), "head") == (0, 0, 40, 30)  # nothing found: all of it
+    cropped = to_array(image, 64, 1, "head")[..., 0]
+    assert (cropped[:, 3:-3] > 100).all()  # the head is as tall as the input; the narrower side is centred
+    assert (to_array(image, 64, 1)[..., 0] > 100).mean() < 0.3
+
+
+def test_otsu_splits_a_two_level_image_between_its_levels():
+    grey = np.full((10, 10), 20, dtype=np.uint8)
+    grey[:, 5:] = 200
+    assert 20 <= otsu_level(grey) < 200
+    assert otsu_level(np.zeros((4, 4), dtype=np.uint8)) == 0  # one level: nothing to split

@@ -1,6 +1,7 @@
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 from brainmri.errors import DataError
 from brainmri.ingest import scan
@@ -194,3 +195,21 @@ def test_annotated_set_without_boxes_is_an_error(tmp_path):
     root = make_dataset(tmp_path / "plain", per_class=2, classes=["glioma"])
     with pytest.raises(DataError, match="no image in .* has a YOLO box"):
         load_annotated_set(IngestParams(source="unused"), str(root), ["glioma", "notumor"], 24, 1)
+
+
+def test_a_head_cropped_annotated_set_keeps_each_box_on_its_lesion(tmp_path):
+    # A 200x120 slice: wide black margins, a grey head, a bright lesion inside it, a speck of burnt-in text.
+    pixels = np.zeros((120, 200), dtype=np.uint8)
+    pixels[20:100, 60:140] = 90  # head: x 60-140, y 20-100
+    pixels[30:50, 110:130] = 250  # lesion: x 110-130, y 30-50
+    pixels[2:4, 2:6] = 255  # text in a corner: too few pixels to count as head
+    (tmp_path / "boxes" / "glioma").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "boxes" / "glioma" / "slice.png")
+    box = f"0 {120 / 200} {40 / 120} {20 / 200} {20 / 120}\n"
+    (tmp_path / "boxes" / "glioma" / "slice.txt").write_text(box)
+    for crop, lesion_share in (("none", (20 * 20) / (200 * 200)), ("head", (20 * 20) / (80 * 80))):
+        annotated = load_annotated_set(IngestParams(source="unused"), str(tmp_path / "boxes"), ["glioma"], 64, 1, crop)
+        image, mask = annotated.images[0, ..., 0], annotated.masks[0]
+        assert image[mask].mean() > 200 and mask[image > 240].all()  # the box sits on the lesion
+        assert mask.mean() == pytest.approx(lesion_share, rel=0.25)
+    assert (image > 50).mean() > 0.9  # the head fills the cropped input

@@ -30,6 +30,7 @@ def balanced_training_records(
     seed: int,
     augment_params: AugmentParams,
     root: str | Path = "",
+    crop: str = "none",
 ) -> list[Record]:
     """Every training image, and augmented copies up to the class target; paths relative to `root`."""
     goal = class_target(train["label"].value_counts(), target)
@@ -39,7 +40,7 @@ def balanced_training_records(
         pick = np.random.default_rng([seed, class_index])
         if len(paths) > goal:  # an integer target below the class size undersamples it
             paths = sorted(pick.choice(paths, goal, replace=False))
-        originals = [load_array(Path(root) / path, size, channels) for path in paths]
+        originals = [load_array(Path(root) / path, size, channels, crop) for path in paths]
         records += [Record(image, class_index, path, False) for image, path in zip(originals, paths)]
         order = pick.permutation(len(paths))
         for copy in range(goal - len(paths)):
@@ -52,11 +53,11 @@ def balanced_training_records(
 
 
 def plain_records(
-    frame: pd.DataFrame, classes: list[str], size: int, channels: int, root: str | Path = ""
+    frame: pd.DataFrame, classes: list[str], size: int, channels: int, root: str | Path = "", crop: str = "none"
 ) -> list[Record]:
     index = {label: i for i, label in enumerate(classes)}
     rows = frame.sort_values(["label", "path"], kind="mergesort")
     return [
-        Record(load_array(Path(root) / path, size, channels), index[label], path, False)
+        Record(load_array(Path(root) / path, size, channels, crop), index[label], path, False)
         for path, label in zip(rows["path"], rows["label"])
     ]

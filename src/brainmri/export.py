@@ -117,7 +117,13 @@ def export_all(
         shutil.rmtree(scratch, ignore_errors=True)
     (out / "export.json").write_text(
         json.dumps(
-            {**report, "classes": meta["classes"], "image_size": meta["image_size"], "channels": meta["channels"]},
+            {
+                **report,
+                "classes": meta["classes"],
+                "image_size": meta["image_size"],
+                "channels": meta["channels"],
+                "crop": meta.get("crop", "none"),
+            },
             indent=2,
             sort_keys=True,
         )

@@ -26,7 +26,9 @@ class ExternalSet:
     rejects: pd.DataFrame
 
 
-def external_test_set(params: Params, known: pd.DataFrame, classes: list[str], size: int, channels: int) -> ExternalSet:
+def external_test_set(
+    params: Params, known: pd.DataFrame, classes: list[str], size: int, channels: int, crop: str = "none"
+) -> ExternalSet:
     """The `evaluate.external` folder, validated like ingest, minus copies of the `known` manifest's images."""
     folder = params.evaluate.external
     found = scan(
@@ -42,6 +44,7 @@ def external_test_set(params: Params, known: pd.DataFrame, classes: list[str], s
         found.images, known, d.hash_distance, d.min_correlation, d.workers, folder, params.ingest.source
     )
     kept = found.images[~leaked].sort_values("path", kind="mergesort")
-    images = np.stack([load_array(Path(folder) / path, size, channels) for path in kept["path"]]) if len(kept) else None
+    paths = kept["path"]
+    images = np.stack([load_array(Path(folder) / path, size, channels, crop) for path in paths]) if len(kept) else None
     labels = np.array([classes.index(label) for label in kept["label"]], dtype=np.int32)
     return ExternalSet(images, labels, kept, found.images[leaked][["path", "label"]], found.rejects)

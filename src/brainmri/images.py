@@ -78,11 +78,51 @@ def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
-    """Resize the longer side to `size`, centre on a black square, return uint8 (size, size, channels).
+CROPS = ("none", "head")
+TISSUE_LEVEL = 10  # grey level above which a pixel may be tissue: MRI air is near black
+HEAD_PART = 0.1  # connected regions this large relative to the largest are head; smaller ones (text, noise) not
+
+
+def otsu_level(grey: np.ndarray) -> int:
+    """Otsu's threshold of a uint8 image: the grey level that best splits its histogram in two."""
+    share = np.bincount(grey.ravel(), minlength=256) / grey.size
+    below = np.cumsum(share)
+    mean_below = np.cumsum(share * np.arange(256))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean_below[-1] * below - mean_below) ** 2 / (below * (1 - below))
+    return int(np.nanargmax(between)) if np.isfinite(between).any() else 0
+
+
+def content_box(image: Image.Image, crop: str = "none") -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the part of the image the model sees: all of it, or
+    (`head`) the bounding box of the head, so that every slice fills the input whatever
+    field of view the scanner or the export used. The head is the largest connected
+    region brighter than half Otsu's level (and `TISSUE_LEVEL`; exports differ in how
+    black their background is), with any other region of at least `HEAD_PART` of its size."""
+    if crop == "none":
+        return 0, 0, *image.size
+    from scipy import ndimage
+
+    grey = np.asarray(image.convert("L"))
+    level = max(TISSUE_LEVEL, otsu_level(grey) // 2)
+    regions, count = ndimage.label(grey > level, structure=np.ones((3, 3)))
+    if count == 0:  # nothing but background: the whole image
+        return 0, 0, *image.size
+    sizes = np.bincount(regions.ravel())[1:]
+    head = np.isin(regions, 1 + np.flatnonzero(sizes >= HEAD_PART * sizes.max()))
+    rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def to_array(image: Image.Image, size: int, channels: int, crop: str = "none") -> np.ndarray:
+    """Crop to `content_box`, resize the longer side to `size`, centre on a black square;
+    uint8 (size, size, channels).
 
     Resizing comes before padding, so a long thin image never becomes a huge square in memory."""
     image = image.convert("L" if channels == 1 else "RGB")
+    box = content_box(image, crop)
+    if box != (0, 0, *image.size):
+        image = image.crop(box)
     width, height = fitted_size(*image.size, size)
     if (width, height) != image.size:
         image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
@@ -94,5 +134,5 @@ def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return array[..., None] if channels == 1 else array
 
 
-def load_array(path: str | Path, size: int, channels: int) -> np.ndarray:
-    return to_array(open_image(path), size, channels)
+def load_array(path: str | Path, size: int, channels: int, crop: str = "none") -> np.ndarray:
+    return to_array(open_image(path), size, channels, crop)

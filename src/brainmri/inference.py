@@ -36,6 +36,7 @@ class Predictor:
     version: str  # what is serving: the model folder's content hash, or the MLflow URI
     limits: DecodeLimits  # what an image header may declare before it is decoded
     review_threshold: float = 0.8
+    crop: str = "none"  # brainmri.images.content_box, as the model was trained
 
     @classmethod
     def load(
@@ -60,6 +61,7 @@ class Predictor:
             f"{meta.get('model', 'model')}@sha256:{digest}",
             limits,
             review_threshold(review, target_accuracy, meta),
+            meta.get("crop", "none"),
         )
 
     @classmethod
@@ -79,10 +81,11 @@ class Predictor:
             raise ModelError(f"--model {uri}: cannot load it from MLflow at {tracking_uri()}: {error}") from None
         meta = json.loads(Path(meta_path).read_text())
         threshold = review_threshold(review, target_accuracy, meta)
-        return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, limits, threshold)
+        crop = meta.get("crop", "none")
+        return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, limits, threshold, crop)
 
     def array(self, image: Image.Image) -> np.ndarray:
-        return to_array(normalise_mode(image), self.image_size, self.channels)
+        return to_array(normalise_mode(image), self.image_size, self.channels, self.crop)
 
     def predict_arrays(self, arrays: np.ndarray) -> list[dict[str, Any]]:
         from brainmri.models import class_probabilities

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.errors import DataError
-from brainmri.images import fitted_size, load_array
+from brainmri.images import content_box, fitted_size, open_image, to_array
 from brainmri.ingest import scan
 from brainmri.params import IngestParams
 from brainmri.stats import bootstrap_interval
@@ -32,28 +32,35 @@ BOX_METRICS = ("pointing_game", "energy_in_box", "box_iou")
 BASELINES = ("uniform", "centre")
 
 
-def box_rectangles(boxes: str, width: int, height: int, size: int) -> list[tuple[float, float, float, float]]:
+def box_rectangles(
+    boxes: str, width: int, height: int, size: int, content: tuple[int, int, int, int] | None = None
+) -> list[tuple[float, float, float, float]]:
     """YOLO boxes ("class cx cy w h" relative to the original image, joined by ';') as (x0, y0, x1, y1)
-    pixels of the square the model saw (`brainmri.images.to_array`: resized, then centred)."""
-    fitted_width, fitted_height = fitted_size(width, height, size)
+    pixels of the square the model saw (`brainmri.images.to_array`: cropped to `content`, the
+    image's `content_box`, resized, then centred)."""
+    left0, top0, right0, bottom0 = content or (0, 0, width, height)
+    fitted_width, fitted_height = fitted_size(right0 - left0, bottom0 - top0, size)
+    scale_x, scale_y = fitted_width / (right0 - left0), fitted_height / (bottom0 - top0)
     left, top = (size - fitted_width) // 2, (size - fitted_height) // 2
     rectangles = []
     for box in filter(None, boxes.split(";")):
         _, cx, cy, w, h = (float(v) for v in box.split())
         rectangles.append(
             (
-                left + (cx - w / 2) * fitted_width,
-                top + (cy - h / 2) * fitted_height,
-                left + (cx + w / 2) * fitted_width,
-                top + (cy + h / 2) * fitted_height,
+                left + ((cx - w / 2) * width - left0) * scale_x,
+                top + ((cy - h / 2) * height - top0) * scale_y,
+                left + ((cx + w / 2) * width - left0) * scale_x,
+                top + ((cy + h / 2) * height - top0) * scale_y,
             )
         )
     return rectangles
 
 
-def box_mask(boxes: str, width: int, height: int, size: int) -> np.ndarray:
+def box_mask(
+    boxes: str, width: int, height: int, size: int, content: tuple[int, int, int, int] | None = None
+) -> np.ndarray:
     """The pixels of the model's input square covered by any of the boxes."""
-    return rectangles_mask(box_rectangles(boxes, width, height, size), size)
+    return rectangles_mask(box_rectangles(boxes, width, height, size, content), size)
 
 
 def rectangles_mask(rectangles: list[tuple[float, float, float, float]], size: int) -> np.ndarray:
@@ -278,7 +285,9 @@ class AnnotatedSet:
     unboxed: int  # readable images without a box (not scored)
 
 
-def load_annotated_set(ingest: IngestParams, folder: str, classes: list[str], size: int, channels: int) -> AnnotatedSet:
+def load_annotated_set(
+    ingest: IngestParams, folder: str, classes: list[str], size: int, channels: int, crop: str = "none"
+) -> AnnotatedSet:
     """The box-annotated images of `folder`, read and checked like ingest reads its source.
 
     Folder per class with a YOLO file beside each image (the folder names the
@@ -296,13 +305,16 @@ def load_annotated_set(ingest: IngestParams, folder: str, classes: list[str], si
     boxed = found.images[found.images["boxes"] != ""].reset_index(drop=True)
     if boxed.empty:
         raise DataError(f"gradcam.annotated: no image in '{folder}' has a YOLO box")
-    images = np.stack([load_array(Path(folder) / path, size, channels) for path in boxed["path"]])
+    images, masks = [], []
+    for row in boxed.itertuples():
+        image = open_image(Path(folder) / row.path)
+        images.append(to_array(image, size, channels, crop))
+        masks.append(box_mask(row.boxes, int(row.width), int(row.height), size, content_box(image, crop)))
     labels = np.array([classes.index(label) for label in boxed["label"]], dtype=np.int32)
-    masks = np.stack([box_mask(row.boxes, int(row.width), int(row.height), size) for row in boxed.itertuples()])
     return AnnotatedSet(
-        images,
+        np.stack(images),
         labels,
-        masks,
+        np.stack(masks),
         boxed[["path", "label", "boxes", "width", "height"]],
         found.rejects,
         len(found.images) - len(boxed),

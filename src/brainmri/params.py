@@ -126,6 +126,9 @@ class TrainParams(_Section):
     batch_size: int = Field(32, ge=1, description="per device; the global batch is this times the replicas")
     image_size: int = Field(128, ge=16)
     channels: Literal[1, 3] = 1
+    crop: Literal["none", "head"] = Field(
+        "none", description="head: each slice cropped to the head's bounding square before resizing"
+    )
     seed: int = 42
     width: int = Field(16, ge=4, description="filters of the first compact_cnn block")
     norm: Literal["batch", "group"] = Field(

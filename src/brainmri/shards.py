@@ -54,6 +54,7 @@ class ShardIndex:
     channels: int
     files: dict[str, list[str]]
     counts: dict[str, dict[str, int]]
+    crop: str = "none"  # brainmri.images.content_box: what part of each image was kept
 
     @classmethod
     def load(cls, folder: str | Path) -> ShardIndex:
@@ -69,6 +70,7 @@ class ShardIndex:
             "classes": self.classes,
             "image_size": self.image_size,
             "channels": self.channels,
+            "crop": self.crop,
             "files": self.files,
             "counts": self.counts,
         }
