@@ -3,6 +3,7 @@ import pandas as pd
 
 from brainmri.augment import augment
 from brainmri.balance import balanced_training_records, plain_records
+from brainmri.images import load_array
 from brainmri.ingest import scan
 from brainmri.params import AugmentParams, IngestParams
 from brainmri.shards import ShardIndex, write_split
@@ -70,11 +71,14 @@ def test_shards_are_byte_identical_for_the_same_inputs(tmp_path):
 def test_shard_index_round_trip(tmp_path):
     split = uneven_split(tmp_path / "images")
     test = split[split["split"] == "test"]
-    records = plain_records(test, CLASSES, 24, 3, tmp_path / "images")
+    records = plain_records(test, CLASSES, 24, 3, tmp_path / "images", crop="head")
     names = write_split(records, tmp_path, "test", shard_size=4)
     counts = {label: int((test["label"] == label).sum()) for label in CLASSES}
-    ShardIndex(tmp_path, CLASSES, 24, 3, {"test": names}, {"test": counts}).save()
+    ShardIndex(tmp_path, CLASSES, 24, 3, {"test": names}, {"test": counts}, crop="head").save()
     index = ShardIndex.load(tmp_path)
+    assert index.crop == "head"
+    first = test.sort_values(["label", "path"]).iloc[0]["path"]
+    assert np.array_equal(records[0].image, load_array(tmp_path / "images" / first, 24, 3, "head"))
     images, labels, paths = index.arrays("test")
     assert images.shape == (len(test), 24, 24, 3) and images.dtype == np.uint8
     assert paths == [r.path for r in records]

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+from PIL import Image
 
 from brainmri.errors import ModelError
-from brainmri.images import DecodeLimits
+from brainmri.images import DecodeLimits, to_array
 from brainmri.inference import Predictor
 from brainmri.models import build_model, save_model
 from brainmri.review import review_threshold, threshold_for_accuracy
@@ -38,16 +39,23 @@ def test_a_number_is_used_as_it_is_and_auto_needs_the_models_validation_confiden
         review_threshold("auto", 0.99, {"classes": ["a", "b"]})
 
 
-def test_predict_and_serve_apply_the_automatic_threshold_the_model_carries(tmp_path):
+def test_predict_and_serve_apply_the_threshold_and_the_crop_the_model_carries(tmp_path):
     model = build_model("compact_cnn", 2, 32, 1, width=4)
     meta = {
         "classes": ["a", "b"],
         "image_size": 32,
         "channels": 1,
+        "crop": "head",
         "validation_confidence": CONFIDENCE.tolist(),
         "validation_correct": CORRECT.tolist(),
     }
     save_model(model, tmp_path / "models", meta)
     limits = DecodeLimits(max_pixels=10**6, max_side=4096, max_aspect=20.0)
-    assert Predictor.load(tmp_path / "models", limits, "auto", 0.8).review_threshold == 0.80
+    predictor = Predictor.load(tmp_path / "models", limits, "auto", 0.8)
+    assert predictor.review_threshold == 0.80
     assert Predictor.load(tmp_path / "models", limits, 0.5).review_threshold == 0.5
+    pixels = np.zeros((60, 90), dtype=np.uint8)
+    pixels[10:50, 30:70] = 120  # a head in wide black margins
+    slice_ = Image.fromarray(pixels)
+    assert np.array_equal(predictor.array(slice_), to_array(slice_, 32, 1, "head"))
+    assert (predictor.array(slice_) > 100).mean() > 0.9
