@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.calibration import apply_temperature, negative_log_likelihood
-from brainmri.errors import DataError, run_entry_point
+from brainmri.errors import DataError, ModelError, run_entry_point
 from brainmri.evaluation import (
     brier_score,
     calibration,
@@ -22,9 +22,11 @@ from brainmri.evaluation import (
 )
 from brainmri.external import external_test_set
 from brainmri.figures import confusion_png, curves_png
+from brainmri.inference import Predictor
+from brainmri.ingest import decode_limits
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
-from brainmri.models import class_probabilities, flip_tta_probabilities, load_model
+from brainmri.models import class_probabilities, ensemble_probabilities, flip_tta_probabilities, load_model
 from brainmri.params import EvaluateParams, Params, flatten, load_params
 from brainmri.paths import (
     CONFUSION_MATRIX,
@@ -39,6 +41,7 @@ from brainmri.paths import (
 )
 from brainmri.review import review_threshold, threshold_for_accuracy
 from brainmri.shards import ShardIndex
+from brainmri.stats import HEADLINE_METRICS
 from brainmri.tracking import stage_run
 
 
@@ -73,6 +76,37 @@ def score_external(params: Params, model, meta: dict, threshold: float) -> dict:
             EVALUATE_FIGURES / "external_predictions.csv",
         )
     return metrics
+
+
+def score_ensemble(
+    params: Params, meta: dict, images: np.ndarray, labels: np.ndarray, own: np.ndarray, threshold: float
+) -> dict:
+    """ensemble.* figures: this model's probabilities averaged with those of evaluate.ensemble's members,
+    and each member's own headline figures beside them."""
+    p, classes = params.evaluate, meta["classes"]
+    metrics: dict = {"ensemble.members": 1 + len(p.ensemble)}
+    summed = own.copy()
+    for number, source in enumerate(p.ensemble, start=1):
+        member = Predictor.load(source, decode_limits(params.ingest), threshold)
+        expected_input = {
+            "classes": classes,
+            "image_size": meta["image_size"],
+            "channels": meta["channels"],
+            "crop": meta.get("crop", "none"),
+        }
+        for field, expected in expected_input.items():
+            if getattr(member, field) != expected:
+                raise ModelError(
+                    f"evaluate.ensemble: '{source}' has {field} {getattr(member, field)!r}, this model {expected!r}"
+                )
+        probabilities = ensemble_probabilities(member.models, images, p.batch_size)
+        summed += probabilities
+        alone = scores(labels, probabilities, classes, p, threshold)
+        for name in HEADLINE_METRICS:
+            for key in (name, f"{name}_ci_low", f"{name}_ci_high"):
+                metrics[f"ensemble.member{number}.{key}"] = alone[key]
+    together = scores(labels, summed / metrics["ensemble.members"], classes, p, threshold)
+    return metrics | {f"ensemble.{key}": value for key, value in together.items()}
 
 
 def write_predictions(paths, labels, probabilities, classes: list[str], threshold: float) -> pd.DataFrame:
@@ -151,6 +185,8 @@ def main() -> None:
             )
         if p.external:
             metrics.update(score_external(params, model, meta, threshold))
+        if p.ensemble:
+            metrics.update(score_ensemble(params, meta, images, labels, probabilities, threshold))
         write_json(metrics, metrics_file("evaluate"))
 
         predicted = probabilities.argmax(axis=1)

@@ -208,6 +208,8 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
             "evaluate.tta=true",
             "-S",
             "evaluate.review_threshold=auto",
+            "-S",
+            "evaluate.ensemble=[models]",
         ],
         repo,
     )
@@ -219,6 +221,9 @@ def test_an_external_test_folder_is_checked_and_scored(repo, tmp_path):
         isinstance(metrics["review_threshold"], float)
         and metrics["external.review_threshold"] == metrics["review_threshold"]
     )
+    # an ensemble of the model with itself scores what the model alone does, member beside ensemble
+    assert metrics["ensemble.members"] == 2
+    assert metrics["ensemble.macro_f1"] == metrics["ensemble.member1.macro_f1"] == metrics["macro_f1"]
     assert metrics["external.images"] == 8
     assert metrics["external.leaked_removed"] == 1 and metrics["external.rejected"] == 1
     assert 0.0 <= metrics["external.accuracy"] <= 1.0 and "accuracy" in metrics

@@ -59,3 +59,20 @@ def test_predict_and_serve_apply_the_threshold_and_the_crop_the_model_carries(tm
     slice_ = Image.fromarray(pixels)
     assert np.array_equal(predictor.array(slice_), to_array(slice_, 32, 1, "head"))
     assert (predictor.array(slice_) > 100).mean() > 0.9
+
+
+def test_an_ensemble_of_a_model_with_itself_predicts_what_the_model_does(tmp_path):
+    model = build_model("compact_cnn", 2, 32, 1, width=4)
+    save_model(model, tmp_path / "one", {"classes": ["a", "b"], "image_size": 32, "channels": 1})
+    save_model(model, tmp_path / "other", {"classes": ["b", "a"], "image_size": 32, "channels": 1})
+    limits = DecodeLimits(max_pixels=10**6, max_side=4096, max_aspect=20.0)
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1), dtype=np.uint8)
+    alone = Predictor.load(tmp_path / "one", limits).predict_arrays(images)
+    pair = Predictor.load_ensemble([tmp_path / "one", tmp_path / "one"], limits)
+    assert len(pair.models) == 2 and " + " in pair.version
+    for single, averaged in zip(alone, pair.predict_arrays(images)):
+        assert averaged["probabilities"] == pytest.approx(single["probabilities"], abs=1e-6)
+    with pytest.raises(ModelError, match="its classes .* differs from .*ensemble members must agree"):
+        Predictor.load_ensemble([tmp_path / "one", tmp_path / "other"], limits)
+    with pytest.raises(ModelError, match="auto is fitted to one model"):
+        Predictor.load_ensemble([tmp_path / "one", tmp_path / "one"], limits, "auto")

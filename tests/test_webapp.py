@@ -37,7 +37,9 @@ class MeanBrightnessModel:
 
 
 def predictor(delay: float = 0.0) -> Predictor:
-    return Predictor(MeanBrightnessModel(delay), ["dark", "bright"], 8, 1, "stand-in@1", DecodeLimits(10**6, 4096, 20))
+    return Predictor(
+        [MeanBrightnessModel(delay)], ["dark", "bright"], 8, 1, "stand-in@1", DecodeLimits(10**6, 4096, 20)
+    )
 
 
 def png(level: int) -> bytes:
@@ -60,7 +62,7 @@ def test_concurrent_requests_share_model_calls_and_each_gets_its_own_answer(tmp_
     assert all(response.status_code == 200 for response in responses)
     assert [r.get_json()["predicted_class"] for r in responses] == ["dark", "bright"] * 8
     assert all(r.get_json()["notice"] == NOT_A_MEDICAL_DEVICE for r in responses)
-    assert model_predictor.model.calls < len(levels)  # batched
+    assert model_predictor.models[0].calls < len(levels)  # batched
     assert max(app.extensions["brainmri.batcher"].batch_sizes) > 1
 
 

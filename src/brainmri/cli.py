@@ -45,8 +45,11 @@ def predict(args: argparse.Namespace) -> int:
     files = image_files(args.paths)
     if not files:
         raise DataError("brainmri predict: no image files found in " + ", ".join(args.paths))
-    predictor = Predictor.load(
-        args.model, decode_limits(params.ingest), params.evaluate.review_threshold, params.evaluate.target_accuracy
+    predictor = Predictor.load_ensemble(
+        args.model or ["models"],
+        decode_limits(params.ingest),
+        params.evaluate.review_threshold,
+        params.evaluate.target_accuracy,
     )
     audit = audit_log(params)
     output = open(args.output, "w", newline="") if args.output else sys.stdout
@@ -98,8 +101,11 @@ def serve(args: argparse.Namespace) -> int:
     from brainmri.webapp import create_app, run_server
 
     params = project_params(args.params)
-    predictor = Predictor.load(
-        args.model, decode_limits(params.ingest), params.evaluate.review_threshold, params.evaluate.target_accuracy
+    predictor = Predictor.load_ensemble(
+        args.model or ["models"],
+        decode_limits(params.ingest),
+        params.evaluate.review_threshold,
+        params.evaluate.target_accuracy,
     )
     app = create_app(predictor, params.serve, audit_log(params))
     run_server(app, args.host, args.port, params.serve)
@@ -134,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     check_parser.add_argument("params", nargs="?", default="params.yaml")
     check_parser.set_defaults(handler=check)
 
-    model_help = "a model folder (default: models) or an MLflow model URI: runs:/<run>/model, models:/<name>/<version>"
+    model_help = (
+        "a model folder (default: models) or an MLflow model URI: runs:/<run>/model, models:/<name>/<version>, "
+        "models:/<name>@champion; repeat for an ensemble (the members' probabilities are averaged)"
+    )
     predict_parser = commands.add_parser("predict", help="classify image files or folders")
     predict_parser.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)"
     )
-    predict_parser.add_argument("--model", default="models", help=model_help)
+    predict_parser.add_argument("--model", action="append", help=model_help)
     predict_parser.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
     predict_parser.add_argument("--output", "-o", help="write here instead of standard output")
     predict_parser.add_argument("--gradcam", metavar="DIR", help="also save a Grad-CAM overlay per image here")
@@ -150,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = commands.add_parser("serve", help="the web page and JSON API (production WSGI server)")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument("--model", default="models", help=model_help)
+    serve_parser.add_argument("--model", action="append", help=model_help)
     serve_parser.add_argument("--params", default="params.yaml", help="for serve.* and evaluate.review_threshold")
     serve_parser.set_defaults(handler=serve)
 

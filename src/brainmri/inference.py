@@ -29,7 +29,7 @@ class BadImage(ValueError):
 
 @dataclass
 class Predictor:
-    model: Any  # keras.Model
+    models: list[Any]  # keras.Model: one, or the members of an ensemble (their probabilities averaged)
     classes: list[str]
     image_size: int
     channels: int
@@ -37,6 +37,36 @@ class Predictor:
     limits: DecodeLimits  # what an image header may declare before it is decoded
     review_threshold: float = 0.8
     crop: str = "none"  # brainmri.images.content_box, as the model was trained
+
+    @classmethod
+    def load_ensemble(
+        cls, sources: list[str | Path], limits: DecodeLimits, review: float | str = 0.8, target_accuracy: float = 0.99
+    ) -> Predictor:
+        """One model, or several whose (calibrated) probabilities are averaged: a seed ensemble.
+
+        Members must agree on classes and input (size, channels, crop). An automatic review
+        threshold is fitted to one model's own validation confidences, so an ensemble needs a number."""
+        if len(sources) == 1:
+            return cls.load(sources[0], limits, review, target_accuracy)
+        if review == "auto":
+            raise ModelError(
+                "evaluate.review_threshold: auto is fitted to one model's validation confidences; "
+                "for an ensemble of several --model set a number"
+            )
+        members = [cls.load(source, limits, review) for source in sources]
+        first = members[0]
+        for source, member in zip(sources[1:], members[1:]):
+            for field in ("classes", "image_size", "channels", "crop"):
+                if getattr(member, field) != getattr(first, field):
+                    raise ModelError(
+                        f"--model {source}: its {field} {getattr(member, field)!r} differs from "
+                        f"{sources[0]}'s {getattr(first, field)!r}; ensemble members must agree"
+                    )
+        models = [model for member in members for model in member.models]
+        version = " + ".join(member.version for member in members)
+        return cls(
+            models, first.classes, first.image_size, first.channels, version, limits, first.review_threshold, first.crop
+        )
 
     @classmethod
     def load(
@@ -54,7 +84,7 @@ class Predictor:
         model, meta = load_model(source)
         digest = hashlib.sha256((Path(source) / MODEL_FILE).read_bytes()).hexdigest()[:12]
         return cls(
-            model,
+            [model],
             meta["classes"],
             meta["image_size"],
             meta["channels"],
@@ -82,15 +112,15 @@ class Predictor:
         meta = json.loads(Path(meta_path).read_text())
         threshold = review_threshold(review, target_accuracy, meta)
         crop = meta.get("crop", "none")
-        return cls(model, meta["classes"], meta["image_size"], meta["channels"], uri, limits, threshold, crop)
+        return cls([model], meta["classes"], meta["image_size"], meta["channels"], uri, limits, threshold, crop)
 
     def array(self, image: Image.Image) -> np.ndarray:
         return to_array(normalise_mode(image), self.image_size, self.channels, self.crop)
 
     def predict_arrays(self, arrays: np.ndarray) -> list[dict[str, Any]]:
-        from brainmri.models import class_probabilities
+        from brainmri.models import ensemble_probabilities
 
-        probabilities = class_probabilities(self.model, arrays)
+        probabilities = ensemble_probabilities(self.models, arrays)
         results = []
         for row in probabilities:
             best = int(row.argmax())
@@ -134,10 +164,18 @@ class Predictor:
         """The Grad-CAM overlay of one (size, size, channels) image for one class, as PNG bytes."""
         from brainmri.gradcam import gradcam_heatmaps, last_feature_map_layer, overlay, upsample
 
-        heatmaps, _ = gradcam_heatmaps(
-            self.model, array[None], np.array([class_index]), last_feature_map_layer(self.model)
+        # An ensemble's explanation: the mean of its members' heatmaps, each scaled to its peak.
+        heatmap = np.mean(
+            [
+                upsample(
+                    gradcam_heatmaps(model, array[None], np.array([class_index]), last_feature_map_layer(model))[0][0],
+                    self.image_size,
+                )
+                for model in self.models
+            ],
+            axis=0,
         )
-        picture = overlay(array, upsample(heatmaps[0], self.image_size), alpha)
+        picture = overlay(array, heatmap, alpha)
         buffer = io.BytesIO()
         Image.fromarray((picture * 255).round().astype(np.uint8)).save(buffer, format="PNG")
         return buffer.getvalue()

@@ -310,6 +310,11 @@ def class_probabilities(model: keras.Model, images, batch_size: int = 64):
     return scores / scores.sum(axis=1, keepdims=True)  # float32 softmax sums to 1 only roughly
 
 
+def ensemble_probabilities(models: list[keras.Model], images, batch_size: int = 64):
+    """The mean of the models' class probabilities: one model's own, or an ensemble's."""
+    return np.mean([class_probabilities(model, images, batch_size) for model in models], axis=0)
+
+
 def flip_tta_probabilities(model: keras.Model, images, batch_size: int = 64):
     """Test-time augmentation: the mean of the image's and its mirror image's probabilities."""
     return (

@@ -203,6 +203,9 @@ class EvaluateParams(_Section):
     calibration_bins: int = Field(15, ge=2, le=100)
     tta: bool = Field(True, description="also report horizontal-flip test-time augmentation")
     external: str | None = Field(None, description="an extra labelled test folder, checked and scored too")
+    ensemble: list[str] = Field(
+        [], description="other model folders or MLflow model URIs, averaged with this model as ensemble.* keys"
+    )
     seed: int = Field(0, description="bootstrap resampling of the test images for the intervals")
 
 
