@@ -7,8 +7,10 @@ import shutil
 
 import numpy as np
 import pandas as pd
+from mlflow import MlflowClient
 
 from brainmri.calibration import apply_temperature, negative_log_likelihood
+from brainmri.champion import update_champion
 from brainmri.errors import DataError, ModelError, run_entry_point
 from brainmri.evaluation import (
     brier_score,
@@ -26,7 +28,13 @@ from brainmri.inference import Predictor
 from brainmri.ingest import decode_limits
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
-from brainmri.models import class_probabilities, ensemble_probabilities, flip_tta_probabilities, load_model
+from brainmri.models import (
+    MODEL_FILE,
+    class_probabilities,
+    ensemble_probabilities,
+    flip_tta_probabilities,
+    load_model,
+)
 from brainmri.params import EvaluateParams, Params, flatten, load_params
 from brainmri.paths import (
     CONFUSION_MATRIX,
@@ -42,7 +50,7 @@ from brainmri.paths import (
 from brainmri.review import review_threshold, threshold_for_accuracy
 from brainmri.shards import ShardIndex
 from brainmri.stats import HEADLINE_METRICS
-from brainmri.tracking import stage_run
+from brainmri.tracking import model_digest, stage_run
 
 
 def scores(
@@ -200,6 +208,12 @@ def main() -> None:
         run.log_metrics(metrics)
         run.log_artifact(str(PREDICTIONS), "evaluate")
         run.log_artifacts(str(EVALUATE_FIGURES), "evaluate")
+        champion = None
+        if run.run_id:
+            digest = model_digest(MODELS / MODEL_FILE)
+            champion = update_champion(
+                MlflowClient(), params.tracking.registered_model, digest, pd.read_csv(PREDICTIONS), run.run_id
+            )
         print(report)
         print(
             f"evaluate: accuracy {metrics['accuracy']:.3f} "
@@ -208,6 +222,8 @@ def main() -> None:
             f"on {len(labels)} images; "
             f"{metrics['review_fraction']:.0%} below confidence {threshold:.3f} go to review"
         )
+        if champion:
+            print(f"evaluate: {champion}")
 
 
 if __name__ == "__main__":

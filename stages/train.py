@@ -20,6 +20,7 @@ from brainmri.errors import DataError, run_entry_point
 from brainmri.metrics import write_json
 from brainmri.models import (
     APPLICATIONS,
+    MODEL_FILE,
     PRECISE_BN_IMAGES,
     build_model,
     class_probabilities,
@@ -40,7 +41,7 @@ from brainmri.paths import (
     metrics_file,
 )
 from brainmri.shards import ShardIndex
-from brainmri.tracking import project_root, stage_run
+from brainmri.tracking import model_digest, project_root, stage_run
 from brainmri.training import (
     Hardware,
     callbacks,
@@ -220,6 +221,7 @@ def save_and_log(
         model,
         example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
         registered_name=params.tracking.registered_model,
+        digest=model_digest(MODELS / MODEL_FILE),
     )
     print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
 

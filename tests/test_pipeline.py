@@ -307,6 +307,14 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     assert model.output_shape == (None, 4)
     versions = client.search_model_versions("name='brain-mri-classifier'")
     assert by_stage["train"].info.run_id in {version.run_id for version in versions}
+    # Each version carries its model file's digest; evaluate tagged it with its run and named a champion.
+    [first] = [version for version in versions if version.run_id == by_stage["train"].info.run_id]
+    assert len(first.tags["brainmri.model_sha256"]) == 64 and "brainmri.evaluate_run" in first.tags
+    champion = client.get_model_version_by_alias("brain-mri-classifier", "champion")
+    image = repo / "data" / "sample" / "glioma" / "glioma_000.jpg"
+    uri = "models:/brain-mri-classifier@champion"
+    predicted = run([sys.executable, "-m", "brainmri.cli", "predict", str(image), "--model", uri], repo)
+    assert json.loads(predicted.stdout)["predicted_class"] in CLASSES and champion.version
 
 
 def test_a_fresh_clone_pulls_every_output_from_a_folder_remote_and_reproduces_nothing(repo, tmp_path):

@@ -33,6 +33,7 @@ EXPERIMENT_TAG = "dvc.exp_name"
 COMMIT_TAG = "mlflow.source.git.commit"
 HOST_TAG, PID_TAG = "brainmri.host", "brainmri.pid"  # which process a RUNNING run belongs to
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+MODEL_DIGEST_TAG = "brainmri.model_sha256"  # on each registered version: the SHA-256 of its model.keras
 PARENT_TAG = "brainmri.pipeline_run"  # on the parent run that holds one pipeline configuration's stage runs
 
 
@@ -45,6 +46,10 @@ def project_root() -> Path:
         if (folder / "dvc.yaml").is_file():
             return folder
     return here
+
+
+def model_digest(model_file: str | Path) -> str:
+    return hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
 
 
 def tracking_uri() -> str:
@@ -98,6 +103,10 @@ class StageRun:
     def __init__(self, active: bool) -> None:
         self.active = active
 
+    @property
+    def run_id(self) -> str | None:
+        return mlflow.active_run().info.run_id if self.active else None
+
     def log_metrics(self, values: dict[str, Any]) -> None:
         # NaN / None mark undefined metrics (e.g. AUC of an absent class): MLflow cannot store them.
         defined = {k: v for k, v in values.items() if v is not None and v == v}
@@ -126,9 +135,12 @@ class StageRun:
 
         return [mlflow.keras.MlflowCallback()] if self.active else []
 
-    def log_keras_model(self, model: Any, example: Any, registered_name: str | None = None) -> None:
+    def log_keras_model(
+        self, model: Any, example: Any, registered_name: str | None = None, digest: str | None = None
+    ) -> None:
         """The model in MLflow's Keras format, with a signature from `example` inputs;
-        registered as a new version of `registered_name` in the model registry."""
+        registered as a new version of `registered_name` in the model registry, tagged with
+        `digest` (the SHA-256 of the model file the pipeline keeps) so evaluate can find it."""
         if not self.active:
             return
         from importlib.metadata import version
@@ -138,13 +150,17 @@ class StageRun:
 
         signature = infer_signature(example, model.predict(example, verbose=0))
         requirements = [f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy")]
-        mlflow.keras.log_model(
+        info = mlflow.keras.log_model(
             model,
             name="model",
             signature=signature,
             pip_requirements=requirements,
             registered_model_name=registered_name,
         )
+        if registered_name and digest:
+            mlflow.MlflowClient().set_model_version_tag(
+                registered_name, info.registered_model_version, MODEL_DIGEST_TAG, digest
+            )
 
 
 @contextmanager
