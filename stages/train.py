@@ -17,6 +17,7 @@ import keras
 
 from brainmri.calibration import calibrate_model
 from brainmri.errors import DataError, run_entry_point
+from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
 from brainmri.metrics import write_json
 from brainmri.models import (
     APPLICATIONS,
@@ -36,6 +37,7 @@ from brainmri.paths import (
     HISTORY_IN_PROGRESS,
     MODELS,
     PREPARED,
+    SPLIT,
     TENSORBOARD_LOGS,
     TRAIN_HISTORY,
     metrics_file,
@@ -226,6 +228,15 @@ def save_and_log(
     print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
 
 
+def log_datasets(params: Params, run) -> None:
+    """The training and validation rows of the split manifest as MLflow dataset inputs."""
+    split = read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"])
+    name = Path(params.ingest.source).name or "data"
+    for part, context in (("train", "training"), ("val", "validation")):
+        rows = split[split["split"] == part][["path", "label", "sha256"]].reset_index(drop=True)
+        run.log_dataset(rows, f"{name}-{part}", SPLIT.as_posix(), context)
+
+
 def main() -> None:
     params = load_params()
     p = params.train
@@ -234,6 +245,7 @@ def main() -> None:
     with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief) as run:
         keras.utils.set_random_seed(p.seed)
         index = load_shards(p, hardware)
+        log_datasets(params, run)
         build = model_builder(p, len(index.classes))
         with hardware.strategy.scope():
             model = build(p.weights)

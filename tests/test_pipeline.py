@@ -270,6 +270,12 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     assert 0.0 <= by_stage["evaluate"].data.metrics["accuracy"] <= 1.0
 
     client = mlflow_client(repo)
+    # The split's training and validation rows as dataset inputs: the runs table's Dataset column.
+    inputs = client.get_run(by_stage["train"].info.run_id).inputs.dataset_inputs
+    datasets = {i.dataset.name: {t.key: t.value for t in i.tags} for i in inputs}
+    assert datasets.keys() == {"sample-train", "sample-val"}
+    assert datasets["sample-train"]["mlflow.data.context"] == "training"
+    assert all(len(i.dataset.digest) == 12 for i in inputs)
     history = client.get_metric_history(by_stage["train"].info.run_id, "val_loss")
     assert len(history) == 2  # one point per epoch
     evaluate_files = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")}

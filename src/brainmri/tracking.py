@@ -129,6 +129,18 @@ class StageRun:
         if self.active:
             mlflow.log_artifacts(str(directory), artifact_path=folder)
 
+    def log_dataset(self, frame: Any, name: str, source: str, context: str) -> None:
+        """`frame` (rows of a manifest: path, label, ...) as an MLflow dataset input of this run: its
+        name, a digest of its rows, the manifest file as source and its schema, not its pixels.
+        The runs table's Dataset column shows it."""
+        if not self.active:
+            return
+        import mlflow.data
+
+        digest = hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()[:12]
+        dataset = mlflow.data.from_pandas(frame, source=source, targets="label", name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)
+
     def keras_callbacks(self) -> list:
         """Per-epoch metrics of `model.fit`, when tracking."""
         import mlflow.keras  # imports Keras: only the stages that train pay for it
