@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import lzma
 import sys
 import time
@@ -35,6 +34,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+from gpu_training import emit, phase  # the sibling script: one copy of its output helpers
 
 RECIPES: dict[str, dict] = {
     "defaults": {},
@@ -67,36 +67,22 @@ def export(project: str, annotated_folder: str, target: str) -> None:
     Path(target).write_bytes(lzma.compress(buffer.getvalue()))
 
 
-def head_square(image: np.ndarray, black_level: int = 10, min_share: float = 0.02) -> tuple[int, int, int]:
-    """(top, left, side) of the smallest square holding the head: rows and columns with
-    at least `min_share` of their pixels above `black_level` (so stray text and noise don't count)."""
-    bright = image[..., 0] > black_level
-    rows = np.flatnonzero(bright.mean(axis=1) >= min_share)
-    cols = np.flatnonzero(bright.mean(axis=0) >= min_share)
-    size = image.shape[0]
-    if len(rows) == 0 or len(cols) == 0:
-        return 0, 0, size
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-    side = max(bottom - top, right - left)
-    top = int(np.clip((top + bottom - side) // 2, 0, size - side))
-    left = int(np.clip((left + right - side) // 2, 0, size - side))
-    return top, left, int(side)
-
-
 def crop_heads(images: np.ndarray, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each (already square) image, and its box mask, cropped to `brainmri.images.content_box`'s head
+    and resized back, as `train.crop: head` would have prepared it from the original file."""
     from PIL import Image
 
-    size = images.shape[1]
+    from brainmri.images import content_box, to_array
+
     out_images = np.empty_like(images)
     out_masks = None if masks is None else np.empty_like(masks)
     for i, image in enumerate(images):
-        top, left, side = head_square(image)
-        window = (left, top, left + side, top + side)
-        crop = Image.fromarray(image[..., 0]).resize((size, size), Image.Resampling.BILINEAR, box=window)
-        out_images[i, ..., 0] = np.asarray(crop)
+        picture = Image.fromarray(image[..., 0])
+        out_images[i] = to_array(picture, images.shape[1], 1, "head")
         if masks is not None:
-            box = Image.fromarray(masks[i].astype(np.uint8) * 255)
-            out_masks[i] = np.asarray(box.resize((size, size), Image.Resampling.NEAREST, box=window)) > 127
+            box = content_box(picture, "head")
+            mask = Image.fromarray(masks[i].astype(np.uint8) * 255).crop(box)
+            out_masks[i] = to_array(mask, images.shape[1], 1, "none")[..., 0] > 127
     return out_images, out_masks
 
 
@@ -120,17 +106,6 @@ def cutmix(images: np.ndarray, targets: np.ndarray, factor: float, rng: np.rando
     mixed = np.where(inside[..., None], images[partner], images)
     weight = 1.0 - inside.mean(axis=(1, 2))
     return mixed, weight[:, None] * targets + (1 - weight[:, None]) * targets[partner]
-
-
-def emit(out: Path, record: dict) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    with (out / "results.jsonl").open("a") as results:
-        results.write(line + "\n")
-
-
-def phase(message: str, started: float) -> None:
-    print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
 
 
 def main() -> None:
@@ -162,7 +137,7 @@ def main() -> None:
         summarise_box_scores,
         summarise_occlusion,
     )
-    from brainmri.models import build_model, class_probabilities, reestimate_batch_norm
+    from brainmri.models import class_probabilities, model_from_params, reestimate_batch_norm
     from brainmri.params import AugmentParams, load_params
     from brainmri.stats import macro_f1
     from brainmri.training import EpochTimer, compile_model
@@ -221,19 +196,7 @@ def main() -> None:
             phase("heads cropped", started)
         arrays = {**data, **cropped} if head_crop else data
         keras.utils.set_random_seed(p.seed)
-        model = build_model(
-            p.model,
-            len(classes),
-            p.image_size,
-            p.channels,
-            p.width,
-            p.dropout,
-            augment=p.augment,
-            seed=p.seed,
-            norm=p.norm,
-            pooling=p.pooling,
-            last_block_kernel=p.last_block_kernel,
-        )
+        model = model_from_params(p, len(classes))
         train = Batches(arrays["train_x"], arrays["train_y"], p.batch_size, factor, p.seed)
         compile_model(model, p, len(classes), steps_per_epoch=len(train))
         timer = EpochTimer()

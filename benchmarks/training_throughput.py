@@ -70,7 +70,7 @@ def main() -> None:
     import tensorflow as tf
 
     from brainmri.images import load_array
-    from brainmri.models import build_model
+    from brainmri.models import model_from_params
     from brainmri.params import load_params
     from brainmri.shards import Record, ShardIndex, write_split
     from brainmri.training import compile_model, configure_hardware, labelled_batches
@@ -120,17 +120,7 @@ def main() -> None:
         for name, data, policy in runs:
             keras.mixed_precision.set_global_policy(policy)
             keras.utils.set_random_seed(p.seed)
-            model = build_model(
-                p.model,
-                len(classes),
-                p.image_size,
-                p.channels,
-                p.width,
-                p.dropout,
-                augment=p.augment,
-                seed=p.seed,
-                norm=p.norm,
-            )
+            model = model_from_params(p, len(classes))
             compile_model(model, p, len(classes), steps_per_epoch=args.steps)
             results[name] = fit_rate(model, data, args.steps, p.batch_size)
     finally:

@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import keras
@@ -23,9 +24,9 @@ from brainmri.models import (
     APPLICATIONS,
     MODEL_FILE,
     PRECISE_BN_IMAGES,
-    build_model,
     class_probabilities,
     float32_copy,
+    model_from_params,
     reestimate_batch_norm,
     save_model,
     set_backbone_trainable,
@@ -75,24 +76,7 @@ def load_shards(p: TrainParams, hardware: Hardware) -> ShardIndex:
 
 def model_builder(p: TrainParams, num_classes: int) -> Callable[[str | None], keras.Model]:
     """Builds the params' model with the given weights (None: random, as for a float32 copy)."""
-
-    def build(weights: str | None) -> keras.Model:
-        return build_model(
-            p.model,
-            num_classes,
-            p.image_size,
-            p.channels,
-            p.width,
-            p.dropout,
-            weights=weights,
-            augment=p.augment,
-            seed=p.seed,
-            norm=p.norm,
-            pooling=p.pooling,
-            last_block_kernel=p.last_block_kernel,
-        )
-
-    return build
+    return partial(model_from_params, p, num_classes)
 
 
 def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: ShardIndex, run) -> dict[str, list]:

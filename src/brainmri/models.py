@@ -17,7 +17,7 @@ import numpy as np
 from keras import layers
 
 from brainmri.errors import ModelError
-from brainmri.params import MODEL_NAMES, AugmentParams
+from brainmri.params import MODEL_NAMES, AugmentParams, TrainParams
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
@@ -226,6 +226,24 @@ def build_model(
         except Exception as error:
             raise ModelError(f"train.weights: '{weights}' does not fit this compact_cnn: {error}") from None
     return model
+
+
+def model_from_params(p: TrainParams, num_classes: int, weights: str | None = None) -> keras.Model:
+    """The model params.yaml's train section describes, with these weights (None: random)."""
+    return build_model(
+        p.model,
+        num_classes,
+        p.image_size,
+        p.channels,
+        p.width,
+        p.dropout,
+        weights=weights,
+        augment=p.augment,
+        seed=p.seed,
+        norm=p.norm,
+        pooling=p.pooling,
+        last_block_kernel=p.last_block_kernel,
+    )
 
 
 def without_augmentation(model: keras.Model) -> keras.Model:
