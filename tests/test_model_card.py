@@ -65,3 +65,11 @@ def test_an_external_set_gets_its_own_line():
                              "external.macro_f1_ci_high": 0.9})  # fmt: skip
     card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics)
     assert "**External test set** (8 images; 1 removed as copies" in card and "macro-F1 0.700 [0.500, 0.900]" in card
+
+
+def test_the_card_names_the_head_crop_cutmix_and_an_automatic_review_threshold():
+    params = Params.model_validate({"ingest": {"source": "data"}, "train": {"crop": "head", "cutmix": 1.0}})
+    card = render_model_card(params, run_metrics(review_threshold=0.93, review_target_accuracy=0.99))
+    assert "8-bit slices, cropped to the head, the longer side resized" in card
+    assert "flip, CutMix (factor 1);" in card
+    assert "flagged for review (under 0.930, chosen for 0.990 accuracy on the validation split)" in card

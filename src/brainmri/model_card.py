@@ -45,11 +45,13 @@ def _details(params: Params) -> list[str]:
         "",
         f"- **Architecture:** `{t.model}` ({weights}), {head}.",
         f"- **Input:** {t.image_size}×{t.image_size} {'grey' if t.channels == 1 else 'RGB'} 8-bit slices, "
-        "the longer side resized and centred on a black square; scaling and normalisation are layers of the model.",
+        + ("cropped to the head, " if t.crop == "head" else "")
+        + "the longer side resized and centred on a black square; scaling and normalisation are layers of the model.",
         f"- **Training:** AdamW, learning rate {t.lr} ({t.lr_schedule}), batch {t.batch_size}, up to {t.epochs} "
         f"epochs with early stopping (patience {t.early_stopping_patience}), label smoothing {t.label_smoothing}; "
-        f"in-model augmentation: {', '.join(augment) or 'none'}; the training split evened out per class with "
-        "augmented copies.",
+        f"in-model augmentation: {', '.join(augment) or 'none'}"
+        + (f", CutMix (factor {t.cutmix:g})" if t.cutmix else "")
+        + "; the training split evened out per class with augmented copies.",
         f"- **Registered as** `{params.tracking.registered_model}` in MLflow's model registry.",
         "",
     ]
