@@ -15,10 +15,10 @@ from functools import partial
 from pathlib import Path
 
 import keras
+import pandas as pd
 
 from brainmri.calibration import calibrate_model
 from brainmri.errors import DataError, run_entry_point
-from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
 from brainmri.metrics import write_json
 from brainmri.models import (
     APPLICATIONS,
@@ -38,7 +38,6 @@ from brainmri.paths import (
     HISTORY_IN_PROGRESS,
     MODELS,
     PREPARED,
-    SPLIT,
     TENSORBOARD_LOGS,
     TRAIN_HISTORY,
     metrics_file,
@@ -212,13 +211,14 @@ def save_and_log(
     print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
 
 
-def log_datasets(params: Params, run) -> None:
-    """The training and validation rows of the split manifest as MLflow dataset inputs."""
-    split = read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"])
-    name = Path(params.ingest.source).name or "data"
+def log_datasets(index: ShardIndex, source: str, run) -> None:
+    """The training and validation images (path and label, from the shards) as MLflow dataset inputs,
+    named after the source folder."""
+    name = Path(source).name or "data"
     for part, context in (("train", "training"), ("val", "validation")):
-        rows = split[split["split"] == part][["path", "label", "sha256"]].reset_index(drop=True)
-        run.log_dataset(rows, f"{name}-{part}", SPLIT.as_posix(), context)
+        _, labels, paths = index.arrays(part)
+        rows = pd.DataFrame({"path": paths, "label": [index.classes[label] for label in labels]})
+        run.log_dataset(rows, f"{name}-{part}", PREPARED.as_posix(), context)
 
 
 def main() -> None:
@@ -229,7 +229,7 @@ def main() -> None:
     with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief) as run:
         keras.utils.set_random_seed(p.seed)
         index = load_shards(p, hardware)
-        log_datasets(params, run)
+        log_datasets(index, params.ingest.source, run)
         build = model_builder(p, len(index.classes))
         with hardware.strategy.scope():
             model = build(p.weights)
