@@ -24,6 +24,7 @@ from brainmri.evaluation import (
 )
 from brainmri.external import external_test_set
 from brainmri.figures import confusion_png, curves_png
+from brainmri.images import sha256_file
 from brainmri.inference import Predictor
 from brainmri.ingest import decode_limits
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
@@ -50,7 +51,7 @@ from brainmri.paths import (
 from brainmri.review import review_threshold, threshold_for_accuracy
 from brainmri.shards import ShardIndex
 from brainmri.stats import HEADLINE_METRICS
-from brainmri.tracking import model_digest, stage_run
+from brainmri.tracking import stage_run
 
 
 def scores(
@@ -93,20 +94,18 @@ def score_ensemble(
     and each member's own headline figures beside them."""
     p, classes = params.evaluate, meta["classes"]
     metrics: dict = {"ensemble.members": 1 + len(p.ensemble)}
+    own_input = {
+        "classes": classes,
+        "image_size": meta["image_size"],
+        "channels": meta["channels"],
+        "crop": meta.get("crop", "none"),
+    }
     summed = own.copy()
     for number, source in enumerate(p.ensemble, start=1):
         member = Predictor.load(source, decode_limits(params.ingest), threshold)
-        expected_input = {
-            "classes": classes,
-            "image_size": meta["image_size"],
-            "channels": meta["channels"],
-            "crop": meta.get("crop", "none"),
-        }
-        for field, expected in expected_input.items():
-            if getattr(member, field) != expected:
-                raise ModelError(
-                    f"evaluate.ensemble: '{source}' has {field} {getattr(member, field)!r}, this model {expected!r}"
-                )
+        if difference := member.input_difference(own_input):
+            field, theirs, ours = difference
+            raise ModelError(f"evaluate.ensemble: '{source}' has {field} {theirs!r}, this model {ours!r}")
         probabilities = ensemble_probabilities(member.models, images, p.batch_size)
         summed += probabilities
         alone = scores(labels, probabilities, classes, p, threshold)
@@ -210,7 +209,7 @@ def main() -> None:
         run.log_artifacts(str(EVALUATE_FIGURES), "evaluate")
         champion = None
         if run.run_id:
-            digest = model_digest(MODELS / MODEL_FILE)
+            digest = sha256_file(MODELS / MODEL_FILE)
             champion = update_champion(
                 MlflowClient(), params.tracking.registered_model, digest, pd.read_csv(PREDICTIONS), run.run_id
             )

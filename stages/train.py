@@ -19,6 +19,7 @@ import pandas as pd
 
 from brainmri.calibration import calibrate_model
 from brainmri.errors import DataError, run_entry_point
+from brainmri.images import sha256_file
 from brainmri.metrics import write_json
 from brainmri.models import (
     APPLICATIONS,
@@ -43,7 +44,7 @@ from brainmri.paths import (
     metrics_file,
 )
 from brainmri.shards import ShardIndex
-from brainmri.tracking import model_digest, project_root, stage_run
+from brainmri.tracking import project_root, stage_run
 from brainmri.training import (
     Hardware,
     callbacks,
@@ -206,7 +207,7 @@ def save_and_log(
         model,
         example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
         registered_name=params.tracking.registered_model,
-        digest=model_digest(MODELS / MODEL_FILE),
+        digest=sha256_file(MODELS / MODEL_FILE),
     )
     print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
 

@@ -78,7 +78,6 @@ def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-CROPS = ("none", "head")
 TISSUE_LEVEL = 10  # grey level above which a pixel may be tissue: MRI air is near black
 HEAD_PART = 0.1  # connected regions this large relative to the largest are head; smaller ones (text, noise) not
 
@@ -116,7 +115,14 @@ def content_box(image: Image.Image, crop: str = "none") -> tuple[int, int, int, 
 
 def to_array(image: Image.Image, size: int, channels: int, crop: str = "none") -> np.ndarray:
     """Crop to `content_box`, resize the longer side to `size`, centre on a black square;
-    uint8 (size, size, channels).
+    uint8 (size, size, channels)."""
+    return model_input(image, size, channels, crop)[0]
+
+
+def model_input(
+    image: Image.Image, size: int, channels: int, crop: str = "none"
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """`to_array`'s array and the `content_box` it was cut from (to place boxes on the array).
 
     Resizing comes before padding, so a long thin image never becomes a huge square in memory."""
     image = image.convert("L" if channels == 1 else "RGB")
@@ -131,7 +137,7 @@ def to_array(image: Image.Image, size: int, channels: int, crop: str = "none") -
         square.paste(image, ((size - width) // 2, (size - height) // 2))
         image = square
     array = np.asarray(image, dtype=np.uint8)
-    return array[..., None] if channels == 1 else array
+    return (array[..., None] if channels == 1 else array), box
 
 
 def load_array(path: str | Path, size: int, channels: int, crop: str = "none") -> np.ndarray:

@@ -4,7 +4,6 @@ web app share this code, and it decodes files exactly as the pipeline does
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -16,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from brainmri.errors import DataError, ModelError
-from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, to_array
+from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, sha256_file, to_array
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.review import review_threshold
 
@@ -56,12 +55,12 @@ class Predictor:
         members = [cls.load(source, limits, review) for source in sources]
         first = members[0]
         for source, member in zip(sources[1:], members[1:]):
-            for field in ("classes", "image_size", "channels", "crop"):
-                if getattr(member, field) != getattr(first, field):
-                    raise ModelError(
-                        f"--model {source}: its {field} {getattr(member, field)!r} differs from "
-                        f"{sources[0]}'s {getattr(first, field)!r}; ensemble members must agree"
-                    )
+            if difference := member.input_difference(first.input_spec()):
+                field, theirs, ours = difference
+                raise ModelError(
+                    f"--model {source}: its {field} {theirs!r} differs from "
+                    f"{sources[0]}'s {ours!r}; ensemble members must agree"
+                )
         models = [model for member in members for model in member.models]
         version = " + ".join(member.version for member in members)
         return cls(
@@ -82,7 +81,7 @@ class Predictor:
         from brainmri.models import MODEL_FILE, load_model
 
         model, meta = load_model(source)
-        digest = hashlib.sha256((Path(source) / MODEL_FILE).read_bytes()).hexdigest()[:12]
+        digest = sha256_file(Path(source) / MODEL_FILE)[:12]
         return cls(
             [model],
             meta["classes"],
@@ -113,6 +112,17 @@ class Predictor:
         threshold = review_threshold(review, target_accuracy, meta)
         crop = meta.get("crop", "none")
         return cls([model], meta["classes"], meta["image_size"], meta["channels"], uri, limits, threshold, crop)
+
+    def input_spec(self) -> dict[str, Any]:
+        """What ensemble members must share: the classes and how an image becomes the model's input."""
+        return {"classes": self.classes, "image_size": self.image_size, "channels": self.channels, "crop": self.crop}
+
+    def input_difference(self, spec: dict[str, Any]) -> tuple[str, Any, Any] | None:
+        """The first (field, this model's value, `spec`'s value) that differs from `spec`, or None."""
+        for field, value in self.input_spec().items():
+            if value != spec[field]:
+                return field, value, spec[field]
+        return None
 
     def array(self, image: Image.Image) -> np.ndarray:
         return to_array(normalise_mode(image), self.image_size, self.channels, self.crop)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.errors import DataError
-from brainmri.images import content_box, fitted_size, open_image, to_array
+from brainmri.images import fitted_size, model_input, open_image
 from brainmri.ingest import scan
 from brainmri.params import IngestParams
 from brainmri.stats import bootstrap_interval
@@ -307,9 +307,9 @@ def load_annotated_set(
         raise DataError(f"gradcam.annotated: no image in '{folder}' has a YOLO box")
     images, masks = [], []
     for row in boxed.itertuples():
-        image = open_image(Path(folder) / row.path)
-        images.append(to_array(image, size, channels, crop))
-        masks.append(box_mask(row.boxes, int(row.width), int(row.height), size, content_box(image, crop)))
+        array, content = model_input(open_image(Path(folder) / row.path), size, channels, crop)
+        images.append(array)
+        masks.append(box_mask(row.boxes, int(row.width), int(row.height), size, content))
     labels = np.array([classes.index(label) for label in boxed["label"]], dtype=np.int32)
     return AnnotatedSet(
         np.stack(images),

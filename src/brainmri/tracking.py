@@ -48,10 +48,6 @@ def project_root() -> Path:
     return here
 
 
-def model_digest(model_file: str | Path) -> str:
-    return hashlib.sha256(Path(model_file).read_bytes()).hexdigest()
-
-
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / STORE_FILE}"
 
