@@ -1,11 +1,12 @@
-"""ingest: decode every image under ingest.source into a manifest; bad files go to rejects."""
+"""ingest: decode every image (and every slice of a scanner file) under ingest.source into a manifest;
+bad files go to rejects."""
 
 from brainmri.errors import run_entry_point
 from brainmri.ingest import scan
 from brainmri.manifest import write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
-from brainmri.paths import DATA_REPORT, MANIFEST, REJECTS, metrics_file
+from brainmri.paths import DATA_REPORT, MANIFEST, REJECTS, SLICES, metrics_file
 from brainmri.report import write_data_report
 from brainmri.tracking import stage_run
 
@@ -13,7 +14,7 @@ from brainmri.tracking import stage_run
 def main() -> None:
     params = load_params()
     with stage_run("ingest", params.tracking, flatten(params.ingest, "ingest")) as run:
-        result = scan(params.ingest)
+        result = scan(params.ingest, slices=SLICES)
         write_manifest(result.images, MANIFEST)
         write_manifest(result.rejects, REJECTS)
         report = write_data_report(result.images, result.rejects, result.layout, DATA_REPORT, params.ingest.source)

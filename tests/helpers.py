@@ -177,3 +177,54 @@ def wait_for_queue(repo: Path, timeout: float) -> str:
             return status
         time.sleep(3)
     pytest.fail(f"queue did not finish:\n{status}")
+
+
+# Distinctive values planted in every identifying DICOM tag (and a folder name) by privacy tests.
+PLANTED = {
+    "PatientName": "ZZQNAME^ALICE",
+    "PatientID": "ZZQPID",
+    "PatientBirthDate": "19010203",
+    "AccessionNumber": "ZZQACC",
+    "InstitutionName": "ZZQHOSPITAL",
+    "ReferringPhysicianName": "ZZQDOCTOR^BOB",
+    "OtherPatientIDs": "ZZQOTHERID",
+}
+
+
+def mr_template():
+    """pydicom's bundled MR slice, read fresh."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    return pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+
+
+def write_dicom_series(
+    folder: Path, patient: str, class_index: int, slices: int, first_variant: int = 0, size: int = 48
+) -> list[Path]:
+    """One MR series of `slices` synthetic slices (see `synthetic_image`) of one patient, one file
+    per slice without a file extension, as archives often store them. Identifying tags hold
+    PLANTED values with the patient's name appended."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    written = []
+    for number in range(slices):
+        dataset = mr_template()
+        for tag, value in PLANTED.items():
+            setattr(dataset, tag, value if tag == "PatientBirthDate" else f"{value}{patient}")
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.InstanceNumber = number + 1
+        pixels = np.asarray(synthetic_image(class_index, first_variant + number, size), dtype=np.uint16) * 8
+        dataset.Rows, dataset.Columns = size, size
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+        dataset.PixelData = pixels.tobytes()
+        for tag in ("WindowCenter", "WindowWidth"):  # a percentile window, from the pixels
+            if tag in dataset:
+                delattr(dataset, tag)
+        path = folder / f"IM{number:04d}"
+        dataset.save_as(path, enforce_file_format=True)
+        written.append(path)
+    return written

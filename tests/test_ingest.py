@@ -9,10 +9,11 @@ from PIL import Image
 
 from brainmri.errors import DataError
 from brainmri.images import DecodeLimits
-from brainmri.ingest import Candidate, inspect, scan
+from brainmri.ingest import Candidate, Recorder, inspect, scan
 from brainmri.manifest import write_manifest
 from brainmri.params import IngestParams
 from brainmri.report import write_data_report
+from brainmri.scanner import ScannerOptions
 
 from helpers import CLASSES, make_dataset, synthetic_image
 
@@ -203,7 +204,10 @@ def test_a_named_pipe_is_rejected_by_type_without_being_opened(tmp_path):
     candidate = Candidate(str(tmp_path / "pipe.jpg"), "glioma")
     # A daemon thread: opening a FIFO for reading would block, and must not hang the test run.
     worker = threading.Thread(
-        target=lambda: rows.append(inspect(candidate, DecodeLimits(10**7, 4096, 20))), daemon=True
+        target=lambda: rows.extend(
+            inspect(candidate, DecodeLimits(10**7, 4096, 20), Recorder(str(tmp_path), ScannerOptions(), b"", None))
+        ),
+        daemon=True,
     )
     worker.start()
     worker.join(timeout=10)

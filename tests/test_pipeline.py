@@ -16,8 +16,20 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from nibabel.testing import data_path as nibabel_data
+from pydicom.data import get_testdata_file
 
-from helpers import CLASSES, create_project, run, stages_run, synthetic_image, update_params, wait_for_queue
+from helpers import (
+    CLASSES,
+    PLANTED,
+    create_project,
+    run,
+    stages_run,
+    synthetic_image,
+    update_params,
+    wait_for_queue,
+    write_dicom_series,
+)
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 
@@ -540,3 +552,44 @@ def test_yolo_layout_runs_end_to_end_and_grad_cam_is_scored_against_the_boxes(tm
     assert gradcam["annotated.baseline_centre.pointing_game"] == 0.0  # the blobs are off centre
     assert -1.0 <= gradcam["annotated.occlusion_drop"] <= 1.0 and "annotated.occlusion_drop_elsewhere.left" in gradcam
     assert (repo / "reports" / "gradcam" / "annotated_right.png").is_file()
+
+
+def test_scanner_files_run_end_to_end_with_patients_apart_and_no_identifier_anywhere(tmp_path):
+    repo = create_project(tmp_path / "scanner-project")
+    source = tmp_path / "archive"
+    for patient in range(8):  # the folder of the first patients is named after them, as archives do
+        folder = source / ("left" if patient < 4 else "right") / f"ZZQFOLDER{patient}" / "series"
+        write_dicom_series(folder, f"p{patient}", int(patient >= 4), 5, first_variant=10 * patient)
+    for name in ("MR_small.dcm", "MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"):
+        shutil.copy(get_testdata_file(name), source / "left" / name)  # one slice, four encodings: duplicates
+    shutil.copy(Path(nibabel_data) / "anatomical.nii", source / "right" / "volume.nii")
+    shutil.copy(Path(nibabel_data) / "example4d.nii.gz", source / "right" / "series.nii.gz")
+    shutil.copy(get_testdata_file("MR_truncated.dcm"), source / "right" / "broken")
+    update_params(
+        repo / "params.yaml",
+        {
+            "ingest": {"source": str(source), "hash_paths": True, "nifti": {"slices": "middle", "middle": 5}},
+            "gradcam": {"num_images": 2},
+        },
+    )
+    run(["git", "commit", "-qam", "scanner data"], repo)
+    env = {"BRAINMRI_KEY_SALT": "pipeline test"}
+    result = run(["dvc", "repro"], repo, env=env)
+    assert stages_run(result.stdout) == ALL_STAGES
+
+    manifest = (repo / "data" / "interim" / "manifest.csv").read_text().splitlines()
+    assert len(manifest) == 1 + 8 * 5 + 4 + 5 + 5  # a row per slice
+    rejects = (repo / "data" / "interim" / "rejects.csv").read_text()
+    assert rejects.count("\n") == 2 and "cannot decode the pixel data" in rejects
+    split = json.loads((repo / "metrics" / "split.json").read_text())
+    assert split["patients_in_several_splits"] == 0 and split["patients.test"] >= 2
+    assert split["groups.train"] == split["patients.train"]
+    assert (repo / "metrics" / "evaluate.json").is_file() and (repo / "MODEL_CARD.md").is_file()
+
+    # Nothing identifying anywhere: outputs, DVC's cache, the MLflow store and artifacts, the log.
+    planted = [*PLANTED.values(), "ZZQFOLDER", "CompressedSamples", "4MR1"]  # the last two: MR_small's own
+    written = [path for path in repo.rglob("*") if path.is_file() and ".git" not in path.parts]
+    written = [path for path in written if path.parts[len(repo.parts)] not in ("src", "stages")]
+    leaks = [(str(path), value) for path in written for value in planted if value.encode() in path.read_bytes()]
+    assert leaks == [] and not [value for value in planted if value in result.stdout + result.stderr]
+    assert stages_run(run(["dvc", "repro"], repo, env=env).stdout) == []

@@ -15,15 +15,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 import requests
+from nibabel.testing import data_path as nibabel_data
 from PIL import Image
 
 from brainmri.images import sha256_file
 
 from helpers import (
     CLASSES,
+    PLANTED,
     create_project,
     free_port,
     project_env,
@@ -31,6 +34,7 @@ from helpers import (
     running_server,
     synthetic_image,
     update_params,
+    write_dicom_series,
 )
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
@@ -105,6 +109,20 @@ def test_predict_writes_csv_and_grad_cam_and_reports_unreadable_files(repo, tmp_
     assert len(cams) == 3 and all(Image.open(cam).size == (32, 32) for cam in cams)
 
 
+def test_predict_reads_a_dicom_folder_and_a_nifti_volume_slice_by_slice(repo, tmp_path):
+    series = write_dicom_series(tmp_path / "archive" / "ZZQFOLDER" / "series", "pat", 0, 3)
+    volume = tmp_path / "volume.nii.gz"
+    shutil.copy(Path(nibabel_data) / "example4d.nii.gz", volume)
+    result = brainmri(repo, "predict", str(tmp_path / "archive"), str(volume), "--gradcam", str(tmp_path / "cams"))
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    slices = nibabel.load(volume).shape[2]
+    assert [row["path"] for row in rows] == [f"{path}#0" for path in series] + [f"{volume}#{i}" for i in range(slices)]
+    assert [row["slice"] for row in rows] == [0, 0, 0, *range(slices)]
+    assert all(row["predicted_class"] in CLASSES for row in rows)
+    assert not [value for value in PLANTED.values() if value in result.stdout]
+    assert len(list((tmp_path / "cams").glob("*.png"))) == len(rows)
+
+
 def test_predict_loads_the_registered_model_and_the_run_model_from_mlflow(repo):
     image = repo / "data" / "sample" / "pituitary" / "pituitary_001.png"
     local = json.loads(brainmri(repo, "predict", str(image)).stdout)
@@ -150,6 +168,16 @@ def test_predict_endpoint_returns_the_prediction_with_the_model_version(server):
     assert body["predicted_class"] in CLASSES and body["model_version"].startswith("compact_cnn@")
     assert sum(body["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"]))).format == "PNG"
+
+
+def test_a_dicom_upload_is_windowed_as_ingest_reads_it_and_nothing_identifying_comes_back(server, tmp_path):
+    dicom = write_dicom_series(tmp_path, "upload", 1, 1)[0].read_bytes()
+    response = requests.post(f"{server}/predict", files={"file": ("IM0000", dicom)}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["predicted_class"] in CLASSES
+    assert not [value for value in PLANTED.values() if value in response.text]
+    truncated = requests.post(f"{server}/predict", files={"file": ("cut.dcm", dicom[:400])}, timeout=60)
+    assert truncated.status_code == 400 and "cut.dcm" in truncated.json()["error"]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from brainmri.errors import DataError
-from brainmri.split import split_images, stratified_split
+from brainmri.split import patients_in_several_splits, patients_per_split, split_images, stratified_split
 
 
 def manifest_of(counts: dict[str, int], subset: str = "") -> pd.DataFrame:
@@ -53,3 +53,56 @@ def test_a_given_test_subset_loses_its_copies_of_training_images():
     assert set(result.assigned.loc[result.assigned["subset"] == "Training", "split"]) == {"train", "val"}
     with pytest.raises(DataError, match="split.test_subset: no subset 'Validation'"):
         split_images(training, 0.2, 0.2, 0, test_subset="Validation")
+
+
+def patient_series(patients: int = 12, slices: int = 20, keyed: bool = True) -> pd.DataFrame:
+    """`slices` distinct (never duplicate) slices of each patient; odd patients have class a."""
+    rows = [
+        {
+            "path": f"{'a' if p % 2 else 'b'}/P{p:02d}_{s:03d}.jpg",
+            "label": "a" if p % 2 else "b",
+            "subset": "",
+            "group": f"g{p}-{s}",
+            "patient": f"key{p:02d}" if keyed else "",
+        }
+        for p in range(patients)
+        for s in range(slices)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_no_patient_is_on_two_sides_of_a_split_for_any_seed():
+    frame = patient_series()
+    for seed in range(6):
+        result = split_images(frame, val=0.2, test=0.2, seed=seed, test_subset=None, group_by="auto")
+        assigned = result.assigned
+        assert result.group_by == "patient" and len(assigned) == 240
+        assert (assigned.groupby("patient")["split"].nunique() == 1).all()
+        assert set(assigned["split"]) == {"train", "val", "test"}
+        assert patients_in_several_splits(assigned, None) == 0
+        assert patients_per_split(assigned, None) == {"train": 8, "val": 2, "test": 2}
+    by_duplicates = split_images(frame, val=0.2, test=0.2, seed=0, test_subset=None, group_by="duplicate")
+    assert patients_in_several_splits(by_duplicates.assigned, None) == 12  # every patient leaks
+
+
+def test_a_path_pattern_names_the_patient_of_image_files_and_duplicates_join_patients():
+    frame = patient_series(keyed=False)
+    frame.loc[frame["path"] == "a/P01_000.jpg", "group"] = "copy"
+    frame.loc[frame["path"] == "a/P03_005.jpg", "group"] = "copy"  # a copy joins patients 1 and 3
+    pattern = r"/(P\d+)_"
+    assert split_images(frame, 0.2, 0.2, 0, None, "auto").group_by == "duplicate"
+    result = split_images(frame, 0.2, 0.2, 0, None, "auto", pattern)
+    assigned = result.assigned.assign(patient=result.assigned["path"].str.extract(pattern, expand=False))
+    assert (assigned.groupby("patient")["split"].nunique() == 1).all()
+    assert assigned.loc[assigned["patient"].isin(["P01", "P03"]), "split"].nunique() == 1
+    assert len(assigned) == 239  # one image of the copied pair
+    assert patients_in_several_splits(result.assigned, pattern) == 0
+
+
+def test_a_given_test_subset_loses_images_of_training_patients_with_the_reason():
+    frame = pd.concat([patient_series(10, 4).assign(subset="Training"), patient_series(2, 3).assign(subset="Testing")])
+    frame.loc[frame["subset"] == "Testing", "path"] = "Testing/" + frame.loc[frame["subset"] == "Testing", "path"]
+    frame.loc[frame["subset"] == "Testing", "group"] = "t" + frame.loc[frame["subset"] == "Testing", "group"]
+    result = split_images(frame, 0.25, 0.2, 0, "Testing", "patient")
+    assert len(result.leaked) == 6 and set(result.leaked["reason"]) == {"shares a patient with training"}
+    assert (result.assigned["split"] != "test").all()

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.augment import augment
-from brainmri.images import load_array
+from brainmri.images import load_array, source_file
 from brainmri.params import AugmentParams
 from brainmri.shards import Record
 
@@ -40,7 +40,7 @@ def balanced_training_records(
         pick = np.random.default_rng([seed, class_index])
         if len(paths) > goal:  # an integer target below the class size undersamples it
             paths = sorted(pick.choice(paths, goal, replace=False))
-        originals = [load_array(Path(root) / path, size, channels, crop) for path in paths]
+        originals = [load_array(source_file(root, path), size, channels, crop) for path in paths]
         records += [Record(image, class_index, path, False) for image, path in zip(originals, paths)]
         order = pick.permutation(len(paths))
         for copy in range(goal - len(paths)):
@@ -58,6 +58,6 @@ def plain_records(
     index = {label: i for i, label in enumerate(classes)}
     rows = frame.sort_values(["label", "path"], kind="mergesort")
     return [
-        Record(load_array(Path(root) / path, size, channels, crop), index[label], path, False)
+        Record(load_array(source_file(root, path), size, channels, crop), index[label], path, False)
         for path, label in zip(rows["path"], rows["label"])
     ]

@@ -37,9 +37,10 @@ def audit_log(params: Params) -> AuditLog | None:
 def predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from brainmri.images import open_image, sha256_file
+    from brainmri.images import sha256_file
     from brainmri.inference import Predictor, image_files
-    from brainmri.ingest import decode_limits
+    from brainmri.ingest import decode_limits, scanner_options
+    from brainmri.scanner import split_slice_path
 
     params = project_params(args.params)
     files = image_files(args.paths)
@@ -50,6 +51,7 @@ def predict(args: argparse.Namespace) -> int:
         decode_limits(params.ingest),
         params.evaluate.review_threshold,
         params.evaluate.target_accuracy,
+        scanner_options(params.ingest),
     )
     audit = audit_log(params)
     output = open(args.output, "w", newline="") if args.output else sys.stdout
@@ -75,7 +77,12 @@ def predict(args: argparse.Namespace) -> int:
         progress.update()
         failures += "error" in result
         if audit and "error" not in result:
-            audit.record("predict", sha256_file(result["path"]), predictor.version, result)
+            audit.record(
+                "predict",
+                sha256_file(split_slice_path(result["path"])[0]),
+                predictor.version,
+                result,
+            )
         if writer:
             writer.writerow(
                 {key: result.get(key, "") for key in columns[:4] + ["error", "notice"]}
@@ -84,9 +91,9 @@ def predict(args: argparse.Namespace) -> int:
         else:
             output.write(json.dumps(result) + "\n")
         if args.gradcam and "error" not in result:
-            array = predictor.array(open_image(result["path"], predictor.limits))
+            array = predictor.array(predictor.open(result["path"]))
             png = predictor.gradcam_png(array, predictor.classes.index(result["predicted_class"]))
-            (Path(args.gradcam) / f"{number:05d}_{Path(result['path']).stem}.png").write_bytes(png)
+            (Path(args.gradcam) / f"{number:05d}_{Path(result['path']).stem.replace('#', '_')}.png").write_bytes(png)
     progress.close()
     if output is not sys.stdout:
         output.close()
@@ -97,7 +104,7 @@ def predict(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from brainmri.inference import Predictor
-    from brainmri.ingest import decode_limits
+    from brainmri.ingest import decode_limits, scanner_options
     from brainmri.webapp import create_app, run_server
 
     params = project_params(args.params)
@@ -106,6 +113,7 @@ def serve(args: argparse.Namespace) -> int:
         decode_limits(params.ingest),
         params.evaluate.review_threshold,
         params.evaluate.target_accuracy,
+        scanner_options(params.ingest),
     )
     app = create_app(predictor, params.serve, audit_log(params))
     run_server(app, args.host, args.port, params.serve)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri.images import load_array
+from brainmri.images import load_array, source_file
 
 THUMBNAIL_SIZE = 64
 BLOCK_ROWS = 1024
@@ -127,7 +127,7 @@ def near_duplicate_pairs(
         return pairs
     involved = np.unique(pairs)
     lookup = {index: row for row, index in enumerate(involved)}
-    thumbs = thumbnails([str(Path(root) / path) for path in manifest["path"].to_numpy()[involved]], workers)
+    thumbs = thumbnails([str(source_file(root, path)) for path in manifest["path"].to_numpy()[involved]], workers)
     left = np.array([lookup[i] for i in pairs[:, 0]])
     right = np.array([lookup[j] for j in pairs[:, 1]])
     # In blocks of pairs: all pairs' thumbnails at once do not fit in memory at scale (benchmarks/scaling.py).

@@ -32,7 +32,8 @@ def external_test_set(
     """The `evaluate.external` folder, validated like ingest, minus copies of the `known` manifest's images."""
     folder = params.evaluate.external
     found = scan(
-        params.ingest.model_copy(update={"source": folder, "classes": None, "min_per_class": 1}), min_classes=1
+        params.ingest.model_copy(update={"source": folder, "classes": None, "min_per_class": 1, "hash_paths": False}),
+        min_classes=1,
     )
     unknown = sorted(set(found.images["label"]) - set(classes))
     if unknown:

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from brainmri.paths import SLICES
+
 
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
@@ -142,3 +144,18 @@ def model_input(
 
 def load_array(path: str | Path, size: int, channels: int, crop: str = "none") -> np.ndarray:
     return to_array(open_image(path), size, channels, crop)
+
+
+def slice_file(manifest_path: str, slices: str | Path) -> Path:
+    """Where ingest writes the 8-bit PNG of a scanner slice (or of any image, with ingest.hash_paths),
+    named by a digest of its manifest path."""
+    return Path(slices) / f"{hashlib.sha256(manifest_path.encode()).hexdigest()[:32]}.png"
+
+
+def source_file(source: str | Path, manifest_path: str, slices: str | Path = SLICES) -> Path:
+    """The file that holds a manifest row's pixels: the source file, or the PNG ingest wrote for a
+    scanner slice (or, with ingest.hash_paths, for every image)."""
+    file = Path(source) / manifest_path
+    if not file.exists() and (cached := slice_file(manifest_path, slices)).exists():
+        return cached
+    return file

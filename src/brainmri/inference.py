@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,17 @@ from brainmri.errors import DataError, ModelError
 from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, sha256_file, to_array
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.review import review_threshold
+from brainmri.scanner import (
+    ScannerFileError,
+    ScannerOptions,
+    is_dicom_bytes,
+    is_scanner_file,
+    read_dicom_bytes,
+    read_scanner_file,
+    read_slice,
+    slice_path,
+    split_slice_path,
+)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -36,17 +47,24 @@ class Predictor:
     limits: DecodeLimits  # what an image header may declare before it is decoded
     review_threshold: float = 0.8
     crop: str = "none"  # brainmri.images.content_box, as the model was trained
+    scanner: ScannerOptions = ScannerOptions()  # how DICOM and NIfTI files become slices, as ingest reads them
 
     @classmethod
     def load_ensemble(
-        cls, sources: list[str | Path], limits: DecodeLimits, review: float | str = 0.8, target_accuracy: float = 0.99
+        cls,
+        sources: list[str | Path],
+        limits: DecodeLimits,
+        review: float | str = 0.8,
+        target_accuracy: float = 0.99,
+        scanner: ScannerOptions | None = None,
     ) -> Predictor:
         """One model, or several whose (calibrated) probabilities are averaged: a seed ensemble.
 
         Members must agree on classes and input (size, channels, crop). An automatic review
         threshold is fitted to one model's own validation confidences, so an ensemble needs a number."""
+        scanner = scanner or ScannerOptions()
         if len(sources) == 1:
-            return cls.load(sources[0], limits, review, target_accuracy)
+            return replace(cls.load(sources[0], limits, review, target_accuracy), scanner=scanner)
         if review == "auto":
             raise ModelError(
                 "evaluate.review_threshold: auto is fitted to one model's validation confidences; "
@@ -64,7 +82,15 @@ class Predictor:
         models = [model for member in members for model in member.models]
         version = " + ".join(member.version for member in members)
         return cls(
-            models, first.classes, first.image_size, first.channels, version, limits, first.review_threshold, first.crop
+            models,
+            first.classes,
+            first.image_size,
+            first.channels,
+            version,
+            limits,
+            first.review_threshold,
+            first.crop,
+            scanner,
         )
 
     @classmethod
@@ -145,30 +171,53 @@ class Predictor:
             )
         return results
 
+    def decode_upload(self, data: bytes, name: str = "upload") -> Image.Image:
+        """An uploaded image, or single-frame DICOM file windowed as ingest windows it; BadImage says what is wrong."""
+        if is_dicom_bytes(data):
+            return decode_dicom_bytes(data, name, self.limits, self.scanner)
+        return decode_bytes(data, name, self.limits)
+
     def predict_bytes(self, data: bytes, name: str = "upload") -> dict[str, Any]:
-        return self.predict_arrays(self.array(decode_bytes(data, name, self.limits))[None])[0]
+        return self.predict_arrays(self.array(self.decode_upload(data, name))[None])[0]
+
+    def open(self, path: str | Path) -> Image.Image:
+        """An image file, or one slice of a scanner file named `<file>#<index>`."""
+        if split_slice_path(str(path))[1] is not None:
+            return read_slice(path, self.scanner, self.limits)
+        return open_image(path, self.limits)
+
+    def _inputs(self, path: Path) -> list[tuple[str, np.ndarray]]:
+        """(name, model input) for an image file, or for every slice of a DICOM file or NIfTI volume."""
+        if is_scanner_file(path):
+            slices = read_scanner_file(path, self.scanner, self.limits, b"")
+            return [(slice_path(str(path), found.index), self.array(found.image)) for found in slices]
+        return [(str(path), self.array(open_image(path, self.limits)))]
 
     def predict_files(self, paths: Iterable[Path], batch_size: int = 64) -> Iterator[dict[str, Any]]:
-        """One result per file, in order; unreadable files give an `error` instead of stopping the run."""
-        batch: list[tuple[Path, np.ndarray]] = []
+        """One result per image file or scanner slice (`<file>#<index>`, with its `slice`), in order;
+        unreadable files give an `error` instead of stopping the run."""
+        batch: list[tuple[str, np.ndarray]] = []
         for path in paths:
             try:
-                batch.append((path, self.array(open_image(path, self.limits))))
+                inputs = self._inputs(path)
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
                 yield from self._flush(batch)
                 batch = []
                 yield {"path": str(path), "error": f"not a readable image: {error}", "notice": NOT_A_MEDICAL_DEVICE}
                 continue
-            if len(batch) == batch_size:
-                yield from self._flush(batch)
-                batch = []
+            for item in inputs:
+                batch.append(item)
+                if len(batch) == batch_size:
+                    yield from self._flush(batch)
+                    batch = []
         yield from self._flush(batch)
 
-    def _flush(self, batch: list[tuple[Path, np.ndarray]]) -> Iterator[dict[str, Any]]:
+    def _flush(self, batch: list[tuple[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
         if batch:
             arrays = np.stack([array for _, array in batch])
-            for (path, _), result in zip(batch, self.predict_arrays(arrays)):
-                yield {"path": str(path), **result}
+            for (name, _), result in zip(batch, self.predict_arrays(arrays)):
+                index = split_slice_path(name)[1]
+                yield {"path": name, **({"slice": index} if index is not None else {}), **result}
 
     def gradcam_png(self, array: np.ndarray, class_index: int, alpha: float = 0.4) -> bytes:
         """The Grad-CAM overlay of one (size, size, channels) image for one class, as PNG bytes."""
@@ -208,12 +257,29 @@ def decode_bytes(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
         raise BadImage(f"{name}: corrupt or truncated image ({error})") from None
 
 
+def decode_dicom_bytes(data: bytes, name: str, limits: DecodeLimits, options: ScannerOptions) -> Image.Image:
+    """An uploaded DICOM file's one frame, windowed as ingest windows it; BadImage says what is wrong."""
+    try:
+        slices = read_dicom_bytes(data, options, limits)
+    except ScannerFileError as error:
+        raise BadImage(f"{name}: {error}") from None
+    if len(slices) != 1:
+        raise BadImage(f"{name}: a DICOM file of {len(slices)} frames; upload one frame (brainmri predict reads all)")
+    return slices[0].image
+
+
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, and the image files under each folder (sorted, recursive)."""
+    """Files as given, and the image and scanner files (DICOM, NIfTI) under each folder (sorted, recursive)."""
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(
+                sorted(
+                    p
+                    for p in item.rglob("*")
+                    if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or is_scanner_file(p))
+                )
+            )
         elif item.is_file():
             found.append(item)
         else:

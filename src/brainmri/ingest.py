@@ -13,14 +13,21 @@ Three layouts are understood:
 
 In the folder layouts a YOLO label file beside an image (``<name>.txt`` next
 to ``<name>.jpg``) adds its boxes to the manifest; the folder names the class.
+
+Scanner files in the class folders (DICOM, found by their preamble whatever
+their name, and NIfTI volumes) give one manifest row per slice, named
+``<file>#<index>``, with the patient, study and series as salted hashes
+(`brainmri.scanner`); the 8-bit slices are written once under
+``data/interim/slices`` for the stages after ingest.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import imagehash
@@ -29,9 +36,18 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from brainmri.errors import DataError
-from brainmri.images import DecodeLimits, ImageTooLarge, open_image, sha256_file
-from brainmri.manifest import MANIFEST_COLUMNS, REJECT_COLUMNS
+from brainmri.images import DecodeLimits, ImageTooLarge, open_image, sha256_file, slice_file
+from brainmri.manifest import KEY_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
 from brainmri.params import IngestParams
+from brainmri.scanner import (
+    ScannerFileError,
+    ScannerOptions,
+    hashed_key,
+    is_scanner_file,
+    key_salt,
+    read_scanner_file,
+    slice_path,
+)
 
 OUTSIDE_LINK = "link points outside the source tree"
 SPLIT_FOLDER_NAMES = {"train", "training", "test", "testing", "val", "valid", "validation"}
@@ -79,7 +95,7 @@ def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], l
             path = current_path / name
             if name.startswith(".") or (path.suffix.lower() == ".txt" and path.stem in image_stems):
                 continue
-            if path.suffix.lower() not in extensions:
+            if path.suffix.lower() not in extensions and not (path.is_file() and is_scanner_file(path)):
                 reason = f"extension '{path.suffix}' is not in ingest.extensions"
                 rejects.append({"path": path.as_posix(), "label": label, "reason": reason})
             elif path.is_symlink() and not _inside(path, root):
@@ -199,57 +215,147 @@ def decode_limits(params: IngestParams) -> DecodeLimits:
     return DecodeLimits(params.max_pixels, params.max_side, params.max_aspect)
 
 
-def inspect(candidate: Candidate, limits: DecodeLimits) -> dict:
-    """Decode one file fully: its manifest row, or a row with a `reason` to reject it."""
+@dataclass(frozen=True)
+class Recorder:
+    """How ingest records a found file: its path relative to the source (or, with `hash_paths`,
+    a salted hash of it), and where the pixels of scanner slices (and, with `hash_paths`, of
+    every image) are written for the stages after ingest."""
+
+    source: str
+    options: ScannerOptions
+    salt: bytes
+    slices: Path | None  # None: scanner files are rejected (an external test folder)
+    hash_paths: bool = False
+
+    def path(self, found: str) -> str:
+        relative = relative_to_source(found, self.source)
+        return hashed_key(relative, self.salt) if self.hash_paths else relative
+
+    def pixels(self, recorded: str, image: Image.Image) -> Path:
+        """Write an image as the PNG that `brainmri.images.source_file` finds for `recorded`."""
+        target = slice_file(recorded, self.slices)
+        image.save(target, format="PNG")
+        return target
+
+
+def scanner_options(params: IngestParams) -> ScannerOptions:
+    """ingest.dicom and ingest.nifti as `brainmri.scanner` reads them, for ingest, predict and serve alike."""
+    d, n = params.dicom, params.nifti
+    return ScannerOptions(
+        d.window,
+        tuple(d.percentiles),
+        tuple(d.modalities),
+        n.axis,
+        n.volume,
+        n.slices,
+        n.middle,
+        n.min_foreground,
+        tuple(n.percentiles),
+    )
+
+
+def _describe(grey: Image.Image) -> dict:
+    """The figures every manifest row carries about its pixels."""
+    pixels = np.asarray(grey, dtype=np.float32)
+    return {
+        "width": grey.width,
+        "height": grey.height,
+        "brightness": round(float(pixels.mean()), 3),
+        "contrast": round(float(pixels.std()), 3),
+        "black_fraction": round(float((pixels <= BLACK_LEVEL).mean()), 4),
+        "phash": str(imagehash.phash(grey)),
+    }
+
+
+def inspect_scanner_file(candidate: Candidate, limits: DecodeLimits, recorder: Recorder) -> list[dict]:
+    """One manifest row per slice of a DICOM file or NIfTI volume, each slice written as an 8-bit
+    PNG; or one row with the `reason` to reject the file."""
+    recorded = recorder.path(candidate.path)
+    row = {"path": recorded, "label": candidate.label}
+    if recorder.slices is None:
+        return [{**row, "reason": "a scanner file (DICOM or NIfTI): only ingest.source may hold them"}]
+    relative = relative_to_source(candidate.path, recorder.source)
+    try:
+        slices = read_scanner_file(candidate.path, recorder.options, limits, recorder.salt, relative)
+    except ScannerFileError as error:
+        return [{**row, "reason": str(error)}]
+    if not slices:
+        return [{**row, "reason": "no slice passes ingest.nifti.slices"}]
+    rows = []
+    for found in slices:
+        name = slice_path(recorded, found.index)
+        target = recorder.pixels(name, found.image)
+        rows.append(
+            {
+                "path": name,
+                "label": candidate.label,
+                "subset": candidate.subset,
+                "sha256": sha256_file(target),
+                "bytes": target.stat().st_size,
+                "mode": "L",
+                **_describe(found.image),
+                "boxes": "",
+                **found.keys,
+            }
+        )
+    return rows
+
+
+def inspect(candidate: Candidate, limits: DecodeLimits, recorder: Recorder) -> list[dict]:
+    """Decode one file fully: its manifest rows (one per slice of a scanner file), or one row
+    with a `reason` to reject it."""
     path = Path(candidate.path)
-    row = {"path": candidate.path, "label": candidate.label}
+    row = {"path": recorder.path(candidate.path), "label": candidate.label}
     try:
         status = path.stat()
     except OSError as exc:  # e.g. a link to a file that does not exist
-        return {**row, "reason": f"cannot read: {exc.strerror}"}
+        return [{**row, "reason": f"cannot read: {exc.strerror}"}]
     if not stat.S_ISREG(status.st_mode):  # never opened: reading a named pipe would block
-        return {**row, "reason": "not a regular file (a named pipe, socket or device)"}
+        return [{**row, "reason": "not a regular file (a named pipe, socket or device)"}]
     size = status.st_size
     if size == 0:
-        return {**row, "reason": "empty file"}
+        return [{**row, "reason": "empty file"}]
+    if is_scanner_file(path):
+        return inspect_scanner_file(candidate, limits, recorder)
     try:
         with Image.open(path) as header:  # reads the header only
             mode = header.mode
         image = open_image(path, limits)  # a decompression bomb is never expanded
     except ImageTooLarge as exc:
-        return {**row, "reason": str(exc)}
+        return [{**row, "reason": str(exc)}]
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return {**row, "reason": f"cannot decode: {exc}"}
-    grey = image.convert("L")
-    pixels = np.asarray(grey, dtype=np.float32)
-    return {
-        **row,
-        "subset": candidate.subset,
-        "sha256": sha256_file(path),
-        "bytes": size,
-        "mode": mode,
-        "width": image.width,
-        "height": image.height,
-        "brightness": round(float(pixels.mean()), 3),
-        "contrast": round(float(pixels.std()), 3),
-        "black_fraction": round(float((pixels <= BLACK_LEVEL).mean()), 4),
-        "phash": str(imagehash.phash(grey)),
-        "boxes": candidate.boxes,
-    }
+        return [{**row, "reason": f"cannot decode: {exc}"}]
+    described = _describe(image.convert("L"))
+    if recorder.hash_paths:  # the source path is not recorded, so the pixels travel under the hashed one
+        recorder.pixels(row["path"], image)
+    keys = dict.fromkeys(KEY_COLUMNS, "")
+    return [
+        {
+            **row,
+            "subset": candidate.subset,
+            "sha256": sha256_file(path),
+            "bytes": size,
+            "mode": mode,
+            **described,
+            "boxes": candidate.boxes,
+            **keys,
+        }
+    ]
 
 
-def _inspect_star(args: tuple[Candidate, DecodeLimits]) -> dict:
+def _inspect_star(args: tuple[Candidate, DecodeLimits, Recorder]) -> list[dict]:
     return inspect(*args)
 
 
-def inspect_all(candidates: list[Candidate], limits: DecodeLimits, workers: int) -> list[dict]:
-    """Decode in worker processes (decoding is CPU-bound); results keep the input order."""
+def inspect_all(candidates: list[Candidate], limits: DecodeLimits, workers: int, recorder: Recorder) -> list[dict]:
+    """Decode in worker processes (decoding is CPU-bound); rows keep the input order."""
     workers = workers or os.cpu_count() or 1
-    jobs = [(candidate, limits) for candidate in candidates]
+    jobs = [(candidate, limits, recorder) for candidate in candidates]
     if workers == 1 or len(jobs) < 64:
-        return [_inspect_star(job) for job in jobs]
+        return [row for job in jobs for row in _inspect_star(job)]
     with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(_inspect_star, jobs, chunksize=max(16, len(jobs) // (workers * 8))))
+        chunks = pool.map(_inspect_star, jobs, chunksize=max(16, len(jobs) // (workers * 8)))
+        return [row for rows in chunks for row in rows]
 
 
 def _robust_z(values: pd.Series) -> pd.Series:
@@ -276,20 +382,29 @@ def flag_outliers(images: pd.DataFrame, params: IngestParams) -> pd.Series:
     return reasons.map("; ".join)
 
 
-def scan(params: IngestParams, min_classes: int = 2) -> Scan:
-    """Discover, decode and check every image; `min_classes` is 1 for an extra test folder."""
+def scan(params: IngestParams, min_classes: int = 2, slices: Path | None = None) -> Scan:
+    """Discover, decode and check every image; `min_classes` is 1 for an extra test folder.
+    Scanner files' slices are written under `slices` (None: scanner files are rejected)."""
     candidates, rejects, layout, labels = discover(params)
-    rows = inspect_all(candidates, decode_limits(params), params.workers)
+    if slices is not None:
+        shutil.rmtree(slices, ignore_errors=True)
+        slices.mkdir(parents=True)
+    # The salt is read (made on first use) only for data that has scanner files, or hashed paths.
+    needs_salt = params.hash_paths or any(is_scanner_file(candidate.path) for candidate in candidates)
+    # Paths relative to the source: no machine's folder layout in any output, and the same
+    # manifests wherever the data is kept.
+    recorder = Recorder(params.source, scanner_options(params), key_salt() if needs_salt else b"", slices)
+    if params.hash_paths:
+        if slices is None:
+            raise DataError("ingest.hash_paths: an extra test folder cannot be read with hashed paths")
+        recorder = replace(recorder, hash_paths=True)
+    rejects = [{**reject, "path": recorder.path(reject["path"])} for reject in rejects]
+    rows = inspect_all(candidates, decode_limits(params), params.workers, recorder)
     rejects += [{key: row[key] for key in REJECT_COLUMNS} for row in rows if "reason" in row]
     images = pd.DataFrame([row for row in rows if "reason" not in row], columns=MANIFEST_COLUMNS[:-1])
     images["outlier"] = flag_outliers(images, params) if len(images) else pd.Series(dtype=str)
-    # Paths relative to the source: no machine's folder layout in any output, and the same
-    # manifests wherever the data is kept.
-    images["path"] = [relative_to_source(path, params.source) for path in images["path"]]
     images = images.sort_values(["label", "path"], kind="mergesort").reset_index(drop=True)
-    rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS)
-    rejects_frame["path"] = [relative_to_source(path, params.source) for path in rejects_frame["path"]]
-    rejects_frame = rejects_frame.sort_values("path", kind="mergesort")
+    rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("path", kind="mergesort")
 
     counts = images["label"].value_counts()
     short = {label: int(counts.get(label, 0)) for label in labels if counts.get(label, 0) < params.min_per_class}

@@ -294,7 +294,14 @@ def load_annotated_set(
     class), or YOLO's images/ + labels/ with class ids named by `ingest.classes`."""
     yolo = (Path(folder) / "images").is_dir() and (Path(folder) / "labels").is_dir()
     found = scan(
-        ingest.model_copy(update={"source": folder, "classes": ingest.classes if yolo else None, "min_per_class": 1}),
+        ingest.model_copy(
+            update={
+                "source": folder,
+                "classes": ingest.classes if yolo else None,
+                "min_per_class": 1,
+                "hash_paths": False,
+            }
+        ),
         min_classes=1,
     )
     unknown = sorted(set(found.images["label"]) - set(classes))

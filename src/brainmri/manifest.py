@@ -26,8 +26,14 @@ MANIFEST_COLUMNS = [
     "black_fraction",
     "phash",
     "boxes",
+    # Scanner files' patient, study, series and slice position as salted hashes; empty for image files.
+    "patient",
+    "study",
+    "series",
+    "position",
     "outlier",
 ]
+KEY_COLUMNS = ["patient", "study", "series", "position"]
 REJECT_COLUMNS = ["path", "label", "reason"]
 
 

@@ -81,8 +81,9 @@ def _data(params: Params, ingest: dict, dedup: dict, split: dict, classes: list[
         f"{_number(dedup.get('exact_duplicates_removed'))} exact and "
         f"{_number(dedup.get('near_duplicates_removed'))} near copies removed, "
         f"{_number(dedup.get('conflicting_images_removed'))} with conflicting labels; "
-        f"{_number(split.get('leaked_test_images_removed'))} test images removed as copies of training images.",
-        f"- **Split** (stratified, seed {params.split.seed}, duplicate groups never across splits):",
+        f"{_number(split.get('leaked_test_images_removed'))} test images removed as copies or patients of "
+        "training images.",
+        f"- **Split** (stratified, seed {params.split.seed}, {_kept_apart(split)} never across splits):",
         "",
         "| class | " + " | ".join(SPLITS) + " |",
         "| --- | " + " | ".join("---" for _ in SPLITS) + " |",
@@ -90,6 +91,13 @@ def _data(params: Params, ingest: dict, dedup: dict, split: dict, classes: list[
     for name in [*classes, "total"]:
         lines.append(f"| {name} | " + " | ".join(_number(split.get(f"{s}.{name}")) for s in SPLITS) + " |")
     return [*lines, ""]
+
+
+def _kept_apart(split: dict) -> str:
+    if "patients.train" in split:
+        counts = ", ".join(f"{_number(split.get(f'patients.{name}'))} {name}" for name in SPLITS)
+        return f"duplicate groups and patients ({counts})"
+    return "duplicate groups"
 
 
 def _evaluation(evaluate: dict, classes: list[str], train: dict) -> list[str]:
@@ -186,7 +194,14 @@ def _explanations(gradcam: dict, classes: list[str]) -> list[str]:
     return [*lines, ""]
 
 
-def _limitations(gradcam: dict) -> list[str]:
+def _limitations(gradcam: dict, split: dict) -> list[str]:
+    if split.get("patients_in_several_splits") == 0:
+        patients = "- Patient-level split: no patient has slices on two sides of the split."
+    else:
+        patients = (
+            "- No patient-level split: data without patient keys is split by image and duplicate group, so "
+            "neighbouring slices of one patient can sit on both sides (see `split.group_pattern`)."
+        )
     lines = [
         "## Limitations",
         "",
@@ -194,8 +209,7 @@ def _limitations(gradcam: dict) -> list[str]:
         "- Trained and tested on one collection: the test split shares its sources, scanners and "
         "preprocessing with training, so these figures overstate performance elsewhere (score an external "
         "set with `evaluate.external`).",
-        "- No patient-level split: data without patient keys is split by image and duplicate group, so "
-        "neighbouring slices of one patient can sit on both sides.",
+        patients,
         "- Small test sets give wide intervals: compare runs by the intervals, not by bare numbers.",
     ]
     pointing = gradcam.get("annotated.pointing_game", gradcam.get("boxes.pointing_game"))
@@ -224,6 +238,6 @@ def render_model_card(params: Params, metrics: dict[str, dict]) -> str:
         *_data(params, metrics.get("ingest", {}), metrics.get("dedup", {}), metrics.get("split", {}), classes),
         *_evaluation(evaluate, classes, metrics.get("train", {})),
         *_explanations(gradcam, classes),
-        *_limitations(gradcam),
+        *_limitations(gradcam, metrics.get("split", {})),
     ]
     return "\n".join(lines)

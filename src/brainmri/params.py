@@ -8,6 +8,7 @@ surfacing later as a silent default or a traceback deep inside TensorFlow.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,6 +39,43 @@ class OutlierParams(_Section):
     contrast_z: float = Field(5.0, gt=0, description="flag contrast this many robust SDs off")
 
 
+def _percentile_pair(value: list[float]) -> list[float]:
+    if len(value) != 2 or not 0 <= value[0] < value[1] <= 100:
+        raise ValueError("must be [low, high] with 0 <= low < high <= 100")
+    return value
+
+
+class DicomParams(_Section):
+    window: Literal["auto", "file", "percentile"] = Field(
+        "auto", description="auto: the file's Window Center/Width when present, else percentiles of the slice"
+    )
+    percentiles: list[float] = Field([0.5, 99.5], description="the percentile window's limits")
+    modalities: list[str] = Field(["MR"], min_length=1, description="DICOM Modality values read; others rejected")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _pair(cls, value: list[float]) -> list[float]:
+        return _percentile_pair(value)
+
+
+class NiftiParams(_Section):
+    axis: Literal[0, 1, 2] = Field(
+        2, description="slice along, after reorienting to RAS+: 0 sagittal, 1 coronal, 2 axial"
+    )
+    volume: int = Field(0, ge=0, description="the volume of a 4D file")
+    slices: Literal["all", "middle", "foreground"] = Field(
+        "all", description="every slice, the middle ones, or those with enough tissue"
+    )
+    middle: int = Field(20, ge=1, description="slices: middle keeps this many around the centre")
+    min_foreground: float = Field(0.1, ge=0, le=1, description="slices: foreground keeps slices with this tissue share")
+    percentiles: list[float] = Field([0.5, 99.5], description="each volume's window, from its non-background voxels")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _pair(cls, value: list[float]) -> list[float]:
+        return _percentile_pair(value)
+
+
 class IngestParams(_Section):
     source: str
     classes: list[str] | None = Field(None, description="class folders to use, or YOLO class-id names")
@@ -48,6 +86,11 @@ class IngestParams(_Section):
     max_aspect: float = Field(20.0, ge=1, description="images more elongated than this are rejected undecoded")
     workers: int = Field(0, ge=0, description="decoding processes; 0: one per CPU core")
     outliers: OutlierParams = OutlierParams()
+    hash_paths: bool = Field(
+        False, description="record salted hashes of the paths (which may name patients), not the paths"
+    )
+    dicom: DicomParams = DicomParams()
+    nifti: NiftiParams = NiftiParams()
 
     @field_validator("classes")
     @classmethod
@@ -69,6 +112,24 @@ class SplitParams(_Section):
     val: float = Field(0.15, gt=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
     test_subset: str | None = Field(None, description="use this ingested subset (e.g. Testing) as the test split")
+    group_by: Literal["auto", "duplicate", "patient", "study", "series"] = Field(
+        "auto", description="what never straddles splits besides duplicates; auto: patient when the data has keys"
+    )
+    group_pattern: str | None = Field(
+        None, description="a regex on the image path whose first group is the patient (image files)"
+    )
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _one_group(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                groups = re.compile(value).groups
+            except re.error as error:
+                raise ValueError(f"not a regular expression: {error}") from None
+            if groups < 1:
+                raise ValueError("needs a group, e.g. '^(P\\d+)_': its first group is the patient")
+        return value
 
 
 class AugmentParams(_Section):

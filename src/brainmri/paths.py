@@ -14,6 +14,7 @@ VALIDATED = Path("data/interim/params.validated")
 
 MANIFEST = Path("data/interim/manifest.csv")
 REJECTS = Path("data/interim/rejects.csv")
+SLICES = Path("data/interim/slices")  # scanner files' slices as 8-bit PNGs, read by the stages after ingest
 DATA_REPORT = Path("reports/data")
 
 DEDUP = Path("data/interim/dedup.csv")
@@ -53,7 +54,7 @@ def metrics_file(stage: str) -> Path:
 
 STAGE_OUTPUTS: dict[str, list[Path]] = {
     "validate": [VALIDATED],
-    "ingest": [MANIFEST, REJECTS, DATA_REPORT, metrics_file("ingest")],
+    "ingest": [MANIFEST, REJECTS, SLICES, DATA_REPORT, metrics_file("ingest")],
     "dedup": [DEDUP, DUPLICATE_GROUPS, metrics_file("dedup")],
     "split": [SPLIT, LEAKAGE, metrics_file("split")],
     "balance": [PREPARED, metrics_file("balance")],

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.figures import pyplot, save
-from brainmri.images import open_image
+from brainmri.images import open_image, source_file
 
 SAMPLES_PER_CLASS = 6
 SAMPLE_SIDE = 160
@@ -30,7 +30,7 @@ def sample_grid(images: pd.DataFrame, source: str | Path, path: Path) -> None:
         for axis in row:
             axis.axis("off")
         for axis, (_, image) in zip(row, members.iloc[picks].iterrows()):
-            picture = open_image(Path(source) / image["path"]).convert("L")
+            picture = open_image(source_file(source, image["path"])).convert("L")
             picture.thumbnail((SAMPLE_SIDE, SAMPLE_SIDE))
             axis.imshow(np.asarray(picture), cmap="gray", vmin=0, vmax=255)
             for box in filter(None, image["boxes"].split(";")):

@@ -21,7 +21,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from brainmri.audit import AuditLog
 from brainmri.batching import MicroBatcher
-from brainmri.inference import BadImage, Predictor, decode_bytes
+from brainmri.inference import BadImage, Predictor
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.params import ServeParams
 
@@ -81,7 +81,7 @@ def create_app(predictor: Predictor, settings: ServeParams, audit: AuditLog | No
         if not decodes.acquire(timeout=settings.timeout_s):
             return busy("no decoding slot free")
         try:
-            image = predictor.array(decode_bytes(data, name, predictor.limits))
+            image = predictor.array(predictor.decode_upload(data, name))
         except BadImage as error:
             return jsonify(error=str(error)), 400
         finally:
