@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from brainmri.params import Params, ParamsError, check_folders, flatten, load_params, special_files
 
@@ -133,3 +134,16 @@ def test_special_files_in_the_source_are_named_before_dvc_reads_them(tmp_path):
         check_folders(params)
     (source / "glioma" / "pipe.jpg").unlink()
     check_folders(params)
+
+
+def test_a_labels_table_missing_from_the_source_is_named(tmp_path):
+    params = Params.model_validate({"ingest": {"source": str(tmp_path), "labels_csv": "labels.csv"}})
+    with pytest.raises(ParamsError, match="ingest.labels_csv: no file 'labels.csv'"):
+        check_folders(params)
+    (tmp_path / "labels.csv").write_text("patient,label\n")
+    check_folders(params)
+
+
+def test_a_group_pattern_needs_a_group():
+    with pytest.raises(ValidationError, match="needs a group"):
+        Params.model_validate({"ingest": {"source": "x"}, "split": {"group_pattern": "P\\d+"}})

@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 
 from brainmri import scanner
+from brainmri.errors import DataError
 from brainmri.images import DecodeLimits, source_file
 from brainmri.ingest import scan
 from brainmri.params import IngestParams
@@ -236,3 +237,35 @@ def test_the_key_salt_is_made_once_outside_the_repository_and_kept(tmp_path, mon
     assert (tmp_path / "config" / "key_salt").stat().st_mode & 0o777 == 0o600
     monkeypatch.setenv("BRAINMRI_KEY_SALT", "shared")
     assert scanner.key_salt() == b"shared"
+
+
+def test_labels_come_from_a_table_of_patients_or_paths_and_bad_rows_are_rejected(tmp_path):
+    source = tmp_path / "collection"
+    write_dicom_series(source / "a", "ann", 0, 3)
+    write_dicom_series(source / "b", "ben", 1, 3)
+    write_dicom_series(source / "c", "cat", 1, 2)
+    write_dicom_series(source / "d", "dan", 0, 2)
+    synthetic_image(0, 0).save(source / "export.png")
+    patient = PLANTED["PatientID"]
+    (source / "labels.csv").write_text(
+        f"patient,label\n{patient}ann,glioma\n{patient}ben,meningioma\n{patient}ann,glioma\n"
+        f"{patient}cat,glioma\n{patient}cat,meningioma\n,glioma\n"
+    )
+    params = IngestParams(source=str(source), workers=1, min_per_class=1, labels_csv="labels.csv")
+    result = scan(params, slices=tmp_path / "slices")
+    assert result.layout == "labels-csv"
+    assert sorted(result.images["label"].value_counts().items()) == [("glioma", 3), ("meningioma", 3)]
+    reasons = result.rejects.groupby("reason").size().to_dict()
+    assert reasons == {
+        "conflicting labels for its patient in ingest.labels_csv": 2,  # cat
+        "no label for its patient in ingest.labels_csv": 3,  # dan's two slices and the PNG
+        "ingest.labels_csv row without a key or label": 1,
+    }
+    assert not [value for value in PLANTED.values() if value in result.rejects.to_csv() + result.images.to_csv()]
+
+    (source / "labels.csv").write_text("path,label\nexport.png,glioma\nd/IM0000,meningioma\n")
+    by_path = scan(params, slices=tmp_path / "slices").images
+    assert sorted(zip(by_path["path"], by_path["label"])) == [("d/IM0000#0", "meningioma"), ("export.png", "glioma")]
+    (source / "labels.csv").write_text("file,diagnosis\nexport.png,glioma\n")
+    with pytest.raises(DataError, match="labels.csv' needs a 'label' column"):
+        scan(params, slices=tmp_path / "slices")

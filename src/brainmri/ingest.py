@@ -37,6 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from brainmri.errors import DataError
 from brainmri.images import DecodeLimits, ImageTooLarge, open_image, sha256_file, slice_file
+from brainmri.labels import assign_labels, read_label_table, table_rejects
 from brainmri.manifest import KEY_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
 from brainmri.params import IngestParams
 from brainmri.scanner import (
@@ -196,6 +197,10 @@ def discover(params: IngestParams) -> tuple[list[Candidate], list[dict], str, li
     root = Path(os.path.realpath(source))
     extensions = {ext.lower() for ext in params.extensions}
     rejects: list[dict] = []
+    if params.labels_csv:  # labels from the table: every file below the source, labelled after decoding
+        table = (source / params.labels_csv).as_posix()
+        found = [Candidate(path.as_posix(), "") for path in _walk(source, root, extensions, rejects, "")]
+        return found, [reject for reject in rejects if reject["path"] != table], "labels-csv", []
     if (source / "images").is_dir() and (source / "labels").is_dir():
         return _yolo_candidates(source, params, root, extensions, rejects), rejects, "yolo", list(params.classes)
 
@@ -234,7 +239,7 @@ class Recorder:
     def pixels(self, recorded: str, image: Image.Image) -> Path:
         """Write an image as the PNG that `brainmri.images.source_file` finds for `recorded`."""
         target = slice_file(recorded, self.slices)
-        image.save(target, format="PNG")
+        image.save(target, format="PNG", compress_level=1)  # lossless either way; the fastest level
         return target
 
 
@@ -382,6 +387,25 @@ def flag_outliers(images: pd.DataFrame, params: IngestParams) -> pd.Series:
     return reasons.map("; ".join)
 
 
+def _labels_from_table(
+    images: pd.DataFrame, params: IngestParams, recorder: Recorder
+) -> tuple[pd.DataFrame, list[str], list[dict]]:
+    """Label every decoded row from ingest.labels_csv; the classes are the table's labels (or ingest.classes)."""
+    kind, table = read_label_table(Path(params.source) / params.labels_csv)
+    table, rejects = table_rejects(table, params.labels_csv)
+    images, unlabelled = assign_labels(images, kind, table, recorder.salt, recorder.hash_paths)
+    rejects += unlabelled
+    labels = params.classes or sorted(set(table["label"].str.strip()))
+    if params.classes:
+        outside = ~images["label"].isin(params.classes)
+        rejects += [
+            {"path": path, "label": label, "reason": "label not in ingest.classes"}
+            for path, label in zip(images.loc[outside, "path"], images.loc[outside, "label"])
+        ]
+        images = images[~outside]
+    return images, labels, rejects
+
+
 def scan(params: IngestParams, min_classes: int = 2, slices: Path | None = None) -> Scan:
     """Discover, decode and check every image; `min_classes` is 1 for an extra test folder.
     Scanner files' slices are written under `slices` (None: scanner files are rejected)."""
@@ -402,6 +426,9 @@ def scan(params: IngestParams, min_classes: int = 2, slices: Path | None = None)
     rows = inspect_all(candidates, decode_limits(params), params.workers, recorder)
     rejects += [{key: row[key] for key in REJECT_COLUMNS} for row in rows if "reason" in row]
     images = pd.DataFrame([row for row in rows if "reason" not in row], columns=MANIFEST_COLUMNS[:-1])
+    if params.labels_csv:
+        images, labels, more_rejects = _labels_from_table(images, params, recorder)
+        rejects += more_rejects
     images["outlier"] = flag_outliers(images, params) if len(images) else pd.Series(dtype=str)
     images = images.sort_values(["label", "path"], kind="mergesort").reset_index(drop=True)
     rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("path", kind="mergesort")

@@ -86,6 +86,9 @@ class IngestParams(_Section):
     max_aspect: float = Field(20.0, ge=1, description="images more elongated than this are rejected undecoded")
     workers: int = Field(0, ge=0, description="decoding processes; 0: one per CPU core")
     outliers: OutlierParams = OutlierParams()
+    labels_csv: str | None = Field(
+        None, description="a table in ingest.source: label per path, patient, study or series, not per folder"
+    )
     hash_paths: bool = Field(
         False, description="record salted hashes of the paths (which may name patients), not the paths"
     )
@@ -377,6 +380,9 @@ def check_folders(params: Params) -> None:
     for key, folder in named.items():
         if folder is not None and not Path(folder).is_dir():
             raise ParamsError(f"{key}: folder '{folder}' does not exist")
+    labels = params.ingest.labels_csv
+    if labels is not None and not (Path(params.ingest.source) / labels).is_file():
+        raise ParamsError(f"ingest.labels_csv: no file '{labels}' in ingest.source '{params.ingest.source}'")
     special = special_files(params.ingest.source)
     if special:
         listed = ", ".join(f"'{path}'" for path in special[:5]) + (" ..." if len(special) > 5 else "")

@@ -103,7 +103,7 @@ def window_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Map [low, high] linearly onto 0..255, clipping outside: the one windowing of every scanner slice."""
     if high <= low:
         return np.zeros(values.shape, dtype=np.uint8)
-    scaled = (values.astype(np.float64) - low) * (255.0 / (high - low))
+    scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
     return np.round(np.clip(scaled, 0, 255)).astype(np.uint8)
 
 
@@ -184,7 +184,7 @@ def read_dicom(source, options: ScannerOptions, limits: DecodeLimits, salt: byte
         raise ScannerFileError(f"cannot decode the pixel data{named}: {error}".replace("\n", " ")) from None
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     pixels = pixels.reshape(frames, int(dataset.Rows), int(dataset.Columns))
-    values = apply_modality_lut(pixels, dataset).astype(np.float64)
+    values = apply_modality_lut(pixels, dataset).astype(np.float32)
     slices = []
     for frame in range(frames):
         grey = window_to_uint8(values[frame], *dicom_window(dataset, values[frame], options))
@@ -223,7 +223,7 @@ def read_nifti(
         image = nibabel.as_closest_canonical(image)
         in_plane = [side for axis, side in enumerate(image.shape) if axis != options.axis]
         limits.check(*in_plane)
-        volume = np.moveaxis(np.asarray(image.dataobj, dtype=np.float64), options.axis, -1)
+        volume = np.moveaxis(np.asarray(image.dataobj, dtype=np.float32), options.axis, -1)
     except ScannerFileError:
         raise
     except ImageTooLarge as error:
