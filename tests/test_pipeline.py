@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from nibabel.testing import data_path as nibabel_data
@@ -577,8 +578,12 @@ def test_scanner_files_run_end_to_end_with_patients_apart_and_no_identifier_anyw
     result = run(["dvc", "repro"], repo, env=env)
     assert stages_run(result.stdout) == ALL_STAGES
 
-    manifest = (repo / "data" / "interim" / "manifest.csv").read_text().splitlines()
-    assert len(manifest) == 1 + 8 * 5 + 4 + 5 + 5  # a row per slice
+    manifest = pd.read_csv(repo / "data" / "interim" / "manifest.csv", keep_default_na=False)
+    assert len(manifest) == 8 * 5 + 4 + 5 + 5  # a row per slice
+    assert manifest["path"].str.fullmatch(r"[0-9a-f]{16}#\d+").all()  # ingest.hash_paths
+    sizes = manifest.groupby(["width", "height"]).size().to_dict()
+    assert sizes == {(48, 48): 40, (64, 64): 4, (33, 41): 5, (128, 96): 5}  # DICOM, bundled MR, the two volumes
+    assert manifest["patient"].str.fullmatch(r"[0-9a-f]{16}").all() and manifest["patient"].nunique() == 11
     rejects = (repo / "data" / "interim" / "rejects.csv").read_text()
     assert rejects.count("\n") == 2 and "cannot decode the pixel data" in rejects
     split = json.loads((repo / "metrics" / "split.json").read_text())

@@ -269,3 +269,22 @@ def test_labels_come_from_a_table_of_patients_or_paths_and_bad_rows_are_rejected
     (source / "labels.csv").write_text("file,diagnosis\nexport.png,glioma\n")
     with pytest.raises(DataError, match="labels.csv' needs a 'label' column"):
         scan(params, slices=tmp_path / "slices")
+
+
+def test_a_patient_column_beside_paths_joins_the_volumes_of_one_case(tmp_path):
+    source = tmp_path / "brats"
+    for case in ("case1", "case2"):
+        for sequence in ("t1", "flair"):
+            (source / case).mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(nibabel_data) / "anatomical.nii", source / case / f"{case}_{sequence}.nii")
+    rows = [
+        f"{case}/{case}_{seq}.nii,{label},{case}"
+        for case, label in (("case1", "a"), ("case2", "b"))
+        for seq in ("t1", "flair")
+    ]
+    (source / "labels.csv").write_text("path,label,patient\n" + "\n".join(rows) + "\n")
+    params = IngestParams(source=str(source), workers=1, min_per_class=1, labels_csv="labels.csv")
+    params = params.model_copy(update={"nifti": params.nifti.model_copy(update={"slices": "middle", "middle": 2})})
+    images = scan(params, slices=tmp_path / "slices").images
+    assert len(images) == 8 and images.groupby("label")["patient"].nunique().to_dict() == {"a": 1, "b": 1}
+    assert images["patient"].str.fullmatch(r"[0-9a-f]{16}").all() and "case1" not in "".join(images["patient"])

@@ -119,7 +119,9 @@ def test_predict_reads_a_dicom_folder_and_a_nifti_volume_slice_by_slice(repo, tm
     assert [row["path"] for row in rows] == [f"{path}#0" for path in series] + [f"{volume}#{i}" for i in range(slices)]
     assert [row["slice"] for row in rows] == [0, 0, 0, *range(slices)]
     assert all(row["predicted_class"] in CLASSES for row in rows)
-    assert not [value for value in PLANTED.values() if value in result.stdout]
+    audit = (repo / "logs" / "predictions.jsonl").read_text()
+    assert not [value for value in PLANTED.values() if value in result.stdout + result.stderr + audit]
+    assert "ZZQFOLDER" not in audit  # the output names the files given; the audit trail never does
     assert len(list((tmp_path / "cams").glob("*.png"))) == len(rows)
 
 
@@ -170,12 +172,13 @@ def test_predict_endpoint_returns_the_prediction_with_the_model_version(server):
     assert Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"]))).format == "PNG"
 
 
-def test_a_dicom_upload_is_windowed_as_ingest_reads_it_and_nothing_identifying_comes_back(server, tmp_path):
+def test_a_dicom_upload_is_windowed_as_ingest_reads_it_and_nothing_identifying_comes_back(repo, server, tmp_path):
     dicom = write_dicom_series(tmp_path, "upload", 1, 1)[0].read_bytes()
     response = requests.post(f"{server}/predict", files={"file": ("IM0000", dicom)}, timeout=60)
     assert response.status_code == 200, response.text
     assert response.json()["predicted_class"] in CLASSES
-    assert not [value for value in PLANTED.values() if value in response.text]
+    audit = (repo / "logs" / "predictions.jsonl").read_text()
+    assert not [value for value in PLANTED.values() if value in response.text + audit]
     truncated = requests.post(f"{server}/predict", files={"file": ("cut.dcm", dicom[:400])}, timeout=60)
     assert truncated.status_code == 400 and "cut.dcm" in truncated.json()["error"]
 

@@ -19,13 +19,16 @@ SLICE_SUFFIX = re.compile(r"#\d+$")
 
 
 def read_label_table(path: str | Path) -> tuple[str, pd.DataFrame]:
-    """(key kind, table of key and label). Raises DataError naming the file for a table without a
-    `label` column and exactly one key column (path, patient, study or series)."""
+    """(key kind, table of key, label and, beside paths, the patient when given). Raises DataError
+    naming the file for a table without a `label` column and exactly one key column (path, patient,
+    study or series; a `patient` column beside `path` names the file's patient instead)."""
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
         raise DataError(f"ingest.labels_csv: cannot read '{path}': {error}") from None
     keys = [column for column in KEY_KINDS if column in table.columns]
+    if keys[:2] == ["path", "patient"] and len(keys) == 2:
+        return "path", table[["path", "label", "patient"]].rename(columns={"path": "key"})
     if "label" not in table.columns or len(keys) != 1:
         raise DataError(
             f"ingest.labels_csv: '{path}' needs a 'label' column and exactly one key column of {list(KEY_KINDS)}, "
@@ -69,4 +72,9 @@ def assign_labels(
     ]
     usable = ~unlabelled & ~conflicting
     labelled = images[usable].assign(label=found[usable].map(lambda value: value[0]))
+    if "patient" in table.columns:  # e.g. BraTS: the four sequences of a case are one patient
+        patients = pd.Series(table["patient"].map(lambda value: hashed_key(value, salt)).to_numpy(), index=table_keys)
+        patients = patients[~patients.index.duplicated()]
+        named = row_keys[usable].map(patients).fillna("")
+        labelled = labelled.assign(patient=named.where(named != "", labelled["patient"]))
     return labelled, rejects
