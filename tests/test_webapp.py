@@ -9,6 +9,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,25 @@ def test_the_batcher_hands_an_error_to_every_waiting_request_and_keeps_going():
             future.result(timeout=5)
     assert batcher.submit(np.array([1.0, 2.0])).result(timeout=5) == 3.0
     assert calls == [2, 1]
+
+
+def test_a_single_frame_mr_dicom_upload_is_read_and_others_are_named():
+    from pydicom.data import get_testdata_file
+
+    from helpers import mr_template
+
+    client = create_app(predictor(), ServeParams()).test_client()
+    mr = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    assert post(client, mr, "IM0001").status_code == 200
+    frames = mr_template()
+    frames.NumberOfFrames, frames.PixelData = 2, frames.PixelData * 2
+    buffer = io.BytesIO()
+    frames.save_as(buffer)
+    refused = {
+        "frames.dcm": (buffer.getvalue(), "2 frames"),
+        "ct.dcm": (Path(get_testdata_file("CT_small.dcm")).read_bytes(), "modality 'CT'"),
+        "cut.dcm": (mr[:300], "cut.dcm"),
+    }
+    for name, (data, message) in refused.items():
+        response = post(client, data, name)
+        assert response.status_code == 400 and message in response.get_json()["error"], (name, response.get_json())
