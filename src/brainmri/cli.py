@@ -71,10 +71,11 @@ def predict(args: argparse.Namespace) -> int:
         Path(args.gradcam).mkdir(parents=True, exist_ok=True)
     failures = 0
     progress = tqdm(
-        total=len(files), unit="image", file=sys.stderr, disable=not any(Path(item).is_dir() for item in args.paths)
+        total=len(files), unit="file", file=sys.stderr, disable=not any(Path(item).is_dir() for item in args.paths)
     )
     for number, result in enumerate(predictor.predict_files(files, args.batch_size)):
-        progress.update()
+        if result.get("slice", 0) == 0:  # the bar counts files; a scanner file gives a result per slice
+            progress.update()
         failures += "error" in result
         if audit and "error" not in result:
             audit.record(
