@@ -76,6 +76,18 @@ def test_stage_run_logs_params_and_tags_to_the_default_store(tmp_path, monkeypat
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
 
 
+def test_an_existing_experiment_without_the_training_marker_gets_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_experiment("older")  # as an earlier version, or a user, made it
+    with tracking.stage_run("ingest", TrackingParams(experiment="older"), {}):
+        pass
+    assert client.get_experiment_by_name("older").tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_unreachable_tracking_server_stops_the_stage_fast_naming_the_uri(monkeypatch):
     uri = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -79,6 +79,8 @@ def pipeline_id(params_path: str | Path = "params.yaml") -> str:
 def _experiment_id(name: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older version or by hand
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     # Artifacts next to the store, by absolute path: a temp copy's cwd would vanish.
     location = (project_root() / ARTIFACT_DIR).as_uri()
