@@ -2,6 +2,10 @@
 metrics with bootstrap intervals, calibration, selective prediction (human
 review), optional TTA, and an optional external test set."""
 
+from brainmri.backend import check_backend, select_keras_backend
+
+select_keras_backend()  # train.backend: before anything imports Keras, which reads it once
+
 import json
 import shutil
 
@@ -159,7 +163,12 @@ def write_plots(labels, probabilities, classes: list[str], p: EvaluateParams, ma
 def main() -> None:
     params = load_params()
     p = params.evaluate
+    try:
+        backend = check_backend(params.train.backend)
+    except ValueError as error:
+        raise ModelError(str(error)) from None
     with stage_run("evaluate", params.tracking, flatten(p, "evaluate")) as run:
+        run.set_tag("brainmri.evaluate.backend", backend)
         shutil.rmtree(EVALUATE_FIGURES, ignore_errors=True)
         EVALUATE_FIGURES.mkdir(parents=True)
         model, meta = load_model(MODELS)

@@ -5,6 +5,10 @@ With pretrained weights the backbone is frozen first and the head trained;
 With `train.strategy: multi_worker` every machine runs this script; they
 train one model together and only the chief writes files and logs."""
 
+from brainmri.backend import select_keras_backend
+
+select_keras_backend()  # train.backend: before anything imports Keras, which reads it once
+
 import hashlib
 import json
 import os
@@ -52,8 +56,9 @@ from brainmri.training import (
     compile_model,
     configure_hardware,
     fit_model,
-    labelled_batches,
     steps_per_epoch,
+    training_batches,
+    validation_batches,
 )
 
 
@@ -74,26 +79,25 @@ def load_shards(p: TrainParams, hardware: Hardware) -> ShardIndex:
     return index
 
 
-def model_builder(p: TrainParams, num_classes: int) -> Callable[[str | None], keras.Model]:
-    """Builds the params' model with the given weights (None: random, as for a float32 copy)."""
-    return partial(model_from_params, p, num_classes)
+def model_builder(p: TrainParams, num_classes: int, hardware: Hardware) -> Callable[[str | None], keras.Model]:
+    """Builds the params' model with the given weights (None: random, as for a float32 copy);
+    its random layers only where the input loader does not do the random transforms."""
+    return partial(model_from_params, p, num_classes, in_model_augmentation=not hardware.augments_in_loader)
 
 
 def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: ShardIndex, run) -> dict[str, list]:
     """Train (a pretrained backbone frozen), then fine-tune its top when asked; the whole history."""
     global_batch = p.batch_size * hardware.replicas
-    # Across machines every worker needs a share of every training batch: the last partial one is dropped.
-    drop_remainder = hardware.multi_worker
+    # Where every worker or device needs a share of every training batch, the last partial one is dropped.
+    drop_remainder = hardware.equal_batches
     if drop_remainder and index.size("train") < global_batch:
         raise DataError(
             f"the train split has {index.size('train')} images, fewer than one global batch "
             f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
         )
     steps = steps_per_epoch(index, global_batch, drop_remainder)
-    train_data = labelled_batches(
-        index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder, cutmix=p.cutmix
-    )
-    val_data = labelled_batches(index, "val", global_batch)
+    train_data = training_batches(index, p, hardware, global_batch, drop_remainder)
+    val_data = validation_batches(index, hardware, global_batch)
     num_classes = len(index.classes)
     with hardware.strategy.scope():
         if p.model in APPLICATIONS and p.weights is not None:
@@ -137,11 +141,14 @@ def finish(
     from, and (across machines) proof that every worker holds the same model."""
     if hardware.multi_worker:
         average_batch_norm_statistics(model, hardware.strategy)  # each worker's follow only its own batches
-    if hardware.precision != "float32" or hardware.multi_worker:
+    distributed = hardware.multi_worker or (hardware.backend == "jax" and hardware.strategy.distribution)
+    if hardware.precision != "float32" or distributed:
         # The saved model computes in float32 whatever training used: the same
         # answers on every machine, and exporters that know no bfloat16. The copy
         # is also free of any distribution strategy, so what follows runs locally.
         keras.mixed_precision.set_global_policy("float32")
+        if hardware.backend == "jax":
+            keras.distribution.set_distribution(None)
         model = float32_copy(model, build(None))
     if p.model == "compact_cnn" and p.norm == "batch":
         images, _, _ = index.arrays("train")
@@ -185,6 +192,7 @@ def save_and_log(
         "crop": index.crop,
         "model": p.model,
         "trained_precision": hardware.precision,
+        "trained_backend": hardware.backend,
         "temperature": calibration["temperature"],
         **validation,
     }
@@ -205,7 +213,7 @@ def save_and_log(
     run.log_artifact(str(MODELS / "model.json"), "model_meta")
     run.log_keras_model(
         model,
-        example=next(iter(index.dataset("val").batch(2)))[0].numpy(),
+        example=index.arrays("val" if index.size("val") else "train")[0][:2],
         registered_name=params.tracking.registered_model,
         digest=sha256_file(MODELS / MODEL_FILE),
     )
@@ -231,7 +239,7 @@ def main() -> None:
         keras.utils.set_random_seed(p.seed)
         index = load_shards(p, hardware)
         log_datasets(index, params.ingest.source, run)
-        build = model_builder(p, len(index.classes))
+        build = model_builder(p, len(index.classes), hardware)
         with hardware.strategy.scope():
             model = build(p.weights)
         print(f"train: {p.model}, {model.count_params():,} parameters, {hardware.describe()}")

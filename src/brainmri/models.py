@@ -228,8 +228,11 @@ def build_model(
     return model
 
 
-def model_from_params(p: TrainParams, num_classes: int, weights: str | None = None) -> keras.Model:
-    """The model params.yaml's train section describes, with these weights (None: random)."""
+def model_from_params(
+    p: TrainParams, num_classes: int, weights: str | None = None, in_model_augmentation: bool = True
+) -> keras.Model:
+    """The model params.yaml's train section describes, with these weights (None: random); with
+    `in_model_augmentation` False, without the random layers (the input loader does those transforms)."""
     return build_model(
         p.model,
         num_classes,
@@ -238,7 +241,7 @@ def model_from_params(p: TrainParams, num_classes: int, weights: str | None = No
         p.width,
         p.dropout,
         weights=weights,
-        augment=p.augment,
+        augment=p.augment if in_model_augmentation else None,
         seed=p.seed,
         norm=p.norm,
         pooling=p.pooling,

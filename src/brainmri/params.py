@@ -224,13 +224,20 @@ class TrainParams(_Section):
     tensorboard: bool = Field(False, description="also write TensorBoard event files under logs/tensorboard/")
     reduce_lr_patience: int = Field(3, ge=1)
     fine_tune: FineTuneParams = FineTuneParams()
+    backend: Literal["auto", "tensorflow", "jax"] = Field(
+        "auto", description="Keras backend of the train and evaluate stages; auto: $KERAS_BACKEND, else TensorFlow"
+    )
     device: Literal["auto", "cpu", "gpu"] = "auto"
     mixed_precision: bool | Literal["auto"] = Field(
-        "auto", description="auto: float16 on GPU, bfloat16 on CPUs with native bfloat16, else float32"
+        "auto",
+        description="auto: on GPU bfloat16 (float16 before compute capability 8.0); on CPU bfloat16 under "
+        "TensorFlow where the CPU has it natively; else float32",
     )
     xla: bool | Literal["auto"] = Field("auto", description="XLA compilation; auto: Keras decides per model")
     strategy: Literal["auto", "single", "mirrored", "multi_worker"] = Field(
-        "auto", description="multi_worker: one process per machine, the cluster in TF_CONFIG"
+        "auto",
+        description="multi_worker: one process per machine (TensorFlow: the cluster in TF_CONFIG; "
+        "JAX: keras.distribution.initialize's KERAS_DISTRIBUTION_* variables)",
     )
     deterministic: bool = Field(False, description="TensorFlow op determinism (slower)")
 

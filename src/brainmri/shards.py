@@ -1,5 +1,7 @@
 """Training-ready data: a few TFRecord shards per split, written by `balance`
-and streamed by `train`, `evaluate` and `gradcam` with tf.data.
+and read by `train`, `evaluate` and `gradcam`: with tf.data on TensorFlow, and
+without TensorFlow (`ShardIndex.arrays`) on the other Keras backends and wherever the
+whole split goes into memory.
 
 Images are stored raw (uint8, already resized), so reading needs no JPEG
 decoding and the input pipeline stays far ahead of the training step."""
@@ -7,14 +9,20 @@ decoding and the input pipeline stays far ahead of the training step."""
 from __future__ import annotations
 
 import json
+import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from brainmri.errors import DataError
 
 INDEX_FILE = "index.json"
+_PROTO_PACKAGE = "brainmri.tfexample"
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,83 @@ def write_split(records: list[Record], folder: Path, split: str, shard_size: int
                 writer.write(example.SerializeToString(deterministic=True))
         names.append(name)
     return names
+
+
+@cache
+def _example_class() -> type:
+    """tf.train.Example's protobuf message, built from its schema in a private descriptor pool:
+    no TensorFlow, and no clash with TensorFlow's own `tensorflow.Example` when both are loaded."""
+    field = descriptor_pb2.FieldDescriptorProto
+    schema = descriptor_pb2.FileDescriptorProto(name="brainmri/example.proto", package=_PROTO_PACKAGE, syntax="proto3")
+
+    def message(name: str, *fields: tuple[str, int, int, int, str | None]) -> descriptor_pb2.DescriptorProto:
+        proto = schema.message_type.add(name=name)
+        for field_name, number, kind, label, type_name in fields:
+            added = proto.field.add(name=field_name, number=number, type=kind, label=label)
+            if type_name:
+                added.type_name = type_name
+        return proto
+
+    repeated, optional = field.LABEL_REPEATED, field.LABEL_OPTIONAL
+    message("BytesList", ("value", 1, field.TYPE_BYTES, repeated, None))
+    message("FloatList", ("value", 1, field.TYPE_FLOAT, repeated, None))
+    message("Int64List", ("value", 1, field.TYPE_INT64, repeated, None))
+    message(
+        "Feature",
+        ("bytes_list", 1, field.TYPE_MESSAGE, optional, f".{_PROTO_PACKAGE}.BytesList"),
+        ("float_list", 2, field.TYPE_MESSAGE, optional, f".{_PROTO_PACKAGE}.FloatList"),
+        ("int64_list", 3, field.TYPE_MESSAGE, optional, f".{_PROTO_PACKAGE}.Int64List"),
+    )
+    features = message(
+        "Features", ("feature", 1, field.TYPE_MESSAGE, repeated, f".{_PROTO_PACKAGE}.Features.FeatureEntry")
+    )
+    entry = features.nested_type.add(name="FeatureEntry")
+    entry.options.map_entry = True
+    entry.field.add(name="key", number=1, type=field.TYPE_STRING, label=optional)
+    entry.field.add(
+        name="value", number=2, type=field.TYPE_MESSAGE, label=optional, type_name=f".{_PROTO_PACKAGE}.Feature"
+    )
+    message("Example", ("features", 1, field.TYPE_MESSAGE, optional, f".{_PROTO_PACKAGE}.Features"))
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(schema)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PROTO_PACKAGE}.Example"))
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's checksum: CRC-32C, rotated and offset."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_payloads(path: Path) -> Iterator[bytes]:
+    """Each record of a TFRecord file, its length and data checksums verified as TensorFlow does."""
+    with open(path, "rb") as file:
+        number = 0
+        while header := file.read(12):
+            number += 1
+            if len(header) < 12:
+                raise DataError(f"{path}: record {number} is truncated (rerun balance)")
+            length, length_crc = struct.unpack("<QI", header)
+            if _masked_crc(header[:8]) != length_crc:
+                raise DataError(f"{path}: record {number} has a corrupt length (rerun balance)")
+            payload = file.read(length)
+            footer = file.read(4)
+            if len(payload) < length or len(footer) < 4:
+                raise DataError(f"{path}: record {number} is truncated (rerun balance)")
+            if _masked_crc(payload) != struct.unpack("<I", footer)[0]:
+                raise DataError(f"{path}: record {number} fails its checksum (rerun balance)")
+            yield payload
+
+
+def parse_record(payload: bytes) -> Record:
+    """One shard record (a serialized tf.train.Example), without TensorFlow; the image still flat."""
+    feature = _example_class().FromString(payload).features.feature
+    return Record(
+        image=np.frombuffer(feature["image"].bytes_list.value[0], np.uint8),
+        label=int(feature["label"].int64_list.value[0]),
+        path=feature["path"].bytes_list.value[0].decode(),
+        augmented=bool(feature["augmented"].int64_list.value[0]),
+    )
 
 
 @dataclass(frozen=True)
@@ -104,11 +189,23 @@ class ShardIndex:
         return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """The whole split in memory (evaluation and Grad-CAM sets are small)."""
-        images, labels, paths = [], [], []
-        for image, label, path in self.dataset(split, with_paths=True).as_numpy_iterator():
-            images.append(image)
-            labels.append(label)
-            paths.append(path.decode())
-        shape = (0, self.image_size, self.image_size, self.channels)
-        return (np.stack(images) if images else np.zeros(shape, np.uint8)), np.array(labels, np.int32), paths
+        """The whole split in memory, read without TensorFlow: uint8 images, int32 labels and paths."""
+        shape = (self.size(split), self.image_size, self.image_size, self.channels)
+        images = np.empty(shape, np.uint8)
+        labels = np.empty(shape[0], np.int32)
+        paths: list[str] = []
+        payloads = (payload for name in self.files[split] for payload in tfrecord_payloads(self.folder / name))
+        for row, payload in enumerate(payloads):
+            if row == shape[0]:
+                raise DataError(f"{self.folder}: the {split} shards hold more records than {INDEX_FILE} counts")
+            record = parse_record(payload)
+            if record.image.size != images[row].size:
+                raise DataError(f"{self.folder}: a {split} record is not {shape[1:]} ({record.path}): rerun balance")
+            images[row] = record.image.reshape(shape[1:])
+            labels[row] = record.label
+            paths.append(record.path)
+        if len(paths) != shape[0]:
+            raise DataError(
+                f"{self.folder}: the {split} shards hold {len(paths)} records, {INDEX_FILE} counts {shape[0]}"
+            )
+        return images, labels, paths

@@ -20,7 +20,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlflow
+try:
+    import mlflow
+except ImportError:  # a machine set up only to train (a GPU host): stages run there with tracking.required false
+    mlflow = None
 
 from brainmri.errors import TrackingError
 from brainmri.params import TrackingParams
@@ -141,9 +144,11 @@ class StageRun:
 
     def keras_callbacks(self) -> list:
         """Per-epoch metrics of `model.fit`, when tracking."""
+        if not self.active:
+            return []
         import mlflow.keras  # imports Keras: only the stages that train pay for it
 
-        return [mlflow.keras.MlflowCallback()] if self.active else []
+        return [mlflow.keras.MlflowCallback()]
 
     def log_keras_model(
         self, model: Any, example: Any, registered_name: str | None = None, digest: str | None = None
@@ -155,11 +160,14 @@ class StageRun:
             return
         from importlib.metadata import version
 
+        import keras
         import mlflow.keras
         from mlflow.models import infer_signature
 
         signature = infer_signature(example, model.predict(example, verbose=0))
-        requirements = [f"{pkg}=={version(pkg)}" for pkg in ("tensorflow", "keras", "numpy")]
+        # The backend it was logged from: a model trained under JAX loads under TensorFlow too.
+        backend = ("jax", "jaxlib") if keras.backend.backend() == "jax" else ("tensorflow",)
+        requirements = [f"{pkg}=={version(pkg)}" for pkg in (*backend, "keras", "numpy")]
         info = mlflow.keras.log_model(
             model,
             name="model",
@@ -201,11 +209,13 @@ def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any], log:
         yield StageRun(active=False)
         return
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
     try:
+        if mlflow is None:
+            raise ImportError("the mlflow package is not installed")
+        mlflow.set_tracking_uri(uri)
         with _fail_fast_http():
             experiment_id = _experiment_id(tracking.experiment)
-    except Exception as exc:  # any failure to reach the store: network, auth, database
+    except Exception as exc:  # any failure to reach the store: package, network, auth, database
         reason = f"MLflow tracking store {uri} cannot be reached ({type(exc).__name__}: {str(exc)[:200]})"
         if tracking.required:
             raise TrackingError(

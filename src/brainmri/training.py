@@ -2,10 +2,11 @@
 early stopping on the best weights, LR schedule (cosine with warm-up, or
 reduction on plateau), best checkpoint, per-epoch history as CSV (a DVC plot)
 and per-epoch MLflow metrics; and the hardware it runs on (CPU, one or more
-GPUs with mixed precision, several machines)."""
+GPUs with mixed precision, several machines) on TensorFlow or JAX."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -18,31 +19,63 @@ import keras
 import numpy as np
 
 from brainmri import multi_worker
+from brainmri.backend import check_backend
 from brainmri.errors import ModelError
+from brainmri.loader import ShardBatches, loader_threads
 from brainmri.params import TrainParams
 from brainmri.shards import ShardIndex
 
 
+class KerasDistribution:
+    """JAX's stand-in for a tf.distribute.Strategy: `keras.distribution` is set once for the
+    whole process, so building and compiling need no scope."""
+
+    def __init__(self, distribution: keras.distribution.Distribution | None) -> None:
+        self.distribution = distribution
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
 @dataclass(frozen=True)
 class Hardware:
-    strategy: Any  # a tf.distribute.Strategy
+    strategy: Any  # a tf.distribute.Strategy, or a KerasDistribution on JAX
     device: str  # "cpu" or "gpu"
-    replicas: int
+    replicas: int  # devices that share each global batch, over all processes
     precision: str  # the Keras dtype policy training runs under
-    multi_worker: bool = False  # MultiWorkerMirroredStrategy: a cluster from TF_CONFIG
+    multi_worker: bool = False  # TensorFlow's MultiWorkerMirroredStrategy: a cluster from TF_CONFIG
     workers: int = 1  # processes training together, one per machine
     chief: bool = True  # the one that writes models/ and metrics/ and logs to MLflow
+    backend: str = "tensorflow"
+    worker_index: int = 0
 
     def describe(self) -> dict[str, Any]:
-        # TensorFlow's MultiWorkerMirroredStrategy is a CollectiveAllReduceStrategy by class name.
-        strategy = "MultiWorkerMirroredStrategy" if self.multi_worker else type(self.strategy).__name__
+        if self.backend == "jax":
+            distribution = self.strategy.distribution
+            strategy = type(distribution).__name__ if distribution else "single device"
+        else:
+            # TensorFlow's MultiWorkerMirroredStrategy is a CollectiveAllReduceStrategy by class name.
+            strategy = "MultiWorkerMirroredStrategy" if self.multi_worker else type(self.strategy).__name__
         return {
+            "backend": self.backend,
             "device": self.device,
             "replicas": self.replicas,
             "precision": self.precision,
             "strategy": strategy,
             "workers": self.workers,
         }
+
+    @property
+    def equal_batches(self) -> bool:
+        """Whether every batch must be whole: each worker, or each of JAX's devices, takes an equal share."""
+        return self.multi_worker or self.workers > 1 or (self.backend == "jax" and self.replicas > 1)
+
+    @property
+    def augments_in_loader(self) -> bool:
+        """Whether the random transforms run in the input loader rather than as layers of the model:
+        on TensorFlow the layers run inside the compiled graph at no measurable cost, elsewhere they
+        bound training."""
+        return self.backend != "tensorflow"
 
 
 def cpu_has_bfloat16() -> bool:
@@ -55,11 +88,74 @@ def cpu_has_bfloat16() -> bool:
 
 
 def configure_hardware(params: TrainParams) -> Hardware:
-    """Devices, precision, determinism and distribution strategy from `train.*`.
+    """Devices, precision, determinism and distribution from `train.*`, on the backend Keras runs on.
 
-    Must run before any other TensorFlow work in the process: device
-    visibility cannot change once TensorFlow has started.
+    Must run before any other TensorFlow or JAX work in the process: device
+    visibility cannot change once the runtime has started.
     """
+    try:
+        backend = check_backend(params.backend)
+    except ValueError as error:
+        raise ModelError(str(error)) from None
+    if backend == "jax":
+        return _configure_jax(params)
+    return _configure_tensorflow(params)
+
+
+def mixed_policy(device: str, gpu_has_bfloat16: bool) -> str:
+    """bfloat16 where the hardware has it (no loss scaling needed), float16 on older GPUs."""
+    if device == "gpu" and not gpu_has_bfloat16:
+        return "mixed_float16"
+    return "mixed_bfloat16"
+
+
+def _configure_jax(params: TrainParams) -> Hardware:
+    """One process per machine; all its local devices (and, with `multi_worker`, every machine's)
+    share each global batch through keras.distribution.DataParallel."""
+    import jax
+
+    if params.deterministic:
+        raise ModelError("train.deterministic sets TensorFlow's op determinism: use train.backend: tensorflow")
+    if params.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")  # before JAX's first use starts its backends
+    if params.strategy == "multi_worker":
+        # The coordinator, process count and this process's index from KERAS_DISTRIBUTION_JOB_ADDRESSES,
+        # KERAS_DISTRIBUTION_NUM_PROCESSES and KERAS_DISTRIBUTION_PROCESS_ID (or a cluster JAX detects).
+        keras.distribution.initialize()
+    gpus = [] if params.device == "cpu" else [d for d in jax.devices() if d.platform == "gpu"]
+    if params.device == "gpu" and not gpus:
+        raise ModelError(
+            "train.device=gpu, but JAX sees no GPU: install JAX for CUDA (requirements-gpu.txt) on a "
+            "machine with an NVIDIA driver, or set train.device to auto or cpu"
+        )
+    device = "gpu" if gpus else "cpu"
+    devices = gpus or jax.devices("cpu")
+    if params.mixed_precision == "auto":
+        # XLA on CPU has no fast bfloat16 convolutions: float32 there.
+        mixed = device == "gpu"
+    else:
+        mixed = bool(params.mixed_precision)
+    bfloat16 = all(float(getattr(d, "compute_capability", "0")) >= 8.0 for d in gpus)
+    precision = mixed_policy(device, bfloat16) if mixed else "float32"
+    keras.mixed_precision.set_global_policy(precision)
+    distribution = None
+    several = len(devices) > 1 or jax.process_count() > 1
+    if several and params.strategy != "single":
+        distribution = keras.distribution.DataParallel(devices=devices)
+        keras.distribution.set_distribution(distribution)
+    return Hardware(
+        KerasDistribution(distribution),
+        device,
+        len(devices) if distribution else 1,
+        precision,
+        workers=jax.process_count(),
+        chief=jax.process_index() == 0,
+        backend="jax",
+        worker_index=jax.process_index(),
+    )
+
+
+def _configure_tensorflow(params: TrainParams) -> Hardware:
     import tensorflow as tf
 
     cluster = multi_worker.cluster_from_tf_config() if params.strategy == "multi_worker" else None
@@ -88,7 +184,13 @@ def configure_hardware(params: TrainParams) -> Hardware:
         mixed = device == "gpu" or cpu_has_bfloat16()
     else:
         mixed = bool(params.mixed_precision)
-    precision = ("mixed_float16" if device == "gpu" else "mixed_bfloat16") if mixed else "float32"
+    if mixed and gpus:
+        capabilities = [
+            tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) for gpu in gpus
+        ]
+        precision = mixed_policy(device, all(capability >= (8, 0) for capability in capabilities))
+    else:
+        precision = "mixed_bfloat16" if mixed else "float32"
     keras.mixed_precision.set_global_policy(precision)
     if cluster is not None:
         print(f"train: {cluster.task} of a {cluster.workers}-worker cluster, waiting for all to start", flush=True)
@@ -163,6 +265,46 @@ def labelled_batches(
 
         data = data.map(mixed, num_parallel_calls=tf.data.AUTOTUNE)
     return data.prefetch(2).with_options(options)
+
+
+def training_batches(index: ShardIndex, p: TrainParams, hardware: Hardware, global_batch: int, drop_remainder: bool):
+    """The training split's batches for `fit`, shuffled every epoch: tf.data on TensorFlow,
+    a `ShardBatches` loader doing the random transforms elsewhere."""
+    if not hardware.augments_in_loader:
+        return labelled_batches(
+            index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder, cutmix=p.cutmix
+        )
+    if p.cutmix:
+        raise ModelError("train.cutmix runs in TensorFlow's input pipeline: set it to 0, or train.backend: tensorflow")
+    images, labels, _ = index.arrays("train")
+    return ShardBatches(
+        images,
+        labels,
+        len(index.classes),
+        global_batch,
+        seed=p.seed,
+        augment_params=p.augment,
+        drop_remainder=drop_remainder,
+        process_index=hardware.worker_index,
+        process_count=hardware.workers,
+        workers=loader_threads(),
+    )
+
+
+def validation_batches(index: ShardIndex, hardware: Hardware, global_batch: int):
+    """The validation split's batches, in order, for the end of every epoch."""
+    if hardware.backend == "tensorflow":
+        return labelled_batches(index, "val", global_batch)
+    images, labels, _ = index.arrays("val")
+    return ShardBatches(
+        images,
+        labels,
+        len(index.classes),
+        global_batch,
+        drop_remainder=hardware.equal_batches,
+        process_index=hardware.worker_index,
+        process_count=hardware.workers,
+    )
 
 
 def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:

@@ -1,0 +1,97 @@
+"""Batches for `fit` on any Keras backend, with no TensorFlow: one split of the
+balance stage's shards held in memory as uint8, reshuffled every epoch by seed.
+
+On JAX and torch, Keras' random affine layers bound training, not the network
+(benchmarks/README.md, "Localisation recipes on the JAX backend"), so there the
+train stage's random transforms run here, in loader threads, instead of inside
+the model. Each image's transform is drawn from (seed, epoch, row): the batches
+do not depend on how many threads made them or in what order.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import keras
+import numpy as np
+
+from brainmri.augment import augment
+from brainmri.params import AugmentParams
+
+
+def one_hot_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """What the model's loss expects: one 0/1 column for two classes, one-hot rows otherwise."""
+    if num_classes == 2:
+        return labels.astype(np.float32)[:, None]
+    return np.eye(num_classes, dtype=np.float32)[labels]
+
+
+def loader_threads() -> int:
+    """Threads that make batches: Pillow's transforms release the GIL, so each core helps."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+class ShardBatches(keras.utils.PyDataset):
+    """(uint8 images, targets) batches of `batch_size` images from arrays in memory.
+
+    `seed` shuffles the rows anew every epoch (None: in order, as for validation);
+    `augment` applies the balance stage's seeded random transform to every image
+    of every epoch. Across processes (several hosts under `keras.distribution`)
+    each process yields its own contiguous share of every global batch, so
+    `batch_size` must then be a multiple of `process_count`.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        num_classes: int,
+        batch_size: int,
+        seed: int | None = None,
+        augment_params: AugmentParams | None = None,
+        drop_remainder: bool = False,
+        process_index: int = 0,
+        process_count: int = 1,
+        workers: int = 1,
+    ) -> None:
+        super().__init__(workers=workers, use_multiprocessing=False)  # JAX's runtime must not be forked
+        if batch_size % process_count:
+            raise ValueError(f"a global batch of {batch_size} cannot be shared by {process_count} processes")
+        self.images = images
+        self.targets = one_hot_targets(labels, num_classes)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.augment_params = augment_params
+        self.drop_remainder = drop_remainder
+        self.process_index = process_index
+        self.process_count = process_count
+        self.epoch = 0
+        self.order = self._order()
+
+    def _order(self) -> np.ndarray:
+        if self.seed is None:
+            return np.arange(len(self.images))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.images))
+
+    def __len__(self) -> int:
+        whole, rest = divmod(len(self.images), self.batch_size)
+        return whole if self.drop_remainder else whole + bool(rest)
+
+    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.order[step * self.batch_size : (step + 1) * self.batch_size]
+        share = math.ceil(len(rows) / self.process_count)
+        rows = rows[self.process_index * share : (self.process_index + 1) * share]
+        images = self.images[rows]
+        if self.augment_params is not None:
+            images = np.stack(
+                [
+                    augment(image, np.random.default_rng([self.seed or 0, self.epoch, int(row)]), self.augment_params)
+                    for image, row in zip(images, rows)
+                ]
+            )
+        return images, self.targets[rows]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = self._order()
