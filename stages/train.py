@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
@@ -105,9 +106,14 @@ def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: Sh
         compile_model(model, p, num_classes, steps_per_epoch=steps)
     weight_per_class = class_weights(index, p.class_weight)
     logs = tensorboard_folder() if p.tensorboard else None
+    # JAX across processes: the workers that write nothing save each checkpoint into a scratch folder.
+    scratch = tempfile.TemporaryDirectory()
+    checkpoint = CHECKPOINT if hardware.chief else Path(scratch.name) / CHECKPOINT.name
+    everywhere = hardware.backend == "jax" and hardware.workers > 1
 
     def phase_callbacks(append: bool) -> list:
-        return callbacks(p, HISTORY_IN_PROGRESS, CHECKPOINT, run.keras_callbacks(), append, hardware.chief, logs)
+        extra = run.keras_callbacks()
+        return callbacks(p, HISTORY_IN_PROGRESS, checkpoint, extra, append, hardware.chief, logs, everywhere)
 
     history = fit_model(
         model, hardware, train_data, val_data, p.epochs, phase_callbacks(append=False), weight_per_class
@@ -130,6 +136,7 @@ def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: Sh
             model, hardware, train_data, val_data, last, phase_callbacks(append=True), weight_per_class, done
         )
         history = {key: history[key] + tuned.get(key, []) for key in history}
+    scratch.cleanup()
     return history
 
 

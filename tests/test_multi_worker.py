@@ -184,3 +184,54 @@ def test_two_workers_compute_what_one_process_computes_on_the_same_global_batch(
     models = [keras.saving.load_model(tmp_path / host / "models" / "model.keras") for host in ("chief", "single")]
     for distributed, local in zip(models[0].weights, models[1].weights):
         np.testing.assert_allclose(distributed.numpy(), local.numpy(), rtol=1e-4, atol=1e-6, err_msg=distributed.path)
+
+
+def start_jax_training(host: Path, coordinator: str, index: int) -> subprocess.Popen:
+    """One host of a JAX cluster, as `keras.distribution.initialize` reads it from the environment."""
+    env = project_env(PROJECT)
+    env.update(
+        {
+            "KERAS_BACKEND": "jax",
+            "KERAS_DISTRIBUTION_JOB_ADDRESSES": coordinator,
+            "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+            "KERAS_DISTRIBUTION_PROCESS_ID": str(index),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{host / 'mlflow.db'}",
+        }
+    )
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT / "stages" / "train.py")],
+        cwd=host,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_two_jax_processes_train_one_model_with_data_parallel_and_only_the_first_writes(tmp_path):
+    data = tmp_path / "prepared"
+    write_prepared_data(data, SPLIT_SIZES)
+    hosts = [
+        host_folder(tmp_path, name, data, {"strategy": "multi_worker", "backend": "jax"})
+        for name in ("first", "second")
+    ]
+    coordinator = f"127.0.0.1:{free_port()}"
+    processes = [start_jax_training(host, coordinator, index) for index, host in enumerate(hosts)]
+    try:
+        first, second = (process.communicate(timeout=300)[0] for process in processes)
+    finally:
+        for process in processes:
+            process.kill()
+    assert processes[0].returncode == 0, first[-5000:]
+    assert processes[1].returncode == 0, second[-5000:]
+    assert "'strategy': 'DataParallel', 'workers': 2" in first
+    epochs = [
+        re.findall(r"^\d+/\d+ - .*? - (accuracy.*) - epoch_seconds", out, re.MULTILINE) for out in (first, second)
+    ]
+    assert len(epochs[0]) == TINY_PARAMS["train"]["epochs"] and epochs[0] == epochs[1]  # one model, one history
+    assert {"models/model.keras", "models/model.json", "metrics/train.json"} <= files_under(hosts[0])
+    assert files_under(hosts[1]) == {"params.yaml"} | {f"data/prepared/{name}" for name in files_under(data)}
+    client = MlflowClient(tracking_uri=f"sqlite:///{hosts[0] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("brain-mri").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`brainmri.stage` LIKE '%'")
+    assert run.data.tags["brainmri.train.backend"] == "jax" and run.data.tags["brainmri.train.workers"] == "2"

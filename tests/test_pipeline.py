@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -492,6 +493,60 @@ def test_tracking_outage_stops_the_stage_or_with_the_switch_off_warns_and_comple
     untracked = run(["dvc", "repro", "--force", "--single-item", "ingest"], repo, env=outage)
     assert (untracked.stderr + untracked.stdout).count(f"WARNING: MLflow tracking store {uri}") == 1
     assert manifest.read_bytes() == expected and (repo / "reports" / "data" / "report.json").is_file()
+    back_to_baseline(repo)
+
+
+PREDICT_UNDER_JAX = """
+import sys
+import numpy as np
+from brainmri.models import class_probabilities, load_model
+from brainmri.shards import ShardIndex
+model, _ = load_model("models")
+images, _, _ = ShardIndex.load("data/prepared").arrays("test")
+np.save(sys.argv[1], class_probabilities(model, images))
+"""
+
+
+# Python imports sitecustomize at start-up: this one makes TensorFlow uninstalled, as on a GPU host with JAX only.
+WITHOUT_TENSORFLOW = """
+import sys
+
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ImportError(f"{name}: TensorFlow is not installed here")
+
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+
+
+def test_keras_backend_jax_trains_and_evaluates_and_the_model_predicts_the_same_under_tensorflow(repo, tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(WITHOUT_TENSORFLOW)
+    # train.backend: auto follows KERAS_BACKEND
+    jax = {"KERAS_BACKEND": "jax", "PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{repo / 'src'}"}
+    trained = run(["dvc", "repro", "--force", "--single-item", "train"], repo, env=jax)
+    assert "'backend': 'jax'" in trained.stdout
+    evaluated = run(["dvc", "repro", "evaluate"], repo, env=jax)
+    assert stages_run(evaluated.stdout) == ["evaluate"]
+    meta = json.loads((repo / "models" / "model.json").read_text())
+    assert meta["trained_backend"] == "jax" and meta["trained_precision"] == "float32"
+    assert 0 <= json.loads((repo / "metrics" / "evaluate.json").read_text())["macro_f1"] <= 1
+    train_run, evaluate_run = (runs(repo, f"tags.`brainmri.stage` = '{stage}'")[0] for stage in ("train", "evaluate"))
+    assert train_run.data.tags["brainmri.train.backend"] == "jax"
+    assert evaluate_run.data.tags["brainmri.evaluate.backend"] == "jax"
+
+    under_jax = tmp_path / "jax.npy"
+    run([sys.executable, "-c", PREDICT_UNDER_JAX, str(under_jax)], repo, env=jax)
+    blocked = run([sys.executable, "-c", "import tensorflow"], repo, check=False, env=jax)
+    assert "TensorFlow is not installed here" in blocked.stderr  # so none of the above used it
+    from brainmri.models import class_probabilities, load_model
+    from brainmri.shards import ShardIndex
+
+    model, _ = load_model(repo / "models")  # this process runs TensorFlow
+    assert not any(layer.name.startswith("random_") for layer in model.layers)
+    images, _, _ = ShardIndex.load(repo / "data" / "prepared").arrays("test")
+    np.testing.assert_allclose(class_probabilities(model, images), np.load(under_jax), atol=1e-4)
     back_to_baseline(repo)
 
 

@@ -113,6 +113,18 @@ def test_with_tracking_not_required_the_stage_runs_and_warns_once(monkeypatch, c
     assert len(warnings) == 1 and uri in warnings[0] and "without MLflow logging" in warnings[0]
 
 
+def test_without_the_mlflow_package_a_stage_runs_untracked_only_when_tracking_is_not_required(monkeypatch, capsys):
+    monkeypatch.setattr(tracking, "mlflow", None)  # a machine set up only to train
+    with pytest.raises(TrackingError, match="mlflow package is not installed"):
+        with tracking.stage_run("train", TrackingParams(required=True), {}):
+            pass
+    with tracking.stage_run("train", TrackingParams(required=False), {"train.epochs": 1}) as run:
+        run.log_metrics({"loss": 1.0})
+        run.log_keras_model(object(), example=None)
+        assert run.keras_callbacks() == [] and not run.active
+    assert "mlflow package is not installed" in capsys.readouterr().err
+
+
 STAGE_THAT_WAITS = """
 import time
 from brainmri.errors import run_entry_point

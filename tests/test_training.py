@@ -2,6 +2,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -19,9 +21,12 @@ from brainmri.training import (
     configure_hardware,
     labelled_batches,
     learning_rate,
+    mixed_policy,
 )
 
 from helpers import create_project, project_env, run, update_params, write_prepared_data
+
+PROJECT_SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def test_a_gpu_request_without_a_gpu_is_a_clear_error():
@@ -46,6 +51,7 @@ def test_cpu_precision_follows_the_processor(monkeypatch, native_bfloat16, setti
     hardware = configure_hardware(TrainParams(device="cpu", mixed_precision=setting))
     try:
         assert hardware.describe() == {
+            "backend": "tensorflow",
             "device": "cpu",
             "replicas": 1,
             "precision": expected,
@@ -55,6 +61,47 @@ def test_cpu_precision_follows_the_processor(monkeypatch, native_bfloat16, setti
         assert keras.mixed_precision.global_policy().name == expected
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize(
+    ("device", "gpu_has_bfloat16", "expected"),
+    [("gpu", True, "mixed_bfloat16"), ("gpu", False, "mixed_float16"), ("cpu", False, "mixed_bfloat16")],
+)
+def test_mixed_precision_is_bfloat16_unless_the_gpu_predates_it(device, gpu_has_bfloat16, expected):
+    assert mixed_policy(device, gpu_has_bfloat16) == expected
+
+
+def test_a_backend_other_than_the_one_keras_runs_on_is_a_clear_error():
+    assert keras.backend.backend() == "tensorflow"
+    with pytest.raises(ModelError, match="train.backend is jax, but Keras already runs on tensorflow"):
+        configure_hardware(TrainParams(backend="jax"))
+
+
+SHOW_BACKEND = (
+    "from brainmri.backend import select_keras_backend; select_keras_backend(); "
+    "import keras; print(keras.backend.backend())"
+)
+
+
+@pytest.mark.parametrize(
+    ("train_section", "environment", "expected"),
+    [
+        ("{backend: jax}", "tensorflow", "jax"),
+        ("{backend: tensorflow}", "jax", "tensorflow"),
+        ("{backend: auto}", "jax", "jax"),
+        ("{backend: [not, a, name]}", "jax", "jax"),  # left for the stage's params check to name
+        ("{", "jax", "jax"),  # not YAML: likewise
+    ],
+)
+def test_the_stage_scripts_pick_the_backend_from_params_before_keras_loads(
+    tmp_path, train_section, environment, expected
+):
+    (tmp_path / "params.yaml").write_text(f"train: {train_section}\n")
+    env = {**project_env(tmp_path), "KERAS_BACKEND": environment, "PYTHONPATH": str(PROJECT_SRC)}
+    result = subprocess.run(
+        [sys.executable, "-c", SHOW_BACKEND], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == expected
 
 
 def test_a_model_trained_in_bfloat16_is_saved_computing_in_float32():

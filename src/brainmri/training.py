@@ -141,7 +141,8 @@ def _configure_jax(params: TrainParams) -> Hardware:
     distribution = None
     several = len(devices) > 1 or jax.process_count() > 1
     if several and params.strategy != "single":
-        distribution = keras.distribution.DataParallel(devices=devices)
+        # The loader already gives each process its own share of every global batch.
+        distribution = keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
         keras.distribution.set_distribution(distribution)
     return Hardware(
         KerasDistribution(distribution),
@@ -374,9 +375,14 @@ def callbacks(
     append: bool = False,
     chief: bool = True,
     tensorboard: Path | None = None,
+    checkpoint_everywhere: bool = False,
 ) -> list:
     """Early stopping and the LR plateau on every worker (all see the same logs); files, `extra`
-    (MLflow) and TensorBoard event files (into `tensorboard`, when given) on the chief only."""
+    (MLflow) and TensorBoard event files (into `tensorboard`, when given) on the chief only.
+
+    With `checkpoint_everywhere` the other workers save the checkpoint too, to their own
+    `checkpoint` path: under JAX across processes saving a model creates variables on every
+    process at once, so a save on the chief alone would wait for the others forever."""
     chosen = [
         EpochTimer(),  # first, so the callbacks after it see the time
         keras.callbacks.EarlyStopping(
@@ -399,6 +405,8 @@ def callbacks(
         ]
         if tensorboard is not None:
             chosen.append(keras.callbacks.TensorBoard(tensorboard))
+    elif checkpoint_everywhere:
+        chosen.append(keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True))
     return chosen
 
 

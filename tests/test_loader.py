@@ -1,0 +1,80 @@
+"""The train stage's input loader on backends other than TensorFlow."""
+
+import numpy as np
+import pytest
+
+from brainmri.loader import ShardBatches, one_hot_targets
+from brainmri.params import AugmentParams
+
+from helpers import synthetic_image
+
+AUGMENT = AugmentParams(rotation=10, shift=0.1, zoom=0.2, flip=True, brightness=0, contrast=0)
+
+
+def images_and_labels(count: int = 21) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.arange(count) % 4
+    images = np.stack([np.asarray(synthetic_image(int(label), row, 32))[..., None] for row, label in enumerate(labels)])
+    return images, labels
+
+
+def epoch(loader: ShardBatches, order=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    steps = range(len(loader)) if order is None else order
+    batches = {step: loader[step] for step in steps}
+    loader.on_epoch_end()
+    return [batches[step] for step in range(len(loader))]
+
+
+def test_every_image_comes_once_per_epoch_reshuffled_each_epoch():
+    images, labels = images_and_labels()
+    loader = ShardBatches(images, labels, 4, batch_size=8, seed=3)
+    assert len(loader) == 3
+    first, second = epoch(loader), epoch(loader)
+    for batches in (first, second):
+        seen = np.concatenate([batch for batch, _ in batches])
+        assert sorted(map(bytes, seen)) == sorted(map(bytes, images))
+    assert not np.array_equal(first[0][0], second[0][0])
+    again = ShardBatches(images, labels, 4, batch_size=8, seed=3)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, epoch(again)))
+
+
+def test_targets_are_one_hot_or_one_column_for_two_classes():
+    assert one_hot_targets(np.array([2, 0]), 4).tolist() == [[0, 0, 1, 0], [1, 0, 0, 0]]
+    assert one_hot_targets(np.array([1, 0]), 2).tolist() == [[1.0], [0.0]]
+    images, labels = images_and_labels(8)
+    batch, targets = ShardBatches(images, labels, 4, batch_size=8)[0]
+    assert targets.argmax(axis=1).tolist() == labels.tolist()
+
+
+def test_validation_batches_are_in_order_untouched_and_keep_the_last_partial_batch():
+    images, labels = images_and_labels()
+    loader = ShardBatches(images, labels, 4, batch_size=8)
+    batches = epoch(loader)
+    assert [len(batch) for batch, _ in batches] == [8, 8, 5]
+    assert np.array_equal(np.concatenate([batch for batch, _ in batches]), images)
+    assert len(ShardBatches(images, labels, 4, batch_size=8, drop_remainder=True)) == 2
+
+
+def test_random_transforms_change_the_images_and_do_not_depend_on_the_order_batches_are_made():
+    images, labels = images_and_labels()
+    loader = ShardBatches(images, labels, 4, batch_size=8, seed=5, augment_params=AUGMENT)
+    in_order = epoch(ShardBatches(images, labels, 4, batch_size=8, seed=5, augment_params=AUGMENT))
+    reversed_order = epoch(loader, order=[2, 1, 0])
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(in_order, reversed_order))
+    plain = epoch(ShardBatches(images, labels, 4, batch_size=8, seed=5))
+    assert all(a[0].shape == b[0].shape for a, b in zip(in_order, plain))
+    assert not any(np.array_equal(a[0], b[0]) for a, b in zip(in_order, plain))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(in_order, plain))  # the targets stay with their images
+
+
+def test_processes_share_each_global_batch_between_them():
+    images, labels = images_and_labels(32)
+    whole = epoch(ShardBatches(images, labels, 4, batch_size=8, seed=1, augment_params=AUGMENT))
+    shares = [
+        epoch(ShardBatches(images, labels, 4, 8, seed=1, augment_params=AUGMENT, process_index=i, process_count=2))
+        for i in (0, 1)
+    ]
+    for step, (batch, targets) in enumerate(whole):
+        assert np.array_equal(np.concatenate([shares[0][step][0], shares[1][step][0]]), batch)
+        assert np.array_equal(np.concatenate([shares[0][step][1], shares[1][step][1]]), targets)
+    with pytest.raises(ValueError, match="cannot be shared by 3 processes"):
+        ShardBatches(images, labels, 4, batch_size=8, process_count=3)
