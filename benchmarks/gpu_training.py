@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 STARTED = time.perf_counter()
-IMAGES_PER_EPOCH = {"compact_cnn": 25_600, "resnet50": 7_680}
+IMAGES_PER_EPOCH = {"compact_cnn": 25_600, "resnet50": 7_680}  # --epoch-images overrides both (a quick check)
 POOL = 1024  # distinct random images the loader draws batches from
 
 
@@ -63,7 +63,7 @@ def environment(hardware) -> dict:
     }
 
 
-def model_and_data(name: str, batch: int, augmentation: str, precision: str, train_params):
+def model_and_data(name: str, batch: int, augmentation: str, precision: str, train_params, epoch_images: int | None):
     """A compiled model of the train stage and its loader over random images."""
     import keras
 
@@ -75,11 +75,12 @@ def model_and_data(name: str, batch: int, augmentation: str, precision: str, tra
     size, channels = (128, 1) if name == "compact_cnn" else (224, 3)
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, (POOL, size, size, channels), dtype=np.uint8)
-    images = np.resize(pool, (IMAGES_PER_EPOCH[name], size, size, channels))  # one epoch: the pool repeated
+    count = epoch_images or IMAGES_PER_EPOCH[name]
+    images = np.resize(pool, (count, size, size, channels))  # one epoch: the pool repeated
     labels = rng.integers(0, 4, len(images))
     in_model = train_params.augment if augmentation == "in_model" else None
     model = build_model(name, 4, size, channels, weights=None, augment=in_model)
-    steps = IMAGES_PER_EPOCH[name] // batch
+    steps = count // batch
     compile_model(model, train_params, 4, steps_per_epoch=steps)
     data = ShardBatches(
         images,
@@ -109,8 +110,9 @@ def timed_fit(model, data, steps: int) -> tuple[float, float]:
     return seconds[0], seconds[1]
 
 
-def smoke(out: Path, train_params, hardware) -> None:
-    model, data, _ = model_and_data("compact_cnn", train_params.batch_size, "loader", hardware.precision, train_params)
+def smoke(out: Path, train_params, hardware, epoch_images: int | None) -> None:
+    batch = train_params.batch_size
+    model, data, _ = model_and_data("compact_cnn", batch, "loader", hardware.precision, train_params, epoch_images)
     phase("built the default model and its loader")
     images, targets = data[0]
     phase(f"one loader batch {images.shape}")
@@ -127,7 +129,7 @@ def smoke(out: Path, train_params, hardware) -> None:
     emit(out, {**record, **environment(hardware)})
 
 
-def throughput(out: Path, train_params, hardware, budget_s: float) -> None:
+def throughput(out: Path, train_params, hardware, budget_s: float, epoch_images: int | None) -> None:
     mixed = hardware.precision if hardware.precision != "float32" else "mixed_bfloat16"
     # Most telling first, so that a short budget still answers the main questions.
     configs = [
@@ -142,7 +144,7 @@ def throughput(out: Path, train_params, hardware, budget_s: float) -> None:
         if time.perf_counter() - STARTED > budget_s:
             emit(out, {**base, "skipped": f"past the {budget_s:.0f} s budget"})
             continue
-        model, data, steps = model_and_data(name, batch, augmentation, precision, train_params)
+        model, data, steps = model_and_data(name, batch, augmentation, precision, train_params, epoch_images)
         compile_s, timed_s = timed_fit(model, data, steps)
         emit(
             out,
@@ -160,6 +162,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--phases", nargs="+", default=["smoke", "throughput"], choices=["smoke", "throughput"])
     parser.add_argument("--budget-s", type=float, default=300, help="start no configuration after this")
+    parser.add_argument("--epoch-images", type=int, help="images per timed epoch for every model (a quick check)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,9 +175,9 @@ def main() -> None:
     hardware = configure_hardware(train_params)
     phase(f"hardware: {hardware.describe()}")
     if "smoke" in args.phases:
-        smoke(out, train_params, hardware)
+        smoke(out, train_params, hardware, args.epoch_images)
     if "throughput" in args.phases:
-        throughput(out, train_params, hardware, args.budget_s)
+        throughput(out, train_params, hardware, args.budget_s, args.epoch_images)
 
 
 if __name__ == "__main__":
