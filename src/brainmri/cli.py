@@ -73,7 +73,7 @@ def predict(args: argparse.Namespace) -> int:
     progress = tqdm(
         total=len(files), unit="file", file=sys.stderr, disable=not any(Path(item).is_dir() for item in args.paths)
     )
-    for number, result in enumerate(predictor.predict_files(files, args.batch_size)):
+    for number, (result, array) in enumerate(predictor.predict_files_with_inputs(files, args.batch_size)):
         if result.get("slice", 0) == 0:  # the bar counts files; a scanner file gives a result per slice
             progress.update()
         failures += "error" in result
@@ -92,7 +92,6 @@ def predict(args: argparse.Namespace) -> int:
         else:
             output.write(json.dumps(result) + "\n")
         if args.gradcam and "error" not in result:
-            array = predictor.array(predictor.open(result["path"]))
             png = predictor.gradcam_png(array, predictor.classes.index(result["predicted_class"]))
             (Path(args.gradcam) / f"{number:05d}_{Path(result['path']).stem.replace('#', '_')}.png").write_bytes(png)
     progress.close()

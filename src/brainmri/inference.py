@@ -25,7 +25,6 @@ from brainmri.scanner import (
     is_scanner_file,
     read_dicom_bytes,
     read_scanner_file,
-    read_slice,
     slice_path,
     split_slice_path,
 )
@@ -180,12 +179,6 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "upload") -> dict[str, Any]:
         return self.predict_arrays(self.array(self.decode_upload(data, name))[None])[0]
 
-    def open(self, path: str | Path) -> Image.Image:
-        """An image file, or one slice of a scanner file named `<file>#<index>`."""
-        if split_slice_path(str(path))[1] is not None:
-            return read_slice(path, self.scanner, self.limits)
-        return open_image(path, self.limits)
-
     def _inputs(self, path: Path) -> list[tuple[str, np.ndarray]]:
         """(name, model input) for an image file, or for every slice of a DICOM file or NIfTI volume."""
         if is_scanner_file(path):
@@ -196,6 +189,14 @@ class Predictor:
     def predict_files(self, paths: Iterable[Path], batch_size: int = 64) -> Iterator[dict[str, Any]]:
         """One result per image file or scanner slice (`<file>#<index>`, with its `slice`), in order;
         unreadable files give an `error` instead of stopping the run."""
+        for result, _ in self.predict_files_with_inputs(paths, batch_size):
+            yield result
+
+    def predict_files_with_inputs(
+        self, paths: Iterable[Path], batch_size: int = 64
+    ) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
+        """`predict_files`' results, each with the model input it was computed from (None for an
+        error): what a Grad-CAM of the same image needs, without reading a scanner file again."""
         batch: list[tuple[str, np.ndarray]] = []
         for path in paths:
             try:
@@ -203,7 +204,8 @@ class Predictor:
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
                 yield from self._flush(batch)
                 batch = []
-                yield {"path": str(path), "error": f"not a readable image: {error}", "notice": NOT_A_MEDICAL_DEVICE}
+                error_result = {"path": str(path), "error": f"not a readable image: {error}"}
+                yield {**error_result, "notice": NOT_A_MEDICAL_DEVICE}, None
                 continue
             for item in inputs:
                 batch.append(item)
@@ -212,12 +214,12 @@ class Predictor:
                     batch = []
         yield from self._flush(batch)
 
-    def _flush(self, batch: list[tuple[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
+    def _flush(self, batch: list[tuple[str, np.ndarray]]) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         if batch:
             arrays = np.stack([array for _, array in batch])
-            for (name, _), result in zip(batch, self.predict_arrays(arrays)):
+            for (name, array), result in zip(batch, self.predict_arrays(arrays)):
                 index = split_slice_path(name)[1]
-                yield {"path": name, **({"slice": index} if index is not None else {}), **result}
+                yield {"path": name, **({"slice": index} if index is not None else {}), **result}, array
 
     def gradcam_png(self, array: np.ndarray, class_index: int, alpha: float = 0.4) -> bytes:
         """The Grad-CAM overlay of one (size, size, channels) image for one class, as PNG bytes."""

@@ -62,6 +62,7 @@ class Candidate:
     label: str
     subset: str = ""
     boxes: str = ""  # YOLO boxes, "class cx cy w h" joined by ";"
+    scanner: bool = False  # a DICOM file or NIfTI volume, told once when the folder is walked
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,10 @@ def _inside(path: Path, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(root)
 
 
-def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], label: str) -> list[Path]:
-    """Image files below `folder`, sorted. Links leading outside `root` and files of other
-    extensions are rejected with the reason, never followed or skipped in silence."""
+def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], label: str) -> list[tuple[Path, bool]]:
+    """Image and scanner files below `folder`, sorted, each with whether it is a scanner file.
+    Links leading outside `root` and files of other extensions are rejected with the reason,
+    never followed or skipped in silence."""
     found = []
     for current, dirs, names in os.walk(folder):
         current_path = Path(current)
@@ -96,13 +98,15 @@ def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], l
             path = current_path / name
             if name.startswith(".") or (path.suffix.lower() == ".txt" and path.stem in image_stems):
                 continue
-            if path.suffix.lower() not in extensions and not (path.is_file() and is_scanner_file(path)):
+            # Regular files only: reading a named pipe's preamble would block.
+            scanner = path.is_file() and is_scanner_file(path)
+            if path.suffix.lower() not in extensions and not scanner:
                 reason = f"extension '{path.suffix}' is not in ingest.extensions"
                 rejects.append({"path": path.as_posix(), "label": label, "reason": reason})
             elif path.is_symlink() and not _inside(path, root):
                 rejects.append({"path": path.as_posix(), "label": label, "reason": OUTSIDE_LINK})
             else:
-                found.append(path)
+                found.append((path, scanner))
     return sorted(found)
 
 
@@ -138,7 +142,7 @@ def _yolo_candidates(
     if not params.classes:
         raise DataError(f"'{source}' has the YOLO layout (images/ + labels/): set ingest.classes to name the class ids")
     candidates = []
-    for image in _walk(source / "images", root, extensions, rejects, ""):
+    for image, scanner in _walk(source / "images", root, extensions, rejects, ""):
         relative = image.relative_to(source / "images")
         label_file = (source / "labels" / relative).with_suffix(".txt")
         subset = relative.parts[0] if len(relative.parts) > 1 else ""
@@ -158,7 +162,7 @@ def _yolo_candidates(
         if reason:
             rejects.append({"path": image.as_posix(), "label": "", "reason": reason})
             continue
-        candidates.append(Candidate(image.as_posix(), params.classes[class_ids[0]], subset, boxes))
+        candidates.append(Candidate(image.as_posix(), params.classes[class_ids[0]], subset, boxes, scanner))
     return candidates
 
 
@@ -170,7 +174,9 @@ def _folder_candidates(
     The folder names the class, so an empty label file means an image without a box."""
     per_class_yolo = (folder / "images").is_dir() and (folder / "labels").is_dir()
     candidates = []
-    for image in _walk(folder / "images" if per_class_yolo else folder, root, extensions, rejects, folder.name):
+    for image, scanner in _walk(
+        folder / "images" if per_class_yolo else folder, root, extensions, rejects, folder.name
+    ):
         label_file = image.with_suffix(".txt")
         if per_class_yolo:
             label_file = (folder / "labels" / image.relative_to(folder / "images")).with_suffix(".txt")
@@ -185,7 +191,7 @@ def _folder_candidates(
                 }
             )
             continue
-        candidates.append(Candidate(image.as_posix(), folder.name, subset, boxes))
+        candidates.append(Candidate(image.as_posix(), folder.name, subset, boxes, scanner))
     return candidates
 
 
@@ -199,7 +205,8 @@ def discover(params: IngestParams) -> tuple[list[Candidate], list[dict], str, li
     rejects: list[dict] = []
     if params.labels_csv:  # labels from the table: every file below the source, labelled after decoding
         table = (source / params.labels_csv).as_posix()
-        found = [Candidate(path.as_posix(), "") for path in _walk(source, root, extensions, rejects, "")]
+        walked = _walk(source, root, extensions, rejects, "")
+        found = [Candidate(path.as_posix(), "", scanner=scanner) for path, scanner in walked]
         return found, [reject for reject in rejects if reject["path"] != table], "labels-csv", []
     if (source / "images").is_dir() and (source / "labels").is_dir():
         return _yolo_candidates(source, params, root, extensions, rejects), rejects, "yolo", list(params.classes)
@@ -320,7 +327,7 @@ def inspect(candidate: Candidate, limits: DecodeLimits, recorder: Recorder) -> l
     size = status.st_size
     if size == 0:
         return [{**row, "reason": "empty file"}]
-    if is_scanner_file(path):
+    if candidate.scanner:
         return inspect_scanner_file(candidate, limits, recorder)
     try:
         with Image.open(path) as header:  # reads the header only
@@ -414,7 +421,7 @@ def scan(params: IngestParams, min_classes: int = 2, slices: Path | None = None)
         shutil.rmtree(slices, ignore_errors=True)
         slices.mkdir(parents=True)
     # The salt is read (made on first use) only for data that has scanner files, or hashed paths.
-    needs_salt = params.hash_paths or any(is_scanner_file(candidate.path) for candidate in candidates)
+    needs_salt = params.hash_paths or any(candidate.scanner for candidate in candidates)
     # Paths relative to the source: no machine's folder layout in any output, and the same
     # manifests wherever the data is kept.
     recorder = Recorder(params.source, scanner_options(params), key_salt() if needs_salt else b"", slices)

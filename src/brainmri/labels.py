@@ -6,16 +6,14 @@ salted hashes the manifest holds, and never written anywhere."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pandas as pd
 
 from brainmri.errors import DataError
-from brainmri.scanner import hashed_key
+from brainmri.scanner import hashed_key, recorded_file
 
 KEY_KINDS = ("path", "patient", "study", "series")
-SLICE_SUFFIX = re.compile(r"#\d+$")
 
 
 def read_label_table(path: str | Path) -> tuple[str, pd.DataFrame]:
@@ -53,7 +51,7 @@ def assign_labels(
     """`images` with the label of its key (its path without the slice index, or its hashed
     patient, study or series); rows whose key has no label, or several, become rejects."""
     if kind == "path":
-        row_keys = images["path"].str.replace(SLICE_SUFFIX, "", regex=True)
+        row_keys = images["path"].map(recorded_file)
         table_keys = table["key"].map(lambda path: hashed_key(path, salt) if hash_paths else path)
     else:
         row_keys = images[kind]

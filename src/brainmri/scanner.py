@@ -264,21 +264,19 @@ def slice_path(path: str, index: int) -> str:
     return f"{path}{SLICE_SEPARATOR}{index}"
 
 
-def split_slice_path(path: str) -> tuple[str, int | None]:
-    """`<file>#<index>` -> (file, index); any other path -> (path, None)."""
+def recorded_file(path: str) -> str:
+    """The file a recorded slice came from: `<file>#<index>` -> `<file>`, by the name alone (manifest
+    paths are relative to the source, or hashed); any other path is returned as it is."""
     head, separator, tail = path.rpartition(SLICE_SEPARATOR)
-    if separator and tail.isdigit() and is_scanner_file(head):
-        return head, int(tail)
+    return head if separator and tail.isdigit() else path
+
+
+def split_slice_path(path: str) -> tuple[str, int | None]:
+    """`<file>#<index>` of a scanner file on disk -> (file, index); any other path -> (path, None)."""
+    head = recorded_file(path)
+    if head != path and is_scanner_file(head):
+        return head, int(path.rpartition(SLICE_SEPARATOR)[2])
     return path, None
-
-
-def read_slice(path: str | Path, options: ScannerOptions, limits: DecodeLimits) -> Image.Image:
-    """One slice named `<file>#<index>`, read as `read_scanner_file` reads it."""
-    file, index = split_slice_path(str(path))
-    for found in read_scanner_file(file, options, limits, b""):
-        if found.index == index:
-            return found.image
-    raise ScannerFileError(f"{path}: no slice {index}")
 
 
 def is_dicom_bytes(data: bytes) -> bool:
