@@ -122,23 +122,37 @@ def smoke(out: Path, train_params, hardware, epoch_images: int | None) -> None:
     phase(f"first train step (compiles) {compiled:.1f} s")
     start = time.perf_counter()
     for step in range(1, 21):
-        loss = model.train_on_batch(*data[step])
+        loss = model.train_on_batch(*data[step % len(data)])
     step_ms = (time.perf_counter() - start) / 20 * 1000
     phase(f"20 more steps: {step_ms:.1f} ms each, loss {float(np.ravel(loss)[0]):.3f}")
     record = {"phase": "smoke", "compile_s": round(compiled, 1), "step_ms": round(step_ms, 2)}
     emit(out, {**record, **environment(hardware)})
 
 
-def throughput(out: Path, train_params, hardware, budget_s: float, epoch_images: int | None) -> None:
+def throughput(
+    out: Path,
+    train_params,
+    hardware,
+    budget_s: float,
+    epoch_images: int | None,
+    models: list[str],
+    precisions: list[str],
+) -> None:
     mixed = hardware.precision if hardware.precision != "float32" else "mixed_bfloat16"
     # Most telling first, so that a short budget still answers the main questions.
+    augmentations = ("none", "loader", "in_model")
     configs = [
-        *[("compact_cnn", 256, augmentation, mixed) for augmentation in ("none", "loader", "in_model")],
+        *[("compact_cnn", 256, augmentation, mixed) for augmentation in augmentations],
         *[("resnet50", batch, "none", precision) for batch in (256, 64) for precision in (mixed, "float32")],
-        *[("compact_cnn", 64, augmentation, mixed) for augmentation in ("none", "loader", "in_model")],
-        *[("compact_cnn", batch, "none", "float32") for batch in (256, 64)],
+        *[("compact_cnn", 64, augmentation, mixed) for augmentation in augmentations],
+        *[("compact_cnn", batch, augmentation, "float32") for batch in (256, 64) for augmentation in augmentations],
     ]
-    for name, batch, augmentation, precision in configs:
+    chosen = [
+        (name, batch, augmentation, precision)
+        for name, batch, augmentation, precision in configs
+        if name in models and ("float32" if precision == "float32" else "mixed") in precisions
+    ]
+    for name, batch, augmentation, precision in chosen:
         base = {"phase": "throughput", "model": name, "batch": batch, "augmentation": augmentation}
         base["precision"] = precision
         if time.perf_counter() - STARTED > budget_s:
@@ -163,6 +177,8 @@ def main() -> None:
     parser.add_argument("--phases", nargs="+", default=["smoke", "throughput"], choices=["smoke", "throughput"])
     parser.add_argument("--budget-s", type=float, default=300, help="start no configuration after this")
     parser.add_argument("--epoch-images", type=int, help="images per timed epoch for every model (a quick check)")
+    parser.add_argument("--models", nargs="+", default=["compact_cnn", "resnet50"], choices=["compact_cnn", "resnet50"])
+    parser.add_argument("--precisions", nargs="+", default=["mixed", "float32"], choices=["mixed", "float32"])
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +193,7 @@ def main() -> None:
     if "smoke" in args.phases:
         smoke(out, train_params, hardware, args.epoch_images)
     if "throughput" in args.phases:
-        throughput(out, train_params, hardware, args.budget_s, args.epoch_images)
+        throughput(out, train_params, hardware, args.budget_s, args.epoch_images, args.models, args.precisions)
 
 
 if __name__ == "__main__":

@@ -41,20 +41,25 @@ def host_folder(root: Path, name: str, data: Path, train_changes: dict) -> Path:
     return host
 
 
-def start_training(host: Path, tf_config: dict | None, tracking_uri: str | None) -> subprocess.Popen:
-    env = project_env(PROJECT)
-    if tf_config is not None:
-        env["TF_CONFIG"] = json.dumps(tf_config)
-    if tracking_uri is not None:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
+def start_train_stage(host: Path, environment: dict[str, str]) -> subprocess.Popen:
+    """The train stage's command in `host`, as one machine of a cluster runs it."""
     return subprocess.Popen(
         [sys.executable, str(PROJECT / "stages" / "train.py")],
         cwd=host,
-        env=env,
+        env={**project_env(PROJECT), **environment},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def start_training(host: Path, tf_config: dict | None, tracking_uri: str | None) -> subprocess.Popen:
+    environment = {}
+    if tf_config is not None:
+        environment["TF_CONFIG"] = json.dumps(tf_config)
+    if tracking_uri is not None:
+        environment["MLFLOW_TRACKING_URI"] = tracking_uri
+    return start_train_stage(host, environment)
 
 
 def train_on_two_workers(
@@ -188,23 +193,15 @@ def test_two_workers_compute_what_one_process_computes_on_the_same_global_batch(
 
 def start_jax_training(host: Path, coordinator: str, index: int) -> subprocess.Popen:
     """One host of a JAX cluster, as `keras.distribution.initialize` reads it from the environment."""
-    env = project_env(PROJECT)
-    env.update(
+    return start_train_stage(
+        host,
         {
             "KERAS_BACKEND": "jax",
             "KERAS_DISTRIBUTION_JOB_ADDRESSES": coordinator,
             "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
             "KERAS_DISTRIBUTION_PROCESS_ID": str(index),
             "MLFLOW_TRACKING_URI": f"sqlite:///{host / 'mlflow.db'}",
-        }
-    )
-    return subprocess.Popen(
-        [sys.executable, str(PROJECT / "stages" / "train.py")],
-        cwd=host,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        },
     )
 
 

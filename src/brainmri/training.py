@@ -268,6 +268,20 @@ def labelled_batches(
     return data.prefetch(2).with_options(options)
 
 
+def _shard_batches(index: ShardIndex, split: str, hardware: Hardware, global_batch: int, **options) -> ShardBatches:
+    """A split in memory as this process's share of every global batch."""
+    images, labels, _ = index.arrays(split)
+    return ShardBatches(
+        images,
+        labels,
+        len(index.classes),
+        global_batch,
+        process_index=hardware.worker_index,
+        process_count=hardware.workers,
+        **options,
+    )
+
+
 def training_batches(index: ShardIndex, p: TrainParams, hardware: Hardware, global_batch: int, drop_remainder: bool):
     """The training split's batches for `fit`, shuffled every epoch: tf.data on TensorFlow,
     a `ShardBatches` loader doing the random transforms elsewhere."""
@@ -277,17 +291,14 @@ def training_batches(index: ShardIndex, p: TrainParams, hardware: Hardware, glob
         )
     if p.cutmix:
         raise ModelError("train.cutmix runs in TensorFlow's input pipeline: set it to 0, or train.backend: tensorflow")
-    images, labels, _ = index.arrays("train")
-    return ShardBatches(
-        images,
-        labels,
-        len(index.classes),
+    return _shard_batches(
+        index,
+        "train",
+        hardware,
         global_batch,
         seed=p.seed,
         augment_params=p.augment,
         drop_remainder=drop_remainder,
-        process_index=hardware.worker_index,
-        process_count=hardware.workers,
         workers=loader_threads(),
     )
 
@@ -296,16 +307,7 @@ def validation_batches(index: ShardIndex, hardware: Hardware, global_batch: int)
     """The validation split's batches, in order, for the end of every epoch."""
     if hardware.backend == "tensorflow":
         return labelled_batches(index, "val", global_batch)
-    images, labels, _ = index.arrays("val")
-    return ShardBatches(
-        images,
-        labels,
-        len(index.classes),
-        global_batch,
-        drop_remainder=hardware.equal_batches,
-        process_index=hardware.worker_index,
-        process_count=hardware.workers,
-    )
+    return _shard_batches(index, "val", hardware, global_batch, drop_remainder=hardware.equal_batches)
 
 
 def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:
