@@ -1,5 +1,9 @@
 """export: TFLite files of the trained model for deployment, each checked against the Keras model."""
 
+from brainmri.backend import use_keras_backend
+
+use_keras_backend("tensorflow")  # TFLite and ONNX conversion run on TensorFlow, whichever backend trained the model
+
 from brainmri.errors import run_entry_point
 from brainmri.export import export_all
 from brainmri.metrics import write_json

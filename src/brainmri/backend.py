@@ -27,8 +27,14 @@ def select_keras_backend(params_file: str | Path = "params.yaml") -> None:
         wanted = yaml.safe_load(Path(params_file).read_text())["train"]["backend"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return
-    if wanted in BACKENDS and "keras" not in sys.modules:
-        os.environ["KERAS_BACKEND"] = wanted
+    if wanted in BACKENDS:
+        use_keras_backend(wanted)
+
+
+def use_keras_backend(name: str) -> None:
+    """Point Keras at `name`, if Keras has not been imported yet (it reads $KERAS_BACKEND once)."""
+    if "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = name
 
 
 def check_backend(wanted: str) -> str:
