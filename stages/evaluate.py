@@ -163,10 +163,7 @@ def write_plots(labels, probabilities, classes: list[str], p: EvaluateParams, ma
 def main() -> None:
     params = load_params()
     p = params.evaluate
-    try:
-        backend = check_backend(params.train.backend)
-    except ValueError as error:
-        raise ModelError(str(error)) from None
+    backend = check_backend(params.train.backend)
     with stage_run("evaluate", params.tracking, flatten(p, "evaluate")) as run:
         run.set_tag("brainmri.evaluate.backend", backend)
         shutil.rmtree(EVALUATE_FIGURES, ignore_errors=True)

@@ -14,12 +14,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 
 import keras
+import numpy as np
 import pandas as pd
 
 from brainmri.calibration import calibrate_model
@@ -48,7 +50,7 @@ from brainmri.paths import (
     TRAIN_HISTORY,
     metrics_file,
 )
-from brainmri.shards import ShardIndex
+from brainmri.shards import ShardIndex, Split
 from brainmri.tracking import project_root, stage_run
 from brainmri.training import (
     Hardware,
@@ -86,7 +88,32 @@ def model_builder(p: TrainParams, num_classes: int, hardware: Hardware) -> Calla
     return partial(model_from_params, p, num_classes, in_model_augmentation=not hardware.augments_in_loader)
 
 
-def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: ShardIndex, run) -> dict[str, list]:
+def read_splits(index: ShardIndex) -> dict[str, Split]:
+    """The training and validation splits, read once and shared by the dataset log, the loaders,
+    batch-norm re-estimation and calibration."""
+    return {part: index.arrays(part) for part in ("train", "val")}
+
+
+@contextmanager
+def checkpoint_path(hardware: Hardware) -> Iterator[Path]:
+    """Where this process saves its checkpoints. Only the chief writes models/, but under JAX across
+    processes saving a model is a collective step, so the other workers save into a scratch folder."""
+    if hardware.chief:
+        yield CHECKPOINT
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        yield Path(scratch) / CHECKPOINT.name
+
+
+def fit_phases(
+    model: keras.Model,
+    p: TrainParams,
+    hardware: Hardware,
+    index: ShardIndex,
+    splits: dict[str, Split],
+    checkpoint: Path,
+    run,
+) -> dict[str, list]:
     """Train (a pretrained backbone frozen), then fine-tune its top when asked; the whole history."""
     global_batch = p.batch_size * hardware.replicas
     # Where every worker or device needs a share of every training batch, the last partial one is dropped.
@@ -97,8 +124,8 @@ def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: Sh
             f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
         )
     steps = steps_per_epoch(index, global_batch, drop_remainder)
-    train_data = training_batches(index, p, hardware, global_batch, drop_remainder)
-    val_data = validation_batches(index, hardware, global_batch)
+    train_data = training_batches(index, splits["train"], p, hardware, global_batch, drop_remainder)
+    val_data = validation_batches(index, splits["val"], hardware, global_batch)
     num_classes = len(index.classes)
     with hardware.strategy.scope():
         if p.model in APPLICATIONS and p.weights is not None:
@@ -106,9 +133,6 @@ def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: Sh
         compile_model(model, p, num_classes, steps_per_epoch=steps)
     weight_per_class = class_weights(index, p.class_weight)
     logs = tensorboard_folder() if p.tensorboard else None
-    # JAX across processes: the workers that write nothing save each checkpoint into a scratch folder.
-    scratch = tempfile.TemporaryDirectory()
-    checkpoint = CHECKPOINT if hardware.chief else Path(scratch.name) / CHECKPOINT.name
     everywhere = hardware.backend == "jax" and hardware.workers > 1
 
     def phase_callbacks(append: bool) -> list:
@@ -136,12 +160,11 @@ def fit_phases(model: keras.Model, p: TrainParams, hardware: Hardware, index: Sh
             model, hardware, train_data, val_data, last, phase_callbacks(append=True), weight_per_class, done
         )
         history = {key: history[key] + tuned.get(key, []) for key in history}
-    scratch.cleanup()
     return history
 
 
 def finish(
-    model: keras.Model, build: Callable, p: TrainParams, hardware: Hardware, index: ShardIndex
+    model: keras.Model, build: Callable, p: TrainParams, hardware: Hardware, splits: dict[str, Split]
 ) -> tuple[keras.Model, dict[str, float], dict[str, list]]:
     """What inference needs after training: float32, batch-norm statistics of the final weights,
     calibrated probabilities, the validation confidences an automatic review threshold is chosen
@@ -158,13 +181,13 @@ def finish(
             keras.distribution.set_distribution(None)
         model = float32_copy(model, build(None))
     if p.model == "compact_cnn" and p.norm == "batch":
-        images, _, _ = index.arrays("train")
+        images = splits["train"].images
         reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
         used = min(len(images), PRECISE_BN_IMAGES)
         print(f"train: batch-norm statistics re-estimated over {used} training images")
     calibration, validation = {"temperature": 1.0}, {}
-    if index.size("val"):
-        images, labels, _ = index.arrays("val")
+    if len(splits["val"].labels):
+        images, labels, _ = splits["val"]
         if p.calibrate:
             calibration = calibrate_model(model, images, labels, p.batch_size)
             print(f"train: temperature {calibration['temperature']:.3f}, fitted on {len(labels)} validation images")
@@ -188,6 +211,7 @@ def save_and_log(
     params: Params,
     hardware: Hardware,
     index: ShardIndex,
+    example: np.ndarray,
     run,
 ) -> None:
     """models/, the history and metrics/train.json; the same figures and the model to MLflow."""
@@ -220,19 +244,19 @@ def save_and_log(
     run.log_artifact(str(MODELS / "model.json"), "model_meta")
     run.log_keras_model(
         model,
-        example=index.arrays("val" if index.size("val") else "train")[0][:2],
+        example=example,
         registered_name=params.tracking.registered_model,
         digest=sha256_file(MODELS / MODEL_FILE),
     )
     print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
 
 
-def log_datasets(index: ShardIndex, source: str, run) -> None:
+def log_datasets(index: ShardIndex, splits: dict[str, Split], source: str, run) -> None:
     """The training and validation images (path and label, from the shards) as MLflow dataset inputs,
     named after the source folder."""
     name = Path(source).name or "data"
     for part, context in (("train", "training"), ("val", "validation")):
-        _, labels, paths = index.arrays(part)
+        _, labels, paths = splits[part]
         rows = pd.DataFrame({"path": paths, "label": [index.classes[label] for label in labels]})
         run.log_dataset(rows, f"{name}-{part}", PREPARED.as_posix(), context)
 
@@ -245,17 +269,20 @@ def main() -> None:
     with stage_run("train", params.tracking, flatten(p, "train"), log=hardware.chief) as run:
         keras.utils.set_random_seed(p.seed)
         index = load_shards(p, hardware)
-        log_datasets(index, params.ingest.source, run)
+        splits = read_splits(index)
+        log_datasets(index, splits, params.ingest.source, run)
         build = model_builder(p, len(index.classes), hardware)
         with hardware.strategy.scope():
             model = build(p.weights)
         print(f"train: {p.model}, {model.count_params():,} parameters, {hardware.describe()}")
         for key, value in hardware.describe().items():
             run.set_tag(f"brainmri.train.{key}", str(value))
-        history = fit_phases(model, p, hardware, index, run)
-        model, calibration, validation = finish(model, build, p, hardware, index)
+        with checkpoint_path(hardware) as checkpoint:
+            history = fit_phases(model, p, hardware, index, splits, checkpoint, run)
+        model, calibration, validation = finish(model, build, p, hardware, splits)
         if hardware.chief:
-            save_and_log(model, history, calibration, validation, params, hardware, index, run)
+            example = (splits["val"] if len(splits["val"].labels) else splits["train"]).images[:2]
+            save_and_log(model, history, calibration, validation, params, hardware, index, example, run)
         else:
             print("train: done; the chief writes models/ and metrics/ and logs to MLflow")
 

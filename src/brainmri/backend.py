@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from brainmri.errors import ModelError
+
 BACKENDS = ("tensorflow", "jax")
 
 
@@ -38,15 +40,15 @@ def use_keras_backend(name: str) -> None:
 
 
 def check_backend(wanted: str) -> str:
-    """The backend Keras runs on; ValueError if `train.backend` asked for another or the stage cannot use it."""
+    """The backend Keras runs on; ModelError if `train.backend` asked for another or the stage cannot use it."""
     import keras
 
     running = keras.backend.backend()
     if wanted != "auto" and running != wanted:
-        raise ValueError(
+        raise ModelError(
             f"train.backend is {wanted}, but Keras already runs on {running} in this process "
             "(Keras reads its backend once, at import)"
         )
     if running not in BACKENDS:
-        raise ValueError(f"Keras runs on {running}: the train and evaluate stages run on {' or '.join(BACKENDS)}")
+        raise ModelError(f"Keras runs on {running}: the train and evaluate stages run on {' or '.join(BACKENDS)}")
     return running

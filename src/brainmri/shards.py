@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import NamedTuple
 
 import google_crc32c
 import numpy as np
@@ -131,6 +132,14 @@ def parse_record(payload: bytes) -> Record:
     )
 
 
+class Split(NamedTuple):
+    """One split in memory: uint8 images (N, size, size, channels), int32 labels and source paths."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+
 @dataclass(frozen=True)
 class ShardIndex:
     folder: Path
@@ -188,7 +197,7 @@ class ShardIndex:
         records = tf.data.TFRecordDataset(files).apply(tf.data.experimental.assert_cardinality(self.size(split)))
         return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
 
-    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def arrays(self, split: str) -> Split:
         """The whole split in memory, read without TensorFlow: uint8 images, int32 labels and paths."""
         shape = (self.size(split), self.image_size, self.image_size, self.channels)
         images = np.empty(shape, np.uint8)
@@ -208,4 +217,4 @@ class ShardIndex:
             raise DataError(
                 f"{self.folder}: the {split} shards hold {len(paths)} records, {INDEX_FILE} counts {shape[0]}"
             )
-        return images, labels, paths
+        return Split(images, labels, paths)

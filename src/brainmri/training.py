@@ -23,7 +23,7 @@ from brainmri.backend import check_backend
 from brainmri.errors import ModelError
 from brainmri.loader import ShardBatches, loader_threads
 from brainmri.params import TrainParams
-from brainmri.shards import ShardIndex
+from brainmri.shards import ShardIndex, Split
 
 
 class KerasDistribution:
@@ -93,10 +93,7 @@ def configure_hardware(params: TrainParams) -> Hardware:
     Must run before any other TensorFlow or JAX work in the process: device
     visibility cannot change once the runtime has started.
     """
-    try:
-        backend = check_backend(params.backend)
-    except ValueError as error:
-        raise ModelError(str(error)) from None
+    backend = check_backend(params.backend)
     if backend == "jax":
         return _configure_jax(params)
     return _configure_tensorflow(params)
@@ -268,13 +265,12 @@ def labelled_batches(
     return data.prefetch(2).with_options(options)
 
 
-def _shard_batches(index: ShardIndex, split: str, hardware: Hardware, global_batch: int, **options) -> ShardBatches:
+def _shard_batches(split: Split, num_classes: int, hardware: Hardware, global_batch: int, **options) -> ShardBatches:
     """A split in memory as this process's share of every global batch."""
-    images, labels, _ = index.arrays(split)
     return ShardBatches(
-        images,
-        labels,
-        len(index.classes),
+        split.images,
+        split.labels,
+        num_classes,
         global_batch,
         process_index=hardware.worker_index,
         process_count=hardware.workers,
@@ -282,9 +278,11 @@ def _shard_batches(index: ShardIndex, split: str, hardware: Hardware, global_bat
     )
 
 
-def training_batches(index: ShardIndex, p: TrainParams, hardware: Hardware, global_batch: int, drop_remainder: bool):
-    """The training split's batches for `fit`, shuffled every epoch: tf.data on TensorFlow,
-    a `ShardBatches` loader doing the random transforms elsewhere."""
+def training_batches(
+    index: ShardIndex, train: Split, p: TrainParams, hardware: Hardware, global_batch: int, drop_remainder: bool
+):
+    """The training split's batches for `fit`, shuffled every epoch: tf.data from the shards on
+    TensorFlow, a `ShardBatches` loader over `train` doing the random transforms elsewhere."""
     if not hardware.augments_in_loader:
         return labelled_batches(
             index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder, cutmix=p.cutmix
@@ -292,8 +290,8 @@ def training_batches(index: ShardIndex, p: TrainParams, hardware: Hardware, glob
     if p.cutmix:
         raise ModelError("train.cutmix runs in TensorFlow's input pipeline: set it to 0, or train.backend: tensorflow")
     return _shard_batches(
-        index,
-        "train",
+        train,
+        len(index.classes),
         hardware,
         global_batch,
         seed=p.seed,
@@ -303,11 +301,11 @@ def training_batches(index: ShardIndex, p: TrainParams, hardware: Hardware, glob
     )
 
 
-def validation_batches(index: ShardIndex, hardware: Hardware, global_batch: int):
+def validation_batches(index: ShardIndex, val: Split, hardware: Hardware, global_batch: int):
     """The validation split's batches, in order, for the end of every epoch."""
     if hardware.backend == "tensorflow":
         return labelled_batches(index, "val", global_batch)
-    return _shard_batches(index, "val", hardware, global_batch, drop_remainder=hardware.equal_batches)
+    return _shard_batches(val, len(index.classes), hardware, global_batch, drop_remainder=hardware.equal_batches)
 
 
 def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:
