@@ -1,5 +1,6 @@
 """The train stage's input loader on backends other than TensorFlow."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -78,3 +79,30 @@ def test_processes_share_each_global_batch_between_them():
         assert np.array_equal(np.concatenate([shares[0][step][1], shares[1][step][1]]), targets)
     with pytest.raises(ValueError, match="cannot be shared by 3 processes"):
         ShardBatches(images, labels, 4, batch_size=8, process_count=3)
+
+
+def tiny_classifier() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Flatten(), keras.layers.Dense(4, "softmax")])
+    model.compile(loss="categorical_crossentropy", weighted_metrics=["accuracy"])  # as the train stage does
+    return model
+
+
+def test_a_padded_last_batch_keeps_every_image_and_keras_averages_over_the_real_ones_only():
+    images, labels = images_and_labels()  # 21: batches of 8, 8 and 5, the last padded to 8
+    loader = ShardBatches(images, labels, 4, batch_size=8, pad_to=4)
+    batches = epoch(loader)
+    assert [len(batch) for batch, _, _ in batches] == [8, 8, 8]
+    last_images, _, last_weights = batches[-1]
+    assert not last_images[5:].any() and last_weights[5:].tolist() == [0, 0, 0]
+    assert all(weights[0] == pytest.approx(24 / 21) for _, _, weights in batches)
+    assert np.array_equal(np.concatenate([batch for batch, _, _ in batches])[:21], images)
+    model = tiny_classifier()
+    padded = model.evaluate(loader, return_dict=True, verbose=0)
+    plain = model.evaluate(images, one_hot_targets(labels, 4), batch_size=8, return_dict=True, verbose=0)
+    assert padded == pytest.approx(plain, rel=1e-6)
+    shares = [epoch(ShardBatches(images, labels, 4, 8, pad_to=4, process_index=i, process_count=2)) for i in (0, 1)]
+    for step, whole in enumerate(batches):
+        for part in range(3):
+            assert np.array_equal(np.concatenate([shares[0][step][part], shares[1][step][part]]), whole[part])
+    assert len(ShardBatches(images, labels, 4, batch_size=7, pad_to=7)[2]) == 2  # 21 = 3 x 7: no padding

@@ -232,3 +232,37 @@ def test_two_jax_processes_train_one_model_with_data_parallel_and_only_the_first
     experiment = client.get_experiment_by_name("brain-mri").experiment_id
     (run,) = client.search_runs([experiment], "tags.`brainmri.stage` LIKE '%'")
     assert run.data.tags["brainmri.train.backend"] == "jax" and run.data.tags["brainmri.train.workers"] == "2"
+
+
+def test_one_jax_process_with_two_devices_computes_what_one_device_computes_on_the_same_global_batch(tmp_path):
+    """All local devices under DataParallel: two CPU devices (as XLA can split a host) against one
+    device with the same global batch, trained as deterministically as in the two-worker test."""
+    data = tmp_path / "prepared"
+    write_prepared_data(data, SPLIT_SIZES)
+    deterministic = {
+        "backend": "jax",
+        "norm": "group",
+        "dropout": 0.0,
+        "mixed_precision": False,
+        "epochs": 3,
+        "augment": {"rotation": 0, "shift": 0, "zoom": 0, "flip": False, "brightness": 0, "contrast": 0},
+    }
+    hosts = {
+        "two_devices": host_folder(tmp_path, "two_devices", data, {**deterministic, "batch_size": 24}),
+        "one_device": host_folder(tmp_path, "one_device", data, {**deterministic, "batch_size": 48}),
+    }
+    outputs = {}
+    for name, devices in (("two_devices", 2), ("one_device", 1)):
+        environment = {
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{hosts[name] / 'mlflow.db'}",
+        }
+        process = start_train_stage(hosts[name], environment)
+        outputs[name] = process.communicate(timeout=300)[0]
+        assert process.returncode == 0, outputs[name][-5000:]
+    assert "'replicas': 2, 'precision': 'float32', 'strategy': 'DataParallel'" in outputs["two_devices"]
+    assert "DataParallel" not in outputs["one_device"]
+    columns = ["loss", "accuracy", "val_loss", "val_accuracy"]
+    histories = [pd.read_csv(host / "metrics" / "train_history.csv")[columns] for host in hosts.values()]
+    assert len(histories[0]) == 3 and histories[0]["loss"].is_monotonic_decreasing
+    np.testing.assert_allclose(histories[0].to_numpy(), histories[1].to_numpy(), rtol=1e-5)

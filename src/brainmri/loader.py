@@ -32,6 +32,9 @@ def loader_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+PADDING = -1  # a row index that stands for a padding row
+
+
 class ShardBatches(keras.utils.PyDataset):
     """(uint8 images, targets) batches of `batch_size` images from arrays in memory.
 
@@ -40,6 +43,14 @@ class ShardBatches(keras.utils.PyDataset):
     of every epoch. Across processes (several hosts under `keras.distribution`)
     each process yields its own contiguous share of every global batch, so
     `batch_size` must then be a multiple of `process_count`.
+
+    `pad_to`: devices that share a batch need equal shares, so the last batch
+    is padded with black, zero-weight rows to a multiple of `pad_to` instead
+    of being dropped. Batches then carry sample weights: 0 for padding, and
+    (N + P) / N for each of the N real rows, because Keras averages a batch's
+    loss over all its rows and weighs each batch by its row count; with those
+    weights the loss and every weighted metric (`compile(weighted_metrics=...)`)
+    are the plain mean over the N real images.
     """
 
     def __init__(
@@ -54,6 +65,7 @@ class ShardBatches(keras.utils.PyDataset):
         process_index: int = 0,
         process_count: int = 1,
         workers: int = 1,
+        pad_to: int = 1,
     ) -> None:
         super().__init__(workers=workers, use_multiprocessing=False)  # JAX's runtime must not be forked
         if batch_size % process_count:
@@ -66,6 +78,9 @@ class ShardBatches(keras.utils.PyDataset):
         self.drop_remainder = drop_remainder
         self.process_index = process_index
         self.process_count = process_count
+        last = len(images) % batch_size or batch_size
+        self.padding = 0 if drop_remainder or not len(images) else -last % pad_to
+        self.real_weight = (len(images) + self.padding) / max(len(images), 1)
         self.epoch = 0
         self.order = self._order()
 
@@ -78,19 +93,24 @@ class ShardBatches(keras.utils.PyDataset):
         whole, rest = divmod(len(self.images), self.batch_size)
         return whole if self.drop_remainder else whole + bool(rest)
 
-    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def __getitem__(self, step: int) -> tuple[np.ndarray, ...]:
         rows = self.order[step * self.batch_size : (step + 1) * self.batch_size]
+        if self.padding and step == len(self) - 1:
+            rows = np.concatenate([rows, np.full(self.padding, PADDING)])
         share = math.ceil(len(rows) / self.process_count)
         rows = rows[self.process_index * share : (self.process_index + 1) * share]
-        images = self.images[rows]
+        real = rows != PADDING
+        images = np.zeros((len(rows), *self.images.shape[1:]), np.uint8)
+        images[real] = self.images[rows[real]]
+        targets = np.zeros((len(rows), self.targets.shape[1]), np.float32)
+        targets[real] = self.targets[rows[real]]
         if self.augment_params is not None:
-            images = np.stack(
-                [
-                    augment(image, np.random.default_rng([self.seed or 0, self.epoch, int(row)]), self.augment_params)
-                    for image, row in zip(images, rows)
-                ]
-            )
-        return images, self.targets[rows]
+            for i in np.flatnonzero(real):
+                rng = np.random.default_rng([self.seed or 0, self.epoch, int(rows[i])])
+                images[i] = augment(images[i], rng, self.augment_params)
+        if not self.padding:
+            return images, targets
+        return images, targets, np.where(real, self.real_weight, 0.0).astype(np.float32)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

@@ -302,10 +302,11 @@ def training_batches(
 
 
 def validation_batches(index: ShardIndex, val: Split, hardware: Hardware, global_batch: int):
-    """The validation split's batches, in order, for the end of every epoch."""
+    """The validation split's batches, in order, for the end of every epoch: every image counts once,
+    also where devices need equal shares of the last batch (padded with zero-weight rows)."""
     if hardware.backend == "tensorflow":
         return labelled_batches(index, "val", global_batch)
-    return _shard_batches(val, len(index.classes), hardware, global_batch, drop_remainder=hardware.equal_batches)
+    return _shard_batches(val, len(index.classes), hardware, global_batch, pad_to=hardware.replicas)
 
 
 def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:
@@ -353,7 +354,8 @@ def compile_model(
         params.warmup_epochs if warmup_epochs is None else warmup_epochs,
     )
     optimizer = keras.optimizers.AdamW(lr, weight_decay=params.weight_decay)
-    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy], jit_compile=params.xla)
+    # A weighted metric, as the loss is: padding rows of a validation batch (ShardBatches) weigh nothing.
+    model.compile(optimizer=optimizer, loss=loss, weighted_metrics=[accuracy], jit_compile=params.xla)
 
 
 class EpochTimer(keras.callbacks.Callback):
