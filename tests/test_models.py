@@ -193,6 +193,16 @@ def test_augmentation_is_random_in_training_and_the_identity_at_inference():
     np.testing.assert_allclose(exported(images, training=False).numpy(), inference, atol=1e-6)
 
 
+def test_random_erasing_blacks_out_a_box_in_training_only():
+    model = build_model("compact_cnn", 4, 32, 1, width=4, augment=AugmentParams(flip=False, rotation=0, erasing=1.0))
+    augmented = keras.Model(model.input, model.get_layer("random_erasing").output)
+    images = np.full((16, 32, 32, 1), 200, np.uint8)
+    black = (augmented(images, training=True).numpy() == 0).mean(axis=(1, 2, 3))
+    assert (black > 0.015).all() and (black < 0.35).all() and black.std() > 0.02
+    np.testing.assert_array_equal(augmented(images, training=False).numpy(), images)
+    assert "random_erasing" not in [layer.name for layer in without_augmentation(model).layers]
+
+
 def test_batch_norm_statistics_become_the_mean_over_the_given_batches():
     model = build_model("compact_cnn", 4, 32, 1, width=4, dropout=0.0, norm="batch")
     images, _ = tiny_batch(4, count=16)

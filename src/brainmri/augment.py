@@ -10,7 +10,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from brainmri.params import AugmentParams
+from brainmri.params import ERASED_AREA, AugmentParams
 
 
 def _affine_coefficients(size: int, angle_deg: float, scale: float, shift_x: float, shift_y: float) -> tuple:
@@ -30,7 +30,7 @@ def _affine_coefficients(size: int, angle_deg: float, scale: float, shift_x: flo
 
 
 def augment(array: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
-    """Random rotation, shift, zoom, horizontal flip, brightness and contrast of a uint8 (H, W, C) image."""
+    """Random rotation, shift, zoom, horizontal flip, brightness, contrast and erasing of a uint8 (H, W, C) image."""
     size, channels = array.shape[0], array.shape[2]
     image = Image.fromarray(array[..., 0] if channels == 1 else array)
     if params.flip and rng.random() < 0.5:
@@ -49,4 +49,18 @@ def augment(array: np.ndarray, rng: np.random.Generator, params: AugmentParams) 
     brightness = 1.0 + rng.uniform(-params.brightness, params.brightness)
     pixels = ((pixels - mean) * contrast + mean) * brightness
     out = np.clip(np.round(pixels), 0, 255).astype(np.uint8)
-    return out[..., None] if channels == 1 else out
+    out = out[..., None] if channels == 1 else out
+    if params.erasing and rng.random() < params.erasing:
+        erase_box(out, rng)
+    return out
+
+
+def erase_box(image: np.ndarray, rng: np.random.Generator) -> None:
+    """Set one random box of an (H, W, C) image to black, in place: each side a
+    fraction sqrt(U(ERASED_AREA)) of the image's, anywhere it fits, as
+    keras.layers.RandomErasing draws it."""
+    height, width = image.shape[:2]
+    box_height, box_width = (np.sqrt(rng.uniform(*ERASED_AREA, size=2)) * (height, width)).round().astype(int)
+    top = int(rng.uniform() * (height - box_height))
+    left = int(rng.uniform() * (width - box_width))
+    image[top : top + box_height, left : left + box_width] = 0

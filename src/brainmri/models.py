@@ -17,7 +17,7 @@ import numpy as np
 from keras import layers
 
 from brainmri.errors import ModelError
-from brainmri.params import MODEL_NAMES, AugmentParams, TrainParams
+from brainmri.params import ERASED_AREA, MODEL_NAMES, AugmentParams, TrainParams
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
@@ -160,6 +160,17 @@ def random_augmentation(x, augment: AugmentParams | None, seed: int):
         x = layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed + 5, name="random_brightness")(
             x
         )
+    if augment.erasing:
+        # Blank part of the slice, often a landmark of its level or view: the
+        # class has to be found in what is left (benchmarks/README.md, R11).
+        x = layers.RandomErasing(
+            (augment.erasing, augment.erasing),
+            scale=ERASED_AREA,
+            fill_value=0,
+            value_range=(0, 255),
+            seed=seed + 6,
+            name="random_erasing",
+        )(x)
     return x
 
 

@@ -135,6 +135,10 @@ class SplitParams(_Section):
         return value
 
 
+# Random erasing's box (Zhong et al. 2020): between these shares of the image's area.
+ERASED_AREA = (0.02, 0.33)
+
+
 class AugmentParams(_Section):
     rotation: float = Field(10.0, ge=0, le=180, description="max degrees either way")
     shift: float = Field(0.05, ge=0, lt=0.5, description="max fraction of the side")
@@ -142,6 +146,9 @@ class AugmentParams(_Section):
     flip: bool = True
     brightness: float = Field(0.1, ge=0, lt=1, description="max relative change")
     contrast: float = Field(0.1, ge=0, lt=1, description="max relative change")
+    erasing: float = Field(
+        0.0, ge=0, le=1, description="probability that one random box (2-33% of the image) is set to black"
+    )
 
 
 class BalanceParams(_Section):
