@@ -48,8 +48,14 @@ def main() -> None:
 
     model, meta = load_model(args.project / "models")
     classes = meta["classes"]
+    # Read as the model was trained (a head-cropped model sees head-cropped slices), as the gradcam stage does.
     annotated = load_annotated_set(
-        IngestParams(source=args.annotated), args.annotated, classes, meta["image_size"], meta["channels"]
+        IngestParams(source=args.annotated),
+        args.annotated,
+        classes,
+        meta["image_size"],
+        meta["channels"],
+        meta.get("crop", "none"),
     )
     truths = [classes[label] for label in annotated.labels]
     accuracy = float((class_probabilities(model, annotated.images).argmax(axis=1) == annotated.labels).mean())
