@@ -147,7 +147,11 @@ class AugmentParams(_Section):
     brightness: float = Field(0.1, ge=0, lt=1, description="max relative change")
     contrast: float = Field(0.1, ge=0, lt=1, description="max relative change")
     erasing: float = Field(
-        0.0, ge=0, le=1, description="probability that one random box (2-33% of the image) is set to black"
+        0.0,
+        ge=0,
+        le=1,
+        description=f"probability that one random box ({ERASED_AREA[0]:.0%}-{ERASED_AREA[1]:.0%} of the image)"
+        " is set to black",
     )
 
 
