@@ -286,3 +286,15 @@ def test_a_one_by_one_last_block_keeps_each_feature_local(kernel, reaches_far):
     corner, corner_moved = probe(image)[0, 0, 0], probe(moved)[0, 0, 0]
     # The corner feature sees about 36 pixels with 1x1 convolutions in the last block, about 68 with 3x3.
     assert (not np.allclose(corner, corner_moved, atol=1e-4)) == reaches_far
+
+
+def test_a_dilated_last_block_gives_a_twice_as_fine_feature_map():
+    plain = build_model("compact_cnn", 4, 64, 1, width=4)
+    dilated = build_model("compact_cnn", 4, 64, 1, width=4, last_block_dilation=2)
+    assert plain.get_layer("block4_relu2").output.shape[1:3] == (8, 8)
+    assert dilated.get_layer("block4_relu2").output.shape[1:3] == (16, 16)
+    assert dilated.get_layer("block4_conv1").dilation_rate == (2, 2)
+    # The same weights, only arranged over a finer grid.
+    assert plain.count_params() == dilated.count_params()
+    image = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 1), dtype=np.uint8)
+    np.testing.assert_allclose(np.asarray(dilated(image)).sum(axis=1), 1.0, atol=1e-5)

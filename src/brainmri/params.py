@@ -217,6 +217,11 @@ class TrainParams(_Section):
     last_block_kernel: Literal[1, 3] = Field(
         3, description="compact_cnn: 1 makes each final feature describe a local patch, not most of the slice"
     )
+    last_block_dilation: Literal[1, 2] = Field(
+        1,
+        description="compact_cnn: 2 drops block 3's pooling and dilates block 4's kernels, so the last feature "
+        "map (Grad-CAM's) is twice as fine over the same field of view, at about twice the compute",
+    )
     dropout: float = Field(0.3, ge=0, lt=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     class_weight: Literal["none", "balanced"] = "none"
