@@ -11,6 +11,13 @@ epoch. With `--annotated`, the gradcam stage also scores the heatmaps against
 that folder's boxes (`gradcam.annotated`) and the pointing game per class,
 its intervals, the two baselines and the faithfulness figures are reported.
 Prints one JSON line; the README's results section comes from it.
+
+With `--reuse WORKSPACE` (one kept by an earlier `--keep` run on the same
+SOURCE) the data, split and shards already there are reused: the committed
+code and params (with `--set`) are written into it and only validate,
+train, evaluate and gradcam run (`dvc repro -s`), so `--set` may change
+only train, evaluate and gradcam params. The line then reports that
+stage time and the commit the reused data were prepared with.
 """
 
 from __future__ import annotations
@@ -31,6 +38,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The stages --reuse reruns, and the params sections they alone read.
+REUSED_STAGES = ("validate", "train", "evaluate", "gradcam")
+REUSABLE_SECTIONS = ("train", "evaluate", "gradcam")
 
 
 def set_param(params: dict, assignment: str) -> None:
@@ -42,19 +52,48 @@ def set_param(params: dict, assignment: str) -> None:
     target[leaf] = yaml.safe_load(value)
 
 
+def git_head(repo: Path) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+
+
+def checkout_into_kept(repo: Path, source: str, assignments: list[str]) -> str:
+    """Write the committed code and params into a kept workspace; the commit its data came from.
+
+    The earlier stages are not rerun, so their params must be those the data
+    were prepared with: the same source, and overrides of later stages only."""
+    if not (repo / "dvc.lock").is_file():
+        sys.exit(f"--reuse: {repo.parent} is not a workspace kept by --keep (no repo/dvc.lock)")
+    kept_source = yaml.safe_load((repo / "params.yaml").read_text())["ingest"]["source"]
+    if kept_source != str(Path(source).resolve()):
+        sys.exit(f"--reuse: the kept workspace was prepared from {kept_source}, not {source}")
+    for assignment in assignments:
+        if not assignment.startswith(tuple(f"{section}." for section in REUSABLE_SECTIONS)):
+            sys.exit(f"--reuse: --set {assignment} changes a stage that is not rerun; run without --reuse")
+    subprocess.run(["git", "fetch", "-q", str(REPO), "HEAD"], cwd=repo, check=True)
+    code = ["src", "stages", "dvc.yaml", "params.yaml"]
+    subprocess.run(["git", "checkout", "-q", "FETCH_HEAD", "--", *code], cwd=repo, check=True)
+    return git_head(repo)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="folder of labelled images (one folder per class)")
     parser.add_argument("--annotated", help="folder of box-annotated slices for gradcam.annotated")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
     parser.add_argument("--keep", action="store_true", help="keep the workspace and print its path")
+    parser.add_argument(
+        "--reuse", type=Path, metavar="WORKSPACE", help="rerun train and later stages in a kept workspace"
+    )
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="full-data-"))
+    work = args.reuse or Path(tempfile.mkdtemp(prefix="full-data-"))
     try:
-        subprocess.run(["git", "clone", "-q", str(REPO), str(work / "repo")], check=True)
+        if args.reuse:
+            data_commit = checkout_into_kept(work / "repo", args.source, args.set)
+        else:
+            subprocess.run(["git", "clone", "-q", str(REPO), str(work / "repo")], check=True)
         repo = work / "repo"
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        commit = git_head(REPO)
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["ingest"]["source"] = str(Path(args.source).resolve())
         if args.annotated:
@@ -69,10 +108,11 @@ def main() -> None:
         }
         env.pop("MLFLOW_TRACKING_URI", None)
         start = time.perf_counter()
-        result = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True)
+        for command in [["dvc", "repro", "-s", stage] for stage in REUSED_STAGES] if args.reuse else [["dvc", "repro"]]:
+            result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
         wall = time.perf_counter() - start
-        if result.returncode != 0:
-            sys.exit(f"dvc repro failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
         evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
         train = json.loads((repo / "metrics" / "train.json").read_text())
         with open(repo / "metrics" / "train_history.csv") as handle:
@@ -93,7 +133,11 @@ def main() -> None:
                     "commit": commit,
                     "source": args.source,
                     "overrides": args.set,
-                    "repro_wall_s": round(wall),
+                    **(
+                        {"reused_data_commit": data_commit, "train_evaluate_gradcam_wall_s": round(wall)}
+                        if args.reuse
+                        else {"repro_wall_s": round(wall)}
+                    ),
                     "test_images": sum(counts["test"].values()),
                     "train_images_per_epoch": sum(counts["train"].values()),
                     "accuracy": evaluate["accuracy"],
@@ -112,7 +156,7 @@ def main() -> None:
             )
         )
     finally:
-        if args.keep:
+        if args.keep or args.reuse:
             print(f"workspace kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
