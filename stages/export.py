@@ -29,7 +29,7 @@ def main() -> None:
         for values in report.values():
             print(
                 f"export: {EXPORTS / values['file']} ({values['bytes']:,} bytes), "
-                f"max |TFLite - Keras| {values['max_abs_difference']:.2g}"
+                f"largest probability difference from Keras {values['max_abs_difference']:.2g}"
             )
 
 

@@ -328,3 +328,14 @@ def test_export_stage_writes_tflite_and_onnx_files_that_match_keras(repo):
     int8 = tflite_probabilities((repo / "exports" / "model_int8.tflite").read_bytes(), images)
     assert np.abs(int8 - expected).max() < 0.15
     np.testing.assert_allclose(onnx_probabilities(repo / "exports" / "model.onnx", images), expected, atol=1e-4)
+
+
+def test_an_export_beyond_its_tolerance_writes_no_file_and_names_the_format(repo, tmp_path, monkeypatch):
+    from brainmri import export
+    from brainmri.errors import ModelError
+
+    monkeypatch.setitem(export.TOLERANCE, "float16", 0.0)  # float16 weights always move the probabilities a little
+    out = tmp_path / "exports"
+    with pytest.raises(ModelError, match=r"export float16: .*leave float16 out of export\.formats"):
+        export.export_all(repo / "models", out, repo / "data" / "prepared", ("float32", "float16"), 8)
+    assert not out.exists()  # float32 passed, but nothing is written unless every format does

@@ -61,6 +61,33 @@ def convert(saved_model: Path, variant: str, calibration: np.ndarray) -> bytes:
     return converter.convert()
 
 
+def check_variant(
+    inference, variant: str, saved_model: Path, scratch: Path, images: np.ndarray, expected: np.ndarray
+) -> tuple[bytes, dict[str, Any]]:
+    """One variant's file and its parity with the Keras probabilities; ModelError beyond its tolerance."""
+    if variant == "onnx":
+        inference.export(str(scratch / "model.onnx"), format="onnx", verbose=False)
+        data = (scratch / "model.onnx").read_bytes()
+        got = onnx_probabilities(scratch / "model.onnx", images)
+    else:
+        data = convert(saved_model, variant, images)
+        got = tflite_probabilities(data, images)
+    difference = float(np.abs(got - expected).max())
+    agreement = float((got.argmax(1) == expected.argmax(1)).mean())
+    if difference > TOLERANCE[variant]:
+        raise ModelError(
+            f"export {variant}: probabilities differ from the Keras model's by up to {difference:.4f} "
+            f"(> {TOLERANCE[variant]}) on {len(images)} images, top-1 agreement {agreement:.3f}; no file written "
+            f"(leave {variant} out of export.formats to export the others)"
+        )
+    return data, {
+        "max_abs_difference": round(difference, 6),
+        "top1_agreement": agreement,
+        "tolerance": TOLERANCE[variant],
+        "checked_images": len(images),
+    }
+
+
 def export_all(
     model_dir: str | Path,
     out_dir: str | Path,
@@ -80,7 +107,6 @@ def export_all(
         raise ModelError(f"{data_dir}: no images to calibrate and check the exports with")
     expected = class_probabilities(model, images)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     report: dict[str, dict[str, Any]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="export-"))
     try:
@@ -88,31 +114,15 @@ def export_all(
         inference.predict(images[:1], verbose=0)  # Keras exports only a model that has been called
         saved_model = scratch / "saved_model"
         inference.export(str(saved_model), format="tf_saved_model", verbose=False)
-        for variant in variants:
-            if variant == "onnx":
-                inference.export(str(scratch / "model.onnx"), format="onnx", verbose=False)
-                data = (scratch / "model.onnx").read_bytes()
-                got = onnx_probabilities(scratch / "model.onnx", images)
-            else:
-                data = convert(saved_model, variant, images)
-                got = tflite_probabilities(data, images)
-            difference = float(np.abs(got - expected).max())
-            agreement = float((got.argmax(1) == expected.argmax(1)).mean())
-            if difference > TOLERANCE[variant]:
-                raise ModelError(
-                    f"export {variant}: TFLite differs from Keras by {difference:.4f} "
-                    f"(> {TOLERANCE[variant]}) on {len(images)} {split} images; not written"
-                )
+        # Every variant is checked before any file is written: a rejected one leaves out_dir as it was.
+        checked = {
+            variant: check_variant(inference, variant, saved_model, scratch, images, expected) for variant in variants
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        for variant, (data, values) in checked.items():
             path = out / ("model.onnx" if variant == "onnx" else f"model_{variant}.tflite")
             path.write_bytes(data)
-            report[variant] = {
-                "file": path.name,
-                "bytes": len(data),
-                "max_abs_difference": round(difference, 6),
-                "top1_agreement": agreement,
-                "tolerance": TOLERANCE[variant],
-                "checked_images": len(images),
-            }
+            report[variant] = {"file": path.name, "bytes": len(data), **values}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     (out / "export.json").write_text(
