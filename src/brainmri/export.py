@@ -13,13 +13,16 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from brainmri.errors import ModelError
 
-# Largest |TFLite - Keras| probability difference accepted per variant.
+if TYPE_CHECKING:
+    import keras
+
+# Largest probability difference from the Keras model accepted per format.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15, "onnx": 1e-4}
 
 
@@ -62,7 +65,7 @@ def convert(saved_model: Path, variant: str, calibration: np.ndarray) -> bytes:
 
 
 def check_variant(
-    inference, variant: str, saved_model: Path, scratch: Path, images: np.ndarray, expected: np.ndarray
+    inference: keras.Model, variant: str, saved_model: Path, scratch: Path, images: np.ndarray, expected: np.ndarray
 ) -> tuple[bytes, dict[str, Any]]:
     """One variant's file and its parity with the Keras probabilities; ModelError beyond its tolerance."""
     if variant == "onnx":
