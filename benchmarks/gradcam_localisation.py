@@ -13,6 +13,12 @@ the same images; and, once per model, how much the true class's probability
 drops when the box is set to black, against a box of the same size set to
 black elsewhere (does the model need the lesion at all?). Prints one JSON
 line per method and layer.
+
+With `--with OTHER_PROJECT ...` (the same recipe trained with other seeds,
+say) each slice's heatmap is the mean of every model's own heatmap, each
+scaled to its peak, at the same layer: do the models agree on the lesion, or only on the
+anatomy? Box scores and occlusion are then those of that mean and of the
+first model.
 """
 
 from __future__ import annotations
@@ -44,9 +50,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["gradcam"], choices=METHODS)
     parser.add_argument("--layers", nargs="+", default=[None], help="feature-map layers (default: the last)")
     parser.add_argument("--label", default="", help="a name for the recipe, copied into the output")
+    parser.add_argument(
+        "--with", dest="others", nargs="+", type=Path, default=[], metavar="PROJECT", help="models to average with"
+    )
     args = parser.parse_args()
 
     model, meta = load_model(args.project / "models")
+    others = [load_model(project / "models") for project in args.others]
+    for project, (_, other_meta) in zip(args.others, others):
+        for key in ("classes", "image_size", "channels", "crop"):
+            if other_meta.get(key) != meta.get(key):
+                raise SystemExit(f"--with {project}: its model's {key} differs from {args.project}'s")
     classes = meta["classes"]
     # Read as the model was trained (a head-cropped model sees head-cropped slices), as the gradcam stage does.
     annotated = load_annotated_set(
@@ -73,12 +87,17 @@ def main() -> None:
         for method in args.methods:
             start = time.perf_counter()
             heatmaps, flat = heatmaps_at_image_size(model, annotated.images, annotated.labels, layer, method)
+            for other, _ in others:
+                maps, flags = heatmaps_at_image_size(other, annotated.images, annotated.labels, layer, method)
+                heatmaps, flat = heatmaps + maps, flat | flags
+            heatmaps = heatmaps / (1 + len(others))
             summary = summarise_box_scores(score_against_boxes(heatmaps, flat, annotated.masks, truths))
             print(
                 json.dumps(
                     {
                         "date": date.today().isoformat(),
                         "label": args.label,
+                        "with": [str(project) for project in args.others],
                         "method": method,
                         "layer": layer,
                         "annotated": args.annotated,
