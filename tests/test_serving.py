@@ -336,6 +336,6 @@ def test_an_export_beyond_its_tolerance_writes_no_file_and_names_the_format(repo
 
     monkeypatch.setitem(export.TOLERANCE, "float16", 0.0)  # float16 weights always move the probabilities a little
     out = tmp_path / "exports"
-    with pytest.raises(ModelError, match=r"export float16: .*leave float16 out of export\.formats"):
+    with pytest.raises(ModelError, match=r"export float16: .* on 8 val images, .*leave float16 out of export\.formats"):
         export.export_all(repo / "models", out, repo / "data" / "prepared", ("float32", "float16"), 8)
     assert not out.exists()  # float32 passed, but nothing is written unless every format does

@@ -65,9 +65,16 @@ def convert(saved_model: Path, variant: str, calibration: np.ndarray) -> bytes:
 
 
 def check_variant(
-    inference: keras.Model, variant: str, saved_model: Path, scratch: Path, images: np.ndarray, expected: np.ndarray
+    inference: keras.Model,
+    variant: str,
+    saved_model: Path,
+    scratch: Path,
+    images: np.ndarray,
+    expected: np.ndarray,
+    split: str,
 ) -> tuple[bytes, dict[str, Any]]:
-    """One variant's file and its parity with the Keras probabilities; ModelError beyond its tolerance."""
+    """One variant's file and its parity with the Keras probabilities on `split`'s images;
+    ModelError beyond its tolerance."""
     if variant == "onnx":
         inference.export(str(scratch / "model.onnx"), format="onnx", verbose=False)
         data = (scratch / "model.onnx").read_bytes()
@@ -80,8 +87,8 @@ def check_variant(
     if difference > TOLERANCE[variant]:
         raise ModelError(
             f"export {variant}: probabilities differ from the Keras model's by up to {difference:.4f} "
-            f"(> {TOLERANCE[variant]}) on {len(images)} images, top-1 agreement {agreement:.3f}; no file written "
-            f"(leave {variant} out of export.formats to export the others)"
+            f"(> {TOLERANCE[variant]}) on {len(images)} {split} images, top-1 agreement {agreement:.3f}; "
+            f"no file written (leave {variant} out of export.formats to export the others)"
         )
     return data, {
         "max_abs_difference": round(difference, 6),
@@ -119,7 +126,8 @@ def export_all(
         inference.export(str(saved_model), format="tf_saved_model", verbose=False)
         # Every variant is checked before any file is written: a rejected one leaves out_dir as it was.
         checked = {
-            variant: check_variant(inference, variant, saved_model, scratch, images, expected) for variant in variants
+            variant: check_variant(inference, variant, saved_model, scratch, images, expected, split)
+            for variant in variants
         }
         out.mkdir(parents=True, exist_ok=True)
         for variant, (data, values) in checked.items():
