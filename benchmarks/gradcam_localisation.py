@@ -15,10 +15,10 @@ black elsewhere (does the model need the lesion at all?). Prints one JSON
 line per method and layer.
 
 With `--with OTHER_PROJECT ...` (the same recipe trained with other seeds,
-say) each slice's heatmap is the mean of every model's own heatmap, each
-scaled to its peak, at the same layer: do the models agree on the lesion, or only on the
-anatomy? Box scores and occlusion are then those of that mean and of the
-first model.
+say) each slice's heatmap is the mean of every model's own heatmap at the
+same layer, each scaled to its peak: do the models agree on the lesion, or
+only on the anatomy? Box scores are then those of that mean; occlusion stays
+the first model's.
 """
 
 from __future__ import annotations
