@@ -4,6 +4,7 @@ project, commands run in it, servers started for real."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import socket
@@ -19,6 +20,8 @@ import requests
 import yaml
 from PIL import Image
 
+from brainmri.images import DecodeLimits
+from brainmri.inference import Predictor
 from brainmri.shards import Record, ShardIndex, write_split
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -228,3 +231,32 @@ def write_dicom_series(
         dataset.save_as(path, enforce_file_format=True)
         written.append(path)
     return written
+
+
+class MeanBrightnessModel:
+    """Class 1 when the image is bright; each call takes `delay` seconds and is counted."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.calls = delay, 0
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        time.sleep(self.delay)
+        bright = images.reshape(len(images), -1).mean(axis=1) / 255
+        return np.stack([1 - bright, bright], axis=1)
+
+
+def predictor(delay: float = 0.0) -> Predictor:
+    return Predictor(
+        [MeanBrightnessModel(delay)], ["dark", "bright"], 8, 1, "stand-in@1", DecodeLimits(10**6, 4096, 20, 2**28)
+    )
+
+
+def png(level: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (16, 16), level).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def post(client, data: bytes, name: str = "scan.png"):
+    return client.post("/predict", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data")

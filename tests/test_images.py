@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -34,6 +35,23 @@ def test_16_bit_scans_are_stretched_to_the_full_range():
     pixels = np.linspace(1000, 3000, 64, dtype=np.uint16).reshape(8, 8)
     out = np.asarray(normalise_mode(Image.fromarray(pixels)))
     assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+
+
+def test_a_large_16_bit_scan_is_stretched_as_in_float64_without_float64_copies():
+    pixels = np.random.default_rng(0).integers(200, 60_000, (2000, 2000), dtype=np.uint16)
+    tracemalloc.start()
+    try:
+        out = np.asarray(normalise_mode(Image.fromarray(pixels)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * pixels.nbytes  # a float64 copy alone would be 4x
+    low, high = float(pixels.min()), float(pixels.max())
+    assert np.array_equal(out, np.round((pixels.astype(np.float64) - low) / (high - low) * 255).astype(np.uint8))
+    floats = np.linspace(-1.5, 2.5, 64, dtype=np.float32).reshape(8, 8)
+    assert np.array_equal(
+        np.asarray(normalise_mode(Image.fromarray(floats))), np.round(np.linspace(0, 255, 64)).reshape(8, 8)
+    )
 
 
 def test_transparent_background_becomes_black():
@@ -76,7 +94,7 @@ def test_a_long_thin_image_is_resized_before_it_is_padded():
 
 
 def test_limits_name_what_a_header_declares_too_much_of():
-    limits = DecodeLimits(max_pixels=1000, max_side=100, max_aspect=4)
+    limits = DecodeLimits(max_pixels=1000, max_side=100, max_aspect=4, max_decoded_bytes=2**20)
     limits.check(40, 10)  # within every limit
     for size, named in [((40, 40), "max_pixels=1000"), ((101, 5), "max_side=100"), ((41, 10), "max_aspect=4")]:
         with pytest.raises(ImageTooLarge, match=f"{size[0]}x{size[1]} exceeds ingest.{named}"):

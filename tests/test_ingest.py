@@ -17,6 +17,8 @@ from brainmri.scanner import ScannerOptions
 
 from helpers import CLASSES, make_dataset, synthetic_image
 
+LIMITS = DecodeLimits(10**7, 4096, 20, 2**28)
+
 
 def params(source, **overrides) -> IngestParams:
     return IngestParams(source=str(source), workers=1, **overrides)
@@ -205,7 +207,9 @@ def test_a_named_pipe_is_rejected_by_type_without_being_opened(tmp_path):
     # A daemon thread: opening a FIFO for reading would block, and must not hang the test run.
     worker = threading.Thread(
         target=lambda: rows.extend(
-            inspect(candidate, DecodeLimits(10**7, 4096, 20), Recorder(str(tmp_path), ScannerOptions(), b"", None))
+            inspect(
+                candidate, DecodeLimits(10**7, 4096, 20, 2**28), Recorder(str(tmp_path), ScannerOptions(), b"", None)
+            )
         ),
         daemon=True,
     )

@@ -272,7 +272,7 @@ def test_loading_a_missing_model_raises_for_the_caller_to_handle(tmp_path):
     from brainmri.inference import Predictor
 
     with pytest.raises(ModelError, match="no trained model in"):
-        Predictor.load(tmp_path, DecodeLimits(1000, 100, 4))
+        Predictor.load(tmp_path, DecodeLimits(1000, 100, 4, 2**20))
 
 
 @pytest.mark.parametrize("kernel, reaches_far", [(3, True), (1, False)])

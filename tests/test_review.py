@@ -50,7 +50,7 @@ def test_predict_and_serve_apply_the_threshold_and_the_crop_the_model_carries(tm
         "validation_correct": CORRECT.tolist(),
     }
     save_model(model, tmp_path / "models", meta)
-    limits = DecodeLimits(max_pixels=10**6, max_side=4096, max_aspect=20.0)
+    limits = DecodeLimits(max_pixels=10**6, max_side=4096, max_aspect=20.0, max_decoded_bytes=2**28)
     predictor = Predictor.load(tmp_path / "models", limits, "auto", 0.8)
     assert predictor.review_threshold == 0.80
     assert Predictor.load(tmp_path / "models", limits, 0.5).review_threshold == 0.5
@@ -65,7 +65,7 @@ def test_an_ensemble_of_a_model_with_itself_predicts_what_the_model_does(tmp_pat
     model = build_model("compact_cnn", 2, 32, 1, width=4)
     save_model(model, tmp_path / "one", {"classes": ["a", "b"], "image_size": 32, "channels": 1})
     save_model(model, tmp_path / "other", {"classes": ["b", "a"], "image_size": 32, "channels": 1})
-    limits = DecodeLimits(max_pixels=10**6, max_side=4096, max_aspect=20.0)
+    limits = DecodeLimits(max_pixels=10**6, max_side=4096, max_aspect=20.0, max_decoded_bytes=2**28)
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1), dtype=np.uint8)
     alone = Predictor.load(tmp_path / "one", limits).predict_arrays(images)
     pair = Predictor.load_ensemble([tmp_path / "one", tmp_path / "one"], limits)

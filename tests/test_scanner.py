@@ -32,7 +32,7 @@ from brainmri.scanner import (
 
 from helpers import PLANTED, make_dataset, mr_template, synthetic_image, write_dicom_series
 
-LIMITS = DecodeLimits(40_000_000, 16_384, 20.0)
+LIMITS = DecodeLimits(40_000_000, 16_384, 20.0, 512 * 2**20)
 SALT = b"test salt"
 ENCODINGS = [
     "MR_small.dcm",  # explicit VR little endian

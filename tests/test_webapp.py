@@ -13,44 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from brainmri.audit import AuditLog
 from brainmri.batching import MicroBatcher
-from brainmri.images import DecodeLimits
-from brainmri.inference import Predictor
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.params import ServeParams
 from brainmri.webapp import create_app
 
-
-class MeanBrightnessModel:
-    """Class 1 when the image is bright; each call takes `delay` seconds and is counted."""
-
-    def __init__(self, delay: float = 0.0) -> None:
-        self.delay, self.calls = delay, 0
-
-    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
-        self.calls += 1
-        time.sleep(self.delay)
-        bright = images.reshape(len(images), -1).mean(axis=1) / 255
-        return np.stack([1 - bright, bright], axis=1)
-
-
-def predictor(delay: float = 0.0) -> Predictor:
-    return Predictor(
-        [MeanBrightnessModel(delay)], ["dark", "bright"], 8, 1, "stand-in@1", DecodeLimits(10**6, 4096, 20)
-    )
-
-
-def png(level: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", (16, 16), level).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def post(client, data: bytes, name: str = "scan.png"):
-    return client.post("/predict", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+from helpers import png, post, predictor
 
 
 def test_concurrent_requests_share_model_calls_and_each_gets_its_own_answer(tmp_path):

@@ -27,11 +27,13 @@ class ImageTooLarge(ValueError):
 
 @dataclass(frozen=True)
 class DecodeLimits:
-    """What an image's header may declare before it is decoded (ingest's max_pixels, max_side, max_aspect)."""
+    """What an image's header may declare before it is decoded (ingest's max_pixels, max_side,
+    max_aspect, and max_decoded_bytes for a scanner file's frames or volumes together)."""
 
     max_pixels: int
     max_side: int
     max_aspect: float
+    max_decoded_bytes: int
 
     def check(self, width: int, height: int) -> None:
         """Raise ImageTooLarge naming the limit that width x height exceeds."""
@@ -41,6 +43,14 @@ class DecodeLimits:
             raise ImageTooLarge(f"{width}x{height} exceeds ingest.max_side={self.max_side}")
         if max(width, height) > self.max_aspect * max(min(width, height), 1):
             raise ImageTooLarge(f"{width}x{height} exceeds ingest.max_aspect={self.max_aspect:g}")
+
+    def check_bytes(self, decoded: int, what: str) -> None:
+        """Raise ImageTooLarge when `decoded` bytes (what a header declares, described by `what`)
+        exceed the budget."""
+        if decoded > self.max_decoded_bytes:
+            raise ImageTooLarge(
+                f"{what} decode to {decoded:,} bytes, over ingest.max_decoded_bytes={self.max_decoded_bytes:,}"
+            )
 
 
 def open_image(path: str | Path, limits: DecodeLimits | None = None) -> Image.Image:
@@ -59,11 +69,7 @@ def normalise_mode(image: Image.Image) -> Image.Image:
     if image.mode in ("L", "RGB"):
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float scans: stretch the used range to 0..255.
-        pixels = np.asarray(image, dtype=np.float64)
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) / (high - low) * 255.0 if high > low else np.zeros_like(pixels)
-        return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+        return Image.fromarray(stretch_to_uint8(np.asarray(image)), mode="L")
     if image.mode in ("LA", "RGBA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent parts become the black MRI background, not white.
         rgba = image.convert("RGBA")
@@ -72,6 +78,22 @@ def normalise_mode(image: Image.Image) -> Image.Image:
     if image.mode == "1":
         return image.convert("L")
     return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
+
+
+def stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """A 16-bit, 32-bit or float scan's used range stretched linearly onto 0..255, without
+    full-size float64 copies: integer levels go through a look-up table of the levels used."""
+    low, high = pixels.min(), pixels.max()
+    if not high > low:  # flat, or not finite
+        return np.zeros(pixels.shape, dtype=np.uint8)
+    if pixels.dtype.kind in "iu" and int(high) - int(low) <= np.iinfo(np.uint16).max:
+        span = int(high) - int(low)
+        table = np.round(np.arange(span + 1, dtype=np.float64) / span * 255.0).astype(np.uint8)
+        return table[pixels - low]
+    scaled = pixels.astype(np.float32)
+    scaled -= np.float32(low)
+    scaled *= np.float32(255.0 / (float(high) - float(low)))
+    return np.round(scaled, out=scaled).astype(np.uint8)
 
 
 def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:

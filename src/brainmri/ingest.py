@@ -224,7 +224,7 @@ def discover(params: IngestParams) -> tuple[list[Candidate], list[dict], str, li
 
 def decode_limits(params: IngestParams) -> DecodeLimits:
     """What an image header may declare before decoding, for ingest, predict and serve alike."""
-    return DecodeLimits(params.max_pixels, params.max_side, params.max_aspect)
+    return DecodeLimits(params.max_pixels, params.max_side, params.max_aspect, params.max_decoded_bytes)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,10 @@ class IngestParams(_Section):
     max_pixels: int = Field(40_000_000, ge=1, description="larger images are rejected undecoded")
     max_side: int = Field(16_384, ge=1, description="images with a longer side are rejected undecoded")
     max_aspect: float = Field(20.0, ge=1, description="images more elongated than this are rejected undecoded")
+    # A 512x512x1024 16-bit volume fits; a scanner file that inflates to gigabytes of pixels does not.
+    max_decoded_bytes: int = Field(
+        512 * 1024 * 1024, ge=1, description="scanner files whose header declares more pixel bytes are rejected"
+    )
     workers: int = Field(0, ge=0, description="decoding processes; 0: one per CPU core")
     outliers: OutlierParams = OutlierParams()
     labels_csv: str | None = Field(

@@ -14,10 +14,12 @@ import hmac
 import io
 import os
 import secrets
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -31,6 +33,12 @@ SALT_FILE = Path.home() / ".config" / "brainmri" / "key_salt"
 KEY_LENGTH = 16  # hex digits of the HMAC kept: 64 bits, no collision in any archive's patient count
 # A slice in a manifest or a prediction: the file's path, '#', the slice (frame) index.
 SLICE_SEPARATOR = "#"
+# A deflated file's elements before its pixel data are inflated from this much up to at most HEADER_BYTES.
+HEADER_START_BYTES = 64 * 1024
+HEADER_BYTES = 16 * 1024 * 1024
+TRAILER_BYTES = 1024 * 1024  # allowed after the declared pixel data (padding, signatures)
+HEADER_VALUE_BYTES = 1024 * 1024  # longer values are left unread while the header is checked
+PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00009, 0x7FE00008}  # Pixel Data, Double and Float Pixel Data
 FOREGROUND_LEVEL = 10  # 8-bit grey level above which a pixel counts as tissue, as in ingest
 
 
@@ -118,11 +126,31 @@ def percentile_window(values: np.ndarray, percentiles: tuple[float, float]) -> t
     return float(low), float(high)
 
 
-def _first(value: Any) -> float:
-    """A DICOM value that may be multi-valued (several windows): the first."""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        value = value[0]
-    return float(value)
+def tag_number(dataset, keyword: str, default: float | None = None) -> float:
+    """A numeric tag's value (the first of a multi-valued one), or `default` when the tag is absent.
+    Raises ScannerFileError naming the tag, never its value (which a hostile file may fill with anything)."""
+    if keyword not in dataset:
+        if default is None:
+            raise ScannerFileError(f"DICOM file without {keyword}")
+        return default
+    value = dataset.get(keyword)
+    try:
+        if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+            value = value[0]
+        number = float(value)
+    except (TypeError, ValueError, IndexError):
+        raise ScannerFileError(f"DICOM tag {keyword} does not hold a number") from None
+    if not np.isfinite(number):
+        raise ScannerFileError(f"DICOM tag {keyword} does not hold a finite number")
+    return number
+
+
+def tag_count(dataset, keyword: str, default: int | None = None) -> int:
+    """A tag that counts something (rows, frames, bits): a positive whole number."""
+    number = tag_number(dataset, keyword, None if default is None else float(default))
+    if number < 1 or number != int(number):
+        raise ScannerFileError(f"DICOM tag {keyword} does not hold a positive whole number")
+    return int(number)
 
 
 def dicom_window(dataset, values: np.ndarray, options: ScannerOptions) -> tuple[float, float]:
@@ -132,7 +160,7 @@ def dicom_window(dataset, values: np.ndarray, options: ScannerOptions) -> tuple[
     if options.window == "file" and not has_window:
         raise ScannerFileError("no Window Center/Width in the file (ingest.dicom.window: file)")
     if options.window != "percentile" and has_window:
-        centre, width = _first(dataset.WindowCenter), _first(dataset.WindowWidth)
+        centre, width = tag_number(dataset, "WindowCenter"), tag_number(dataset, "WindowWidth")
         return centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
     return percentile_window(values, options.percentiles)
 
@@ -148,47 +176,128 @@ def _dicom_keys(dataset, salt: bytes, frame: int) -> dict[str, str]:
     }
 
 
+def _declared_bytes(header, limits: DecodeLimits) -> int:
+    """The pixel bytes a DICOM header declares (rows x columns x frames x samples x bytes per
+    sample), after checking them against `limits`: nothing is decoded past the budget."""
+    rows, columns = tag_count(header, "Rows"), tag_count(header, "Columns")
+    frames, samples = tag_count(header, "NumberOfFrames", 1), tag_count(header, "SamplesPerPixel", 1)
+    declared = rows * columns * frames * samples * -(-tag_count(header, "BitsAllocated") // 8)
+    try:
+        limits.check(columns, rows)
+        limits.check_bytes(declared, f"{frames} frame(s) of {columns}x{rows}")
+    except ImageTooLarge as error:
+        raise ScannerFileError(str(error)) from None
+    return declared
+
+
+def _dicom_dataset(handle: BinaryIO, check: Callable[[Any], int]):
+    """The whole dataset of an open DICOM file, read only once `check` has passed its header (the
+    elements before the pixel data) and returned the pixel bytes that header declares.
+
+    A deflated dataset (zlib over everything after the file meta) is inflated no further than
+    that allows: pydicom inflates it whole, and a few hundred kilobytes can inflate to gigabytes."""
+    import pydicom
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+
+    preamble = read_preamble(handle, force=True)
+    meta = _read_file_meta_info(handle)
+    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        handle.seek(0)
+        check(pydicom.dcmread(handle, force=True, stop_before_pixels=True, defer_size=HEADER_VALUE_BYTES))
+        handle.seek(0)
+        return pydicom.dcmread(handle, force=True)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head, pending, size = b"", handle.read(), HEADER_START_BYTES
+    reached: list[int] = []
+
+    def at_pixel_data(tag, vr, length) -> bool:
+        if tag in PIXEL_DATA_TAGS:
+            reached.append(tag)
+        return bool(reached)
+
+    while True:  # inflate more only while the elements before the pixel data have not all come
+        head += inflater.decompress(pending, size - len(head))
+        pending = inflater.unconsumed_tail
+        reached.clear()
+        header = read_dataset(DicomBytesIO(head), False, True, stop_when=at_pixel_data)
+        if reached or inflater.eof or not pending:
+            break
+        if size >= HEADER_BYTES:
+            raise ScannerFileError(f"the elements before the pixel data inflate past {HEADER_BYTES:,} bytes")
+        size *= 4
+    declared = check(header)
+    body = head + inflater.decompress(pending, declared + TRAILER_BYTES)
+    if inflater.unconsumed_tail:
+        raise ScannerFileError("the deflated dataset inflates past the pixel data its header declares")
+    dataset = read_dataset(DicomBytesIO(body), False, True)
+    return pydicom.dataset.FileDataset(getattr(handle, "name", None), dataset, preamble, meta, False, True)
+
+
+def _opened(source) -> AbstractContextManager[BinaryIO]:
+    return open(source, "rb") if isinstance(source, (str, Path)) else nullcontext(source)
+
+
+def modality_values(dataset, pixels: np.ndarray) -> np.ndarray:
+    """Stored values -> modality values (float32): the Modality LUT Sequence, or Rescale Slope
+    and Intercept (identity where absent)."""
+    if "ModalityLUTSequence" in dataset:
+        from pydicom.pixels import apply_modality_lut
+
+        try:
+            return apply_modality_lut(pixels, dataset).astype(np.float32)
+        except Exception as error:  # a malformed sequence fails in many ways inside pydicom
+            raise ScannerFileError(f"cannot apply the Modality LUT Sequence: {error}".replace("\n", " ")) from None
+    values = pixels.astype(np.float32)
+    values *= np.float32(tag_number(dataset, "RescaleSlope", 1.0))
+    values += np.float32(tag_number(dataset, "RescaleIntercept", 0.0))
+    return values
+
+
 def read_dicom(source, options: ScannerOptions, limits: DecodeLimits, salt: bytes) -> list[ScannerSlice]:
     """Every frame of a DICOM file (a path or a binary file object) as an 8-bit slice.
 
-    Raises ScannerFileError naming what is wrong: not DICOM, truncated, no pixel data,
-    a modality not in `options.modalities`, colour data, no decoder for the compression."""
-    import pydicom
+    Raises ScannerFileError naming what is wrong: not DICOM, truncated, no pixel data, a modality
+    not in `options.modalities`, colour data, more pixel bytes than `limits` allow, a numeric tag
+    that holds no number, no decoder for the compression."""
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut
+
+    def check(header) -> int:
+        modality = str(header.get("Modality", ""))
+        if modality not in options.modalities:
+            allowed = ", ".join(options.modalities)
+            raise ScannerFileError(f"modality '{modality or 'missing'}' is not in ingest.dicom.modalities ({allowed})")
+        photometric = str(header.get("PhotometricInterpretation", ""))
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise ScannerFileError(f"photometric interpretation '{photometric}': only greyscale (MONOCHROME) is read")
+        return _declared_bytes(header, limits)
 
     try:
-        dataset = pydicom.dcmread(source, force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError) as error:
-        raise ScannerFileError(f"not a readable DICOM file: {error}") from None
-    modality = str(dataset.get("Modality", ""))
-    if modality not in options.modalities:
-        allowed = ", ".join(options.modalities)
-        raise ScannerFileError(f"modality '{modality or 'missing'}' is not in ingest.dicom.modalities ({allowed})")
+        with _opened(source) as handle:
+            dataset = _dicom_dataset(handle, check)
+    except ScannerFileError:
+        raise
+    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, zlib.error) as error:
+        raise ScannerFileError(f"not a readable DICOM file: {error}".replace("\n", " ")) from None
     if "PixelData" not in dataset:
         raise ScannerFileError("DICOM file without pixel data")
-    photometric = str(dataset.get("PhotometricInterpretation", ""))
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ScannerFileError(f"photometric interpretation '{photometric}': only greyscale (MONOCHROME) is read")
-    try:
-        limits.check(int(dataset.Columns), int(dataset.Rows))
-    except ImageTooLarge as error:
-        raise ScannerFileError(str(error)) from None
-    except (AttributeError, TypeError, ValueError):
-        raise ScannerFileError("DICOM file without Rows/Columns") from None
     try:
         pixels = dataset.pixel_array
     except Exception as error:  # pydicom raises many types: truncated data, a missing decoder plugin
         syntax = dataset.file_meta.get("TransferSyntaxUID", None)
         named = f" ({syntax.name})" if syntax is not None else ""
         raise ScannerFileError(f"cannot decode the pixel data{named}: {error}".replace("\n", " ")) from None
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
-    pixels = pixels.reshape(frames, int(dataset.Rows), int(dataset.Columns))
-    values = apply_modality_lut(pixels, dataset).astype(np.float32)
+    rows, columns, frames = (
+        tag_count(dataset, "Rows"),
+        tag_count(dataset, "Columns"),
+        tag_count(dataset, "NumberOfFrames", 1),
+    )
+    values = modality_values(dataset, pixels.reshape(frames, rows, columns))
+    inverted = str(dataset.PhotometricInterpretation) == "MONOCHROME1"  # 0 is white in MONOCHROME1
     slices = []
     for frame in range(frames):
         grey = window_to_uint8(values[frame], *dicom_window(dataset, values[frame], options))
-        if photometric == "MONOCHROME1":  # 0 is white in MONOCHROME1
+        if inverted:
             grey = 255 - grey
         slices.append(ScannerSlice(frame, Image.fromarray(grey, mode="L"), _dicom_keys(dataset, salt, frame)))
     return slices
@@ -214,6 +323,8 @@ def read_nifti(
     try:
         image = nibabel.load(path)
         shape = image.shape
+        declared = int(np.prod(shape, dtype=np.int64)) * image.header.get_data_dtype().itemsize
+        limits.check_bytes(declared, "x".join(map(str, shape)) + " voxels")
         if len(shape) == 4:
             if not 0 <= options.volume < shape[3]:
                 raise ScannerFileError(f"ingest.nifti.volume={options.volume}, but the file holds {shape[3]} volumes")
