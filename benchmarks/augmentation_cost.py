@@ -1,15 +1,13 @@
-"""Benchmark: what each in-model random augmentation layer costs a training step, per Keras backend.
+"""Benchmark: what train.augment's random transforms cost a training step, per Keras backend.
 
     KERAS_BACKEND=jax python benchmarks/augmentation_cost.py [--steps 12]
     KERAS_BACKEND=tensorflow python benchmarks/augmentation_cost.py
 
 The default model (params.yaml's train section) is trained on random uint8
-images in memory, first with no random layers, then with each of the
-default's layers alone, then with all of them, and last with the same
-transforms done by the JAX path's input loader instead (`defaults_in_loader`:
-`brainmri.loader.ShardBatches`, no random layers in the model): milliseconds
-per step of `batch_size` images after a warm-up fit (which compiles). Prints
-one JSON line per variant.
+images in memory behind `brainmri.random_transforms` (as the train stage trains
+it), first with every transform off, then with each of the defaults alone, then
+with all of them: milliseconds per step of `batch_size` images after a warm-up
+fit (which compiles). Prints one JSON line per variant.
 """
 
 from __future__ import annotations
@@ -31,40 +29,30 @@ def main() -> None:
 
     import keras
 
-    from brainmri.loader import ShardBatches, loader_threads
-    from brainmri.models import build_model
+    from brainmri.models import model_from_params
     from brainmri.params import AugmentParams, load_params
+    from brainmri.random_transforms import with_random_transforms
     from brainmri.training import compile_model
 
     p = load_params().train
     nothing = {"rotation": 0.0, "shift": 0.0, "zoom": 0.0, "flip": False, "brightness": 0.0, "contrast": 0.0}
-    variants = {"none": None, "defaults": p.augment}
+    variants = {"none": AugmentParams(**nothing), "defaults": p.augment}
     for name, value in p.augment.model_dump().items():
         if value:
             variants[name] = AugmentParams(**(nothing | {name: value}))
     rng = np.random.default_rng(0)
     count = p.batch_size * args.steps
     images = rng.integers(0, 256, (count, p.image_size, p.image_size, p.channels), dtype=np.uint8)
-    labels = rng.integers(0, 4, count)
-    targets = np.eye(4, dtype="float32")[labels]
-    variants["defaults_in_loader"] = p.augment
-
-    def inputs(rows: int, in_loader: bool) -> dict:
-        if in_loader:
-            loader = ShardBatches(images[:rows], labels[:rows], 4, p.batch_size, 0, p.augment, workers=loader_threads())
-            return {"x": loader}
-        return {"x": images[:rows], "y": targets[:rows], "batch_size": p.batch_size}
+    targets = np.eye(4, dtype="float32")[rng.integers(0, 4, count)]
 
     for name, augment in variants.items():
-        in_loader = name == "defaults_in_loader"
-        layers = None if in_loader else augment
-        model = build_model(p.model, 4, p.image_size, p.channels, p.width, p.dropout, augment=layers, norm=p.norm)
-        compile_model(model, p, 4, steps_per_epoch=args.steps)
+        trainer = with_random_transforms(model_from_params(p, 4), augment, p.seed)
+        compile_model(trainer, p, 4, steps_per_epoch=args.steps)
         began = time.perf_counter()
-        model.fit(**inputs(2 * p.batch_size, in_loader), verbose=0)
+        trainer.fit(images[: 2 * p.batch_size], targets[: 2 * p.batch_size], batch_size=p.batch_size, verbose=0)
         warm_up = time.perf_counter() - began
         began = time.perf_counter()
-        model.fit(**inputs(count, in_loader), epochs=1, verbose=0)
+        trainer.fit(images, targets, batch_size=p.batch_size, epochs=1, verbose=0)
         step = (time.perf_counter() - began) / args.steps
         record = {
             "backend": keras.backend.backend(),

@@ -7,10 +7,11 @@
   phase by phase; run it first on a machine you have not used.
 - `throughput`: training images/s of `model.fit` fed by the train stage's own
   loader (`brainmri.loader.ShardBatches`, in-memory uint8 batches): the compact
-  CNN (128×128×1) with no augmentation, with Keras' random layers in the model,
-  and with the same transforms in the loader; ResNet-50 (224×224×3, random
-  weights). Each at batch 64 and 256, in float32 and in the mixed precision the
-  train stage picks for the device. Images are random: speed does not depend
+  CNN (128×128×1) with no augmentation and with train.augment's random
+  transforms in the compiled training step (`brainmri.random_transforms`, as the
+  train stage trains); ResNet-50 (224×224×3, random weights). Each at batch
+  64 and 256, in float32 and in the mixed precision the train stage picks for
+  the device. Images are random: speed does not depend
   on what they show. Each rate is one timed epoch after a warm-up epoch that
   holds the compilation.
 
@@ -67,8 +68,9 @@ def model_and_data(name: str, batch: int, augmentation: str, precision: str, tra
     """A compiled model of the train stage and its loader over random images."""
     import keras
 
-    from brainmri.loader import ShardBatches, loader_threads
+    from brainmri.loader import ShardBatches
     from brainmri.models import build_model
+    from brainmri.random_transforms import with_random_transforms
     from brainmri.training import compile_model
 
     keras.mixed_precision.set_global_policy(precision)
@@ -78,20 +80,12 @@ def model_and_data(name: str, batch: int, augmentation: str, precision: str, tra
     count = epoch_images or IMAGES_PER_EPOCH[name]
     images = np.resize(pool, (count, size, size, channels))  # one epoch: the pool repeated
     labels = rng.integers(0, 4, len(images))
-    in_model = train_params.augment if augmentation == "in_model" else None
-    model = build_model(name, 4, size, channels, weights=None, augment=in_model)
+    model = build_model(name, 4, size, channels, weights=None)
+    if augmentation == "in_step":
+        model = with_random_transforms(model, train_params.augment, seed=0)
     steps = count // batch
-    compile_model(model, train_params, 4, steps_per_epoch=steps)
-    data = ShardBatches(
-        images,
-        labels,
-        4,
-        batch,
-        seed=0,
-        augment_params=train_params.augment if augmentation == "loader" else None,
-        workers=loader_threads(),
-    )
-    return model, data, steps
+    compile_model(model, train_params, 4, steps_per_epoch=steps, global_batch=batch)
+    return model, ShardBatches(images, labels, 4, batch, seed=0), steps
 
 
 def timed_fit(model, data, steps: int) -> tuple[float, float]:
@@ -112,7 +106,7 @@ def timed_fit(model, data, steps: int) -> tuple[float, float]:
 
 def smoke(out: Path, train_params, hardware, epoch_images: int | None) -> None:
     batch = train_params.batch_size
-    model, data, _ = model_and_data("compact_cnn", batch, "loader", hardware.precision, train_params, epoch_images)
+    model, data, _ = model_and_data("compact_cnn", batch, "in_step", hardware.precision, train_params, epoch_images)
     phase("built the default model and its loader")
     images, targets = data[0]
     phase(f"one loader batch {images.shape}")
@@ -140,7 +134,7 @@ def throughput(
 ) -> None:
     mixed = hardware.precision if hardware.precision != "float32" else "mixed_bfloat16"
     # Most telling first, so that a short budget still answers the main questions.
-    augmentations = ("none", "loader", "in_model")
+    augmentations = ("none", "in_step")
     configs = [
         *[("compact_cnn", 256, augmentation, mixed) for augmentation in augmentations],
         *[("resnet50", batch, "none", precision) for batch in (256, 64) for precision in (mixed, "float32")],

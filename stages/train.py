@@ -50,6 +50,7 @@ from brainmri.paths import (
     TRAIN_HISTORY,
     metrics_file,
 )
+from brainmri.random_transforms import with_random_transforms
 from brainmri.shards import ShardIndex, Split
 from brainmri.tracking import project_root, stage_run
 from brainmri.training import (
@@ -59,6 +60,7 @@ from brainmri.training import (
     compile_model,
     configure_hardware,
     fit_model,
+    scaled_lr,
     steps_per_epoch,
     training_batches,
     validation_batches,
@@ -82,10 +84,9 @@ def load_shards(p: TrainParams, hardware: Hardware) -> ShardIndex:
     return index
 
 
-def model_builder(p: TrainParams, num_classes: int, hardware: Hardware) -> Callable[[str | None], keras.Model]:
-    """Builds the params' model with the given weights (None: random, as for a float32 copy);
-    its random layers only where the input loader does not do the random transforms."""
-    return partial(model_from_params, p, num_classes, in_model_augmentation=not hardware.augments_in_loader)
+def model_builder(p: TrainParams, num_classes: int) -> Callable[[str | None], keras.Model]:
+    """Builds the params' model with the given weights (None: random, as for a float32 copy)."""
+    return partial(model_from_params, p, num_classes)
 
 
 def read_splits(index: ShardIndex) -> dict[str, Split]:
@@ -130,7 +131,8 @@ def fit_phases(
     with hardware.strategy.scope():
         if p.model in APPLICATIONS and p.weights is not None:
             set_backbone_trainable(model, False)
-        compile_model(model, p, num_classes, steps_per_epoch=steps)
+        trainer = with_random_transforms(model, p.augment, p.seed)  # shares the model's weights
+        compile_model(trainer, p, num_classes, steps_per_epoch=steps, global_batch=global_batch)
     weight_per_class = class_weights(index, p.class_weight)
     logs = tensorboard_folder() if p.tensorboard else None
     everywhere = hardware.backend == "jax" and hardware.workers > 1
@@ -140,24 +142,25 @@ def fit_phases(
         return callbacks(p, HISTORY_IN_PROGRESS, checkpoint, extra, append, hardware.chief, logs, everywhere)
 
     history = fit_model(
-        model, hardware, train_data, val_data, p.epochs, phase_callbacks(append=False), weight_per_class
+        trainer, hardware, train_data, val_data, p.epochs, phase_callbacks(append=False), weight_per_class
     )
     if p.fine_tune.epochs:
         done = len(history["val_loss"])
         with hardware.strategy.scope():
             set_backbone_trainable(model, True, top_layers=p.fine_tune.layers)
             compile_model(
-                model,
+                trainer,
                 p,
                 num_classes,
                 lr_value=p.fine_tune.lr,
                 epochs=p.fine_tune.epochs,
                 steps_per_epoch=steps,
                 warmup_epochs=0,
+                global_batch=global_batch,
             )
         last = done + p.fine_tune.epochs
         tuned = fit_model(
-            model, hardware, train_data, val_data, last, phase_callbacks(append=True), weight_per_class, done
+            trainer, hardware, train_data, val_data, last, phase_callbacks(append=True), weight_per_class, done
         )
         history = {key: history[key] + tuned.get(key, []) for key in history}
     return history
@@ -271,12 +274,16 @@ def main() -> None:
         index = load_shards(p, hardware)
         splits = read_splits(index)
         log_datasets(index, splits, params.ingest.source, run)
-        build = model_builder(p, len(index.classes), hardware)
+        build = model_builder(p, len(index.classes))
         with hardware.strategy.scope():
             model = build(p.weights)
         print(f"train: {p.model}, {model.count_params():,} parameters, {hardware.describe()}")
         for key, value in hardware.describe().items():
             run.set_tag(f"brainmri.train.{key}", str(value))
+        global_batch = p.batch_size * hardware.replicas
+        lr = scaled_lr(p.lr, global_batch, p.lr_scaling)
+        print(f"train: learning rate {lr:g} at a global batch of {global_batch} (train.lr_scaling: {p.lr_scaling})")
+        run.log_param("train.lr_scaled", lr)
         with checkpoint_path(hardware) as checkpoint:
             history = fit_phases(model, p, hardware, index, splits, checkpoint, run)
         model, calibration, validation = finish(model, build, p, hardware, splits)

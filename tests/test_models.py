@@ -17,9 +17,9 @@ from brainmri.models import (
     reestimate_batch_norm,
     save_model,
     set_backbone_trainable,
-    without_augmentation,
 )
 from brainmri.params import AugmentParams, TrainParams
+from brainmri.random_transforms import with_random_transforms
 from brainmri.training import compile_model
 
 
@@ -109,7 +109,7 @@ def test_every_backbone_builds_and_trains_a_step_without_downloads(name):
 
 
 def test_backbone_takes_rgb_and_a_binary_head():
-    model = build_model("mobilenet_v3_small", 2, 32, 3, augment=AugmentParams())
+    model = build_model("mobilenet_v3_small", 2, 32, 3)
     assert model.output_shape == (None, 1)
     trains_one_step(model, 2, 32, 3)
 
@@ -180,27 +180,21 @@ def test_a_weights_file_initialises_the_model(tmp_path):
         build_model("compact_cnn", 4, 32, 1, width=8, weights=str(tmp_path / "start.weights.h5"))
 
 
-def test_augmentation_is_random_in_training_and_the_identity_at_inference():
-    model = build_model("compact_cnn", 4, 32, 1, width=4, augment=AugmentParams(rotation=20, zoom=0.2))
-    images, _ = tiny_batch(4)
-    assert not np.allclose(model(images, training=True).numpy(), model(images, training=True).numpy())
-    inference = model(images, training=False).numpy()
-    np.testing.assert_array_equal(inference, model(images, training=False).numpy())
-    # Export drops the random layers and keeps the same weights and answers.
-    exported = without_augmentation(model)
-    assert not any(layer.name.startswith("random_") for layer in exported.layers)
-    assert any(layer.name.startswith("random_") for layer in model.layers)
-    np.testing.assert_allclose(exported(images, training=False).numpy(), inference, atol=1e-6)
-
-
-def test_random_erasing_blacks_out_a_box_in_training_only():
-    model = build_model("compact_cnn", 4, 32, 1, width=4, augment=AugmentParams(flip=False, rotation=0, erasing=1.0))
-    augmented = keras.Model(model.input, model.get_layer("random_erasing").output)
-    images = np.full((16, 32, 32, 1), 200, np.uint8)
-    black = (augmented(images, training=True).numpy() == 0).mean(axis=(1, 2, 3))
-    assert (black > 0.015).all() and (black < 0.35).all() and black.std() > 0.02
-    np.testing.assert_array_equal(augmented(images, training=False).numpy(), images)
-    assert "random_erasing" not in [layer.name for layer in without_augmentation(model).layers]
+def test_the_trainer_transforms_at_random_and_the_saved_model_holds_no_random_layer(tmp_path):
+    model = build_model("compact_cnn", 4, 32, 1, width=4)
+    trainer = with_random_transforms(model, AugmentParams(rotation=20, zoom=0.2, erasing=0.5), seed=1)
+    images, targets = tiny_batch(4)
+    assert not np.allclose(trainer(images, training=True).numpy(), trainer(images, training=True).numpy())
+    np.testing.assert_array_equal(trainer(images, training=False).numpy(), model(images, training=False).numpy())
+    compile_model(trainer, TrainParams(lr=1e-2, image_size=32, lr_schedule="plateau"), 4)
+    before = [w.copy() for w in model.get_weights()]
+    trainer.fit(images, targets, epochs=1, verbose=0)
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))  # trained through the wrapper
+    save_model(model, tmp_path, {"classes": ["a", "b", "c", "d"], "image_size": 32, "channels": 1})
+    loaded, _ = load_model(tmp_path)
+    assert not any("random" in layer.name for layer in loaded.layers)
+    nothing = AugmentParams(rotation=0, shift=0, zoom=0, flip=False, brightness=0, contrast=0, erasing=0)
+    assert with_random_transforms(model, nothing, seed=1) is model
 
 
 def test_batch_norm_statistics_become_the_mean_over_the_given_batches():
@@ -217,12 +211,12 @@ def test_batch_norm_statistics_become_the_mean_over_the_given_batches():
     np.testing.assert_allclose(model(images, training=False).numpy(), model(images, training=True).numpy(), atol=1e-5)
 
 
-def test_batch_norm_re_estimation_skips_the_random_layers():
-    model = build_model("compact_cnn", 4, 32, 1, width=4, norm="batch", augment=AugmentParams(rotation=30, zoom=0.3))
+def test_batch_norm_re_estimation_repeats_itself_and_skips_group_norm():
+    model = build_model("compact_cnn", 4, 32, 1, width=4, norm="batch")
     images, _ = tiny_batch(4, count=16)
     reestimate_batch_norm(model, images, batch_size=8)
     first = [layer.moving_variance.numpy().copy() for layer in model.layers if "norm" in layer.name]
-    reestimate_batch_norm(model, images, batch_size=8)  # random rotations would give other statistics
+    reestimate_batch_norm(model, images, batch_size=8)
     for before, layer in zip(first, [layer for layer in model.layers if "norm" in layer.name]):
         np.testing.assert_allclose(layer.moving_variance.numpy(), before, rtol=1e-5)
     assert reestimate_batch_norm(build_model("compact_cnn", 4, 32, 1, width=4, norm="group"), images) == 0

@@ -22,6 +22,7 @@ from brainmri.training import (
     labelled_batches,
     learning_rate,
     mixed_policy,
+    scaled_lr,
 )
 
 from helpers import create_project, project_env, run, update_params, write_prepared_data
@@ -121,6 +122,18 @@ def test_cosine_schedule_warms_up_then_decays():
     rates = [float(schedule(step)) for step in (0, 10, 50, 99)]
     assert rates[0] < rates[1] == pytest.approx(1e-3) and rates[1] > rates[2] > rates[3]
     assert learning_rate(TrainParams(lr_schedule="plateau"), 1e-3, 10, 10, 1) == 1e-3
+
+
+@pytest.mark.parametrize("rule, at_128", [("sqrt", 4e-3), ("linear", 8e-3), ("none", 2e-3)])
+def test_the_lr_is_the_reference_rate_at_batch_32_and_scaled_at_128(rule, at_128):
+    assert scaled_lr(2e-3, 32, rule) == pytest.approx(2e-3)
+    assert scaled_lr(2e-3, 128, rule) == pytest.approx(at_128)
+    params = TrainParams(lr=2e-3, lr_scaling=rule, image_size=32)
+    for batch, peak in ((32, 2e-3), (128, at_128)):
+        model = build_model("compact_cnn", 4, 32, 1, width=4)
+        compile_model(model, params, 4, epochs=10, steps_per_epoch=10, global_batch=batch)
+        schedule = model.optimizer._learning_rate  # the schedule itself (`learning_rate` is its current value)
+        assert float(schedule(10)) == pytest.approx(peak)  # the end of the one warm-up epoch: the peak
 
 
 def test_fit_takes_exactly_one_optimizer_step_per_batch_of_the_shards(tmp_path):

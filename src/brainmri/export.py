@@ -106,7 +106,7 @@ def export_all(
     calibration_images: int = 128,
 ) -> dict[str, dict[str, Any]]:
     """Write model_<variant>.tflite / model.onnx files and export.json (sizes, parity) into out_dir."""
-    from brainmri.models import class_probabilities, load_model, without_augmentation
+    from brainmri.models import class_probabilities, load_model
     from brainmri.shards import ShardIndex
 
     model, meta = load_model(model_dir)
@@ -120,13 +120,12 @@ def export_all(
     report: dict[str, dict[str, Any]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="export-"))
     try:
-        inference = without_augmentation(model)
-        inference.predict(images[:1], verbose=0)  # Keras exports only a model that has been called
+        model.predict(images[:1], verbose=0)  # Keras exports only a model that has been called
         saved_model = scratch / "saved_model"
-        inference.export(str(saved_model), format="tf_saved_model", verbose=False)
+        model.export(str(saved_model), format="tf_saved_model", verbose=False)
         # Every variant is checked before any file is written: a rejected one leaves out_dir as it was.
         checked = {
-            variant: check_variant(inference, variant, saved_model, scratch, images, expected, split)
+            variant: check_variant(model, variant, saved_model, scratch, images, expected, split)
             for variant in variants
         }
         out.mkdir(parents=True, exist_ok=True)

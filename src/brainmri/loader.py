@@ -1,23 +1,16 @@
 """Batches for `fit` on any Keras backend, with no TensorFlow: one split of the
 balance stage's shards held in memory as uint8, reshuffled every epoch by seed.
 
-On JAX and torch, Keras' random affine layers bound training, not the network
-(benchmarks/README.md, "Localisation recipes on the JAX backend"), so there the
-train stage's random transforms run here, in loader threads, instead of inside
-the model. Each image's transform is drawn from (seed, epoch, row): the batches
-do not depend on how many threads made them or in what order.
+The loader only shuffles, slices and prefetches (on a thread): the random
+transforms run inside the compiled training step (`brainmri.random_transforms`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import keras
 import numpy as np
-
-from brainmri.augment import augment
-from brainmri.params import AugmentParams
 
 
 def one_hot_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -27,20 +20,14 @@ def one_hot_targets(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.eye(num_classes, dtype=np.float32)[labels]
 
 
-def loader_threads() -> int:
-    """Threads that make batches: Pillow's transforms release the GIL, so each core helps."""
-    return max(1, min(os.cpu_count() or 1, 8))
-
-
 PADDING = -1  # a row index that stands for a padding row
 
 
 class ShardBatches(keras.utils.PyDataset):
     """(uint8 images, targets) batches of `batch_size` images from arrays in memory.
 
-    `seed` shuffles the rows anew every epoch (None: in order, as for validation);
-    `augment` applies the balance stage's seeded random transform to every image
-    of every epoch. Across processes (several hosts under `keras.distribution`)
+    `seed` shuffles the rows anew every epoch (None: in order, as for validation).
+    Across processes (several hosts under `keras.distribution`)
     each process yields its own contiguous share of every global batch, so
     `batch_size` must then be a multiple of `process_count`.
 
@@ -60,21 +47,20 @@ class ShardBatches(keras.utils.PyDataset):
         num_classes: int,
         batch_size: int,
         seed: int | None = None,
-        augment_params: AugmentParams | None = None,
         drop_remainder: bool = False,
         process_index: int = 0,
         process_count: int = 1,
-        workers: int = 1,
         pad_to: int = 1,
     ) -> None:
-        super().__init__(workers=workers, use_multiprocessing=False)  # JAX's runtime must not be forked
+        # Two threads: Keras then prepares the next batches while the step runs. No processes:
+        # JAX's runtime must not be forked.
+        super().__init__(workers=2, use_multiprocessing=False)
         if batch_size % process_count:
             raise ValueError(f"a global batch of {batch_size} cannot be shared by {process_count} processes")
         self.images = images
         self.targets = one_hot_targets(labels, num_classes)
         self.batch_size = batch_size
         self.seed = seed
-        self.augment_params = augment_params
         self.drop_remainder = drop_remainder
         self.process_index = process_index
         self.process_count = process_count
@@ -104,10 +90,6 @@ class ShardBatches(keras.utils.PyDataset):
         images[real] = self.images[rows[real]]
         targets = np.zeros((len(rows), self.targets.shape[1]), np.float32)
         targets[real] = self.targets[rows[real]]
-        if self.augment_params is not None:
-            for i in np.flatnonzero(real):
-                rng = np.random.default_rng([self.seed or 0, self.epoch, int(rows[i])])
-                images[i] = augment(images[i], rng, self.augment_params)
         if not self.padding:
             return images, targets
         return images, targets, np.where(real, self.real_weight, 0.0).astype(np.float32)

@@ -17,7 +17,7 @@ import numpy as np
 from keras import layers
 
 from brainmri.errors import ModelError
-from brainmri.params import ERASED_AREA, MODEL_NAMES, AugmentParams, TrainParams
+from brainmri.params import MODEL_NAMES, TrainParams
 
 MODEL_FILE = "model.keras"
 META_FILE = "model.json"
@@ -151,42 +151,6 @@ def application_backbone(name: str, image_size: int, weights: str | None) -> ker
     return backbone
 
 
-def random_augmentation(x, augment: AugmentParams | None, seed: int):
-    """Fresh random transforms every epoch; identity at inference."""
-    if augment is None:
-        return x
-    if augment.flip:
-        x = layers.RandomFlip("horizontal", seed=seed, name="random_flip")(x)
-    if augment.rotation:
-        x = layers.RandomRotation(augment.rotation / 360, fill_mode="constant", seed=seed + 1, name="random_rotation")(
-            x
-        )
-    if augment.zoom:
-        x = layers.RandomZoom(augment.zoom, fill_mode="constant", seed=seed + 2, name="random_zoom")(x)
-    if augment.shift:
-        x = layers.RandomTranslation(
-            augment.shift, augment.shift, fill_mode="constant", seed=seed + 3, name="random_shift"
-        )(x)
-    if augment.contrast:
-        x = layers.RandomContrast(augment.contrast, seed=seed + 4, name="random_contrast")(x)
-    if augment.brightness:
-        x = layers.RandomBrightness(augment.brightness, value_range=(0, 255), seed=seed + 5, name="random_brightness")(
-            x
-        )
-    if augment.erasing:
-        # Blank part of the slice, often a landmark of its level or view: the
-        # class has to be found in what is left (benchmarks/README.md, R11).
-        x = layers.RandomErasing(
-            (augment.erasing, augment.erasing),
-            scale=ERASED_AREA,
-            fill_value=0,
-            value_range=(0, 255),
-            seed=seed + 6,
-            name="random_erasing",
-        )(x)
-    return x
-
-
 def build_model(
     name: str,
     num_classes: int,
@@ -195,8 +159,6 @@ def build_model(
     width: int = 16,
     dropout: float = 0.3,
     weights: str | None = None,
-    augment: AugmentParams | None = None,
-    seed: int = 42,
     norm: str = "batch",
     pooling: str = "avg",
     last_block_kernel: int = 3,
@@ -221,8 +183,7 @@ def build_model(
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise ModelError(f"train.weights: no such weights file '{weights}'")
     inputs = keras.Input((image_size, image_size, channels), dtype="uint8", name="image")
-    # Random layers work on float pixels in 0-255; the model's own scaling follows.
-    x = random_augmentation(layers.Rescaling(1.0, name="to_float")(inputs), augment, seed)
+    x = layers.Rescaling(1.0, name="to_float")(inputs)  # float pixels in 0-255; the model's own scaling follows
     if name == "compact_cnn":
         features = compact_cnn(x, width, norm, last_block_kernel, last_block_dilation)
     else:
@@ -253,11 +214,9 @@ def build_model(
     return model
 
 
-def model_from_params(
-    p: TrainParams, num_classes: int, weights: str | None = None, in_model_augmentation: bool = True
-) -> keras.Model:
-    """The model params.yaml's train section describes, with these weights (None: random); with
-    `in_model_augmentation` False, without the random layers (the input loader does those transforms)."""
+def model_from_params(p: TrainParams, num_classes: int, weights: str | None = None) -> keras.Model:
+    """The model params.yaml's train section describes, with these weights (None: random). Its
+    random transforms are not part of it: `brainmri.random_transforms` wraps it for training."""
     return build_model(
         p.model,
         num_classes,
@@ -266,28 +225,11 @@ def model_from_params(
         p.width,
         p.dropout,
         weights=weights,
-        augment=p.augment if in_model_augmentation else None,
-        seed=p.seed,
         norm=p.norm,
         pooling=p.pooling,
         last_block_kernel=p.last_block_kernel,
         last_block_dilation=p.last_block_dilation,
     )
-
-
-def without_augmentation(model: keras.Model) -> keras.Model:
-    """The same layers and weights minus the random augmentation layers, for export.
-
-    They are the identity at inference, but a traced graph still holds their
-    random ops, which TFLite cannot run. Every model here is a chain of
-    layers, so re-calling them in order rebuilds it.
-    """
-    inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name="image")
-    x = inputs
-    for layer in model.layers:
-        if not isinstance(layer, keras.layers.InputLayer) and not layer.name.startswith("random_"):
-            x = layer(x)
-    return keras.Model(inputs, x, name=model.name)
 
 
 def reestimate_batch_norm(
@@ -305,13 +247,11 @@ def reestimate_batch_norm(
         return 0
     images = images[np.random.default_rng(seed).permutation(len(images))[:max_images]]
     saved = [layer.momentum for layer in norms]
-    # Calling the same layer objects without the random layers updates the model's own statistics.
-    plain = without_augmentation(model)
     try:
         for step, start in enumerate(range(0, len(images), batch_size), start=1):
             for layer in norms:
                 layer.momentum = (step - 1) / step  # a running mean: every batch weighs the same
-            plain(images[start : start + batch_size], training=True)
+            model(images[start : start + batch_size], training=True)
     finally:
         for layer, momentum in zip(norms, saved):
             layer.momentum = momentum

@@ -139,6 +139,9 @@ class SplitParams(_Section):
         return value
 
 
+# train.lr is the rate at this global batch; train.lr_scaling carries it to others.
+REFERENCE_BATCH = 32
+
 # Random erasing's box (Zhong et al. 2020): between these shares of the image's area.
 ERASED_AREA = (0.02, 0.33)
 
@@ -198,7 +201,12 @@ class TrainParams(_Section):
     model: str = "compact_cnn"
     weights: str | None = Field(None, description="none, imagenet, or a weights file for the backbone")
     epochs: int = Field(45, ge=1)
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(2e-3, gt=0, description=f"the peak rate at a global batch of {REFERENCE_BATCH} images")
+    lr_scaling: Literal["sqrt", "linear", "none"] = Field(
+        "sqrt",
+        description=f"the rate at other global batches: times sqrt(batch / {REFERENCE_BATCH}) (Adam's rule), "
+        f"times batch / {REFERENCE_BATCH} (SGD's), or unchanged",
+    )
     lr_schedule: Literal["cosine", "plateau"] = "cosine"
     warmup_epochs: int = Field(1, ge=0, description="cosine: linear warm-up epochs")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW's decoupled L2 penalty")
@@ -231,7 +239,7 @@ class TrainParams(_Section):
     class_weight: Literal["none", "balanced"] = "none"
     augment: AugmentParams = Field(
         AugmentParams(rotation=10.0, shift=0.1, zoom=0.2, brightness=0.0, contrast=0.0),
-        description="random layers, active only in fit; the balance stage already transforms its copies",
+        description="random transforms in the training step only; the balance stage already transforms its copies",
     )
     cutmix: float = Field(
         0.0,

@@ -21,8 +21,8 @@ import numpy as np
 from brainmri import multi_worker
 from brainmri.backend import check_backend
 from brainmri.errors import ModelError
-from brainmri.loader import ShardBatches, loader_threads
-from brainmri.params import TrainParams
+from brainmri.loader import ShardBatches
+from brainmri.params import REFERENCE_BATCH, TrainParams
 from brainmri.shards import ShardIndex, Split
 
 
@@ -69,13 +69,6 @@ class Hardware:
     def equal_batches(self) -> bool:
         """Whether every batch must be whole: each worker, or each of JAX's devices, takes an equal share."""
         return self.multi_worker or self.workers > 1 or (self.backend == "jax" and self.replicas > 1)
-
-    @property
-    def augments_in_loader(self) -> bool:
-        """Whether the random transforms run in the input loader rather than as layers of the model:
-        on TensorFlow the layers run inside the compiled graph at no measurable cost, elsewhere they
-        bound training."""
-        return self.backend != "tensorflow"
 
 
 def cpu_has_bfloat16() -> bool:
@@ -281,24 +274,16 @@ def _shard_batches(split: Split, num_classes: int, hardware: Hardware, global_ba
 def training_batches(
     index: ShardIndex, train: Split, p: TrainParams, hardware: Hardware, global_batch: int, drop_remainder: bool
 ):
-    """The training split's batches for `fit`, shuffled every epoch: tf.data from the shards on
-    TensorFlow, a `ShardBatches` loader over `train` doing the random transforms elsewhere."""
-    if not hardware.augments_in_loader:
+    """The training split's uint8 batches for `fit`, shuffled every epoch: tf.data from the shards
+    on TensorFlow, a `ShardBatches` loader over `train` elsewhere. The random transforms come later,
+    in the training step (`brainmri.random_transforms`)."""
+    if hardware.backend == "tensorflow":
         return labelled_batches(
             index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder, cutmix=p.cutmix
         )
     if p.cutmix:
         raise ModelError("train.cutmix runs in TensorFlow's input pipeline: set it to 0, or train.backend: tensorflow")
-    return _shard_batches(
-        train,
-        len(index.classes),
-        hardware,
-        global_batch,
-        seed=p.seed,
-        augment_params=p.augment,
-        drop_remainder=drop_remainder,
-        workers=loader_threads(),
-    )
+    return _shard_batches(train, len(index.classes), hardware, global_batch, seed=p.seed, drop_remainder=drop_remainder)
 
 
 def validation_batches(index: ShardIndex, val: Split, hardware: Hardware, global_batch: int):
@@ -315,6 +300,14 @@ def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:
         return None
     counts = np.array([index.counts["train"].get(name, 0) for name in index.classes], dtype=float)
     return {i: float(counts.sum() / (len(counts) * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+def scaled_lr(lr: float, global_batch: int, rule: str) -> float:
+    """`lr`, given for a global batch of REFERENCE_BATCH, at `global_batch`: Adam's square-root rule
+    (the update noise scales as 1/sqrt(batch); Malladi et al. 2022), SGD's linear rule (Goyal et al.
+    2017), or unchanged. The warm-up of the cosine schedule eases the larger rates in."""
+    ratio = global_batch / REFERENCE_BATCH
+    return lr * {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[rule]
 
 
 def learning_rate(params: TrainParams, lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int):
@@ -339,7 +332,10 @@ def compile_model(
     epochs: int | None = None,
     steps_per_epoch: int = 1,
     warmup_epochs: int | None = None,
+    global_batch: int = REFERENCE_BATCH,
 ) -> None:
+    """Loss, AdamW at `lr_value` (default train.lr) scaled to `global_batch` by train.lr_scaling,
+    the schedule, and accuracy as a weighted metric."""
     if num_classes == 2:
         loss = keras.losses.BinaryCrossentropy(label_smoothing=params.label_smoothing)
         accuracy = keras.metrics.BinaryAccuracy(name="accuracy")
@@ -348,7 +344,7 @@ def compile_model(
         accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
     lr = learning_rate(
         params,
-        lr_value or params.lr,
+        scaled_lr(lr_value or params.lr, global_batch, params.lr_scaling),
         epochs or params.epochs,
         steps_per_epoch,
         params.warmup_epochs if warmup_epochs is None else warmup_epochs,

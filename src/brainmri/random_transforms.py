@@ -1,0 +1,205 @@
+"""train.augment's random transforms of a whole batch, inside the compiled training step.
+
+One Keras layer (`keras.ops`, so it runs on TensorFlow, JAX and torch) that
+takes a batch of uint8 images and returns the batch transformed,
+as uint8: a horizontal flip, one affine resampling that rotates, zooms and
+shifts together, contrast and brightness about each image's mean, and random
+erasing. The draws follow the balance stage's `brainmri.augment.augment`
+(the same params, the same ranges); `transform_batch` applies given draws,
+so a test can move a point by a known transform and find it where computed.
+
+It runs where the training step runs (the accelerator), so the input loader
+only shuffles and slices uint8 arrays. The layer lives in the training
+wrapper `with_random_transforms` builds, never in the saved model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+from brainmri.params import ERASED_AREA, AugmentParams
+
+
+class Draws(NamedTuple):
+    """One transform per image: each field a (batch,) tensor."""
+
+    flip: object  # 1.0: mirror left-right first
+    angle: object  # degrees; positive turns the image clockwise on screen (y points down)
+    scale: object  # > 1 enlarges the anatomy
+    shift_x: object  # pixels, rightwards
+    shift_y: object  # pixels, downwards
+    contrast: object  # factor about the image's mean
+    brightness: object  # factor
+    erase: object  # 1.0: black out the box below
+    erase_top: object  # pixels
+    erase_left: object
+    erase_height: object
+    erase_width: object
+
+
+def affine_rows(draws: Draws, size: int):
+    """Each image's transform as the (batch, 8) rows of `keras.ops.image.affine_transform`: the
+    output pixel (x, y) samples the input at (a0 x + a1 y + a2, b0 x + b1 y + b2).
+
+    The forward transform, as in `brainmri.augment`, maps a point p of the flipped image to
+    c + s R(angle) (p - c) + shift, c the image centre and R the rotation matrix in (x, y) with
+    y pointing down; these rows are its inverse, R(-angle) (p' - c - shift) / s + c, then the flip."""
+    centre = (size - 1) / 2
+    radians = draws.angle * (math.pi / 180)
+    a0, a1 = ops.cos(radians) / draws.scale, ops.sin(radians) / draws.scale
+    b0, b1 = -a1, a0
+    a2 = centre - a0 * (centre + draws.shift_x) - a1 * (centre + draws.shift_y)
+    b2 = centre - b0 * (centre + draws.shift_x) - b1 * (centre + draws.shift_y)
+    mirror = 1 - 2 * draws.flip  # x -> (size - 1) - x where flipped
+    a0, a1, a2 = mirror * a0, mirror * a1, draws.flip * (size - 1) + mirror * a2
+    zeros = ops.zeros_like(a0)
+    return ops.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+
+
+def sample_bilinear(images, rows):
+    """Bilinear samples of (batch, height, width, channels) float images where `rows`
+    (`affine_rows`) send each output pixel; black outside. Plain gathers, which XLA fuses
+    into one kernel on JAX."""
+    batch, height, width, channels = ops.shape(images)
+    columns_grid = ops.arange(width, dtype="float32")[None, None, :]
+    rows_grid = ops.arange(height, dtype="float32")[None, :, None]
+
+    def coefficient(index):
+        return rows[:, index][:, None, None]
+
+    x = coefficient(0) * columns_grid + coefficient(1) * rows_grid + coefficient(2)
+    y = coefficient(3) * columns_grid + coefficient(4) * rows_grid + coefficient(5)
+    flat = ops.reshape(images, (-1, channels))
+    offsets = (ops.arange(batch, dtype="int32") * (height * width))[:, None, None]
+    left, top = ops.floor(x), ops.floor(y)
+    weight_x, weight_y = (x - left)[..., None], (y - top)[..., None]
+    left, top = ops.cast(left, "int32"), ops.cast(top, "int32")
+
+    def corner(column, row):
+        inside = (column >= 0) & (column < width) & (row >= 0) & (row < height)
+        index = offsets + ops.clip(row, 0, height - 1) * width + ops.clip(column, 0, width - 1)
+        values = ops.reshape(ops.take(flat, ops.reshape(index, (-1,)), axis=0), (batch, height, width, channels))
+        return values * ops.cast(inside, images.dtype)[..., None]
+
+    return (
+        corner(left, top) * (1 - weight_x) * (1 - weight_y)
+        + corner(left + 1, top) * weight_x * (1 - weight_y)
+        + corner(left, top + 1) * (1 - weight_x) * weight_y
+        + corner(left + 1, top + 1) * weight_x * weight_y
+    )
+
+
+def resample(images, rows):
+    """`images` (float) resampled by `rows`: TensorFlow's own projective-transform kernel there
+    (one fast C++ op on a CPU), the gathers of `sample_bilinear` on the other backends."""
+    if keras.backend.backend() == "tensorflow":
+        return ops.image.affine_transform(images, rows, interpolation="bilinear", fill_mode="constant")
+    return sample_bilinear(images, rows)
+
+
+def transform_batch(images, draws: Draws, intensity: bool = True, erasing: bool = True):
+    """uint8 (batch, size, size, channels) -> the same, each image transformed by its draws.
+    `intensity` and `erasing` False skip those steps (params that switch them off)."""
+    size = images.shape[1]
+    pixels = resample(ops.cast(images, "float32"), affine_rows(draws, size))
+    if intensity:
+        mean = ops.mean(pixels, axis=(1, 2, 3), keepdims=True)
+        contrast = draws.contrast[:, None, None, None]
+        brightness = draws.brightness[:, None, None, None]
+        pixels = ((pixels - mean) * contrast + mean) * brightness
+    if erasing:
+        positions = ops.arange(size, dtype="float32")
+        rows = (positions[None, :] >= draws.erase_top[:, None]) & (
+            positions[None, :] < (draws.erase_top + draws.erase_height)[:, None]
+        )
+        columns = (positions[None, :] >= draws.erase_left[:, None]) & (
+            positions[None, :] < (draws.erase_left + draws.erase_width)[:, None]
+        )
+        box = rows[:, :, None] & columns[:, None, :] & (draws.erase[:, None, None] > 0.5)
+        pixels = ops.where(box[..., None], 0.0, pixels)
+    return ops.cast(ops.round(ops.clip(pixels, 0, 255)), "uint8")
+
+
+def identity_draws(batch: int, size: int) -> Draws:
+    """Draws that change nothing: a starting point for tests and for params that switch all off."""
+    zeros, ones = ops.zeros((batch,)), ops.ones((batch,))
+    return Draws(zeros, zeros, ones, zeros, zeros, ones, ones, zeros, zeros, zeros, zeros, zeros)
+
+
+@keras.saving.register_keras_serializable(package="brainmri")
+class RandomTransforms(keras.layers.Layer):
+    """train.augment's transforms, drawn afresh for every image of every step; identity outside training."""
+
+    def __init__(self, augment: dict, seed: int = 0, **kwargs) -> None:
+        super().__init__(dtype="float32", **kwargs)  # the draws stay float32 under mixed precision
+        self.augment = AugmentParams.model_validate(augment)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def draw(self, batch: int, size: int) -> Draws:
+        a = self.augment
+
+        def uniform(low: float, high: float):
+            return keras.random.uniform((batch,), low, high, seed=self.seed_generator)
+
+        def chance(probability: float):
+            return ops.cast(keras.random.uniform((batch,), seed=self.seed_generator) < probability, "float32")
+
+        erase_height = ops.round(ops.sqrt(uniform(*ERASED_AREA)) * size)
+        erase_width = ops.round(ops.sqrt(uniform(*ERASED_AREA)) * size)
+        return Draws(
+            flip=chance(0.5 if a.flip else 0.0),
+            angle=uniform(-a.rotation, a.rotation),
+            scale=1.0 + uniform(-a.zoom, a.zoom),
+            shift_x=uniform(-a.shift, a.shift) * size,
+            shift_y=uniform(-a.shift, a.shift) * size,
+            contrast=1.0 + uniform(-a.contrast, a.contrast),
+            brightness=1.0 + uniform(-a.brightness, a.brightness),
+            erase=chance(a.erasing),
+            erase_top=ops.floor(uniform(0, 1) * (size - erase_height)),
+            erase_left=ops.floor(uniform(0, 1) * (size - erase_width)),
+            erase_height=erase_height,
+            erase_width=erase_width,
+        )
+
+    def call(self, images, training: bool = False):
+        if not training:
+            return images
+        a = self.augment
+        draws = self.draw(ops.shape(images)[0], images.shape[1])
+        return transform_batch(images, draws, intensity=bool(a.contrast or a.brightness), erasing=bool(a.erasing))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def compute_output_spec(self, images, training: bool = False):
+        return keras.KerasTensor(images.shape, dtype="uint8")
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "augment": self.augment.model_dump(), "seed": self.seed}
+
+
+def is_identity(augment: AugmentParams) -> bool:
+    return not (
+        augment.flip
+        or augment.rotation
+        or augment.zoom
+        or augment.shift
+        or augment.contrast
+        or augment.brightness
+        or augment.erasing
+    )
+
+
+def with_random_transforms(model: keras.Model, augment: AugmentParams, seed: int) -> keras.Model:
+    """What `fit` trains: `model` behind the random transforms, sharing its layers and weights,
+    so the saved model holds none of them. `model` itself when the params switch every one off."""
+    if is_identity(augment):
+        return model
+    inputs = keras.Input(model.input_shape[1:], dtype="uint8", name="image")
+    transformed = RandomTransforms(augment.model_dump(), seed, name="random_transforms")(inputs)
+    return keras.Model(inputs, model(transformed), name=f"{model.name}_training")
