@@ -9,7 +9,7 @@ from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
 from brainmri.paths import PREPARED, SPLIT, metrics_file
-from brainmri.shards import ShardIndex, write_split
+from brainmri.shards import ShardIndex, has_box, write_split
 from brainmri.split import SPLITS
 from brainmri.tracking import stage_run
 
@@ -29,7 +29,7 @@ def main() -> None:
         shutil.rmtree(PREPARED, ignore_errors=True)
         PREPARED.mkdir(parents=True)
 
-        files, counts = {}, {}
+        files, counts, boxed = {}, {}, {}
         for name in SPLITS:
             rows = split[split["split"] == name]
             if name == "train":
@@ -41,11 +41,15 @@ def main() -> None:
                 records = plain_records(rows, classes, size, channels, params.ingest.source, crop)
             files[name] = write_split(records, PREPARED, name, b.shard_size)
             counts[name] = {label: sum(r.label == i for r in records) for i, label in enumerate(classes)}
-        ShardIndex(PREPARED, classes, size, channels, files, counts, crop).save()
+            boxed[name] = {
+                label: sum(r.label == i and has_box(r.box) for r in records) for i, label in enumerate(classes)
+            }
+        ShardIndex(PREPARED, classes, size, channels, files, counts, crop, boxed).save()
 
         summary = {
             **{f"{name}.{label}": n for name in SPLITS for label, n in counts[name].items()},
             "train.augmented": augmented,
+            **{f"train.boxed.{label}": n for label, n in boxed["train"].items()},
         }
         write_json(summary, metrics_file("balance"))
         run.log_metrics(summary)

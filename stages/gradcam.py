@@ -19,15 +19,14 @@ from brainmri.gradcam import (
     last_feature_map_layer,
     overlay_panel,
 )
+from brainmri.images import box_rectangles, rectangles_mask
 from brainmri.localisation import (
-    box_rectangles,
     brain_mask,
     deletion_insertion,
     energy_inside,
     lesion_occlusion,
     load_annotated_set,
     mean_defined,
-    rectangles_mask,
     score_against_boxes,
     summarise_box_scores,
     summarise_occlusion,

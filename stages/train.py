@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from brainmri.box_supervision import energy_log, supervision_boxes, training_model
 from brainmri.calibration import calibrate_model
 from brainmri.errors import DataError, run_entry_point
 from brainmri.images import sha256_file
@@ -50,7 +51,6 @@ from brainmri.paths import (
     TRAIN_HISTORY,
     metrics_file,
 )
-from brainmri.random_transforms import with_random_transforms
 from brainmri.shards import ShardIndex, Split
 from brainmri.tracking import project_root, stage_run
 from brainmri.training import (
@@ -125,13 +125,16 @@ def fit_phases(
             f"({p.batch_size} x {hardware.replicas} replicas): lower train.batch_size"
         )
     steps = steps_per_epoch(index, global_batch, drop_remainder)
-    train_data = training_batches(index, splits["train"], p, hardware, global_batch, drop_remainder)
-    val_data = validation_batches(index, splits["val"], hardware, global_batch)
+    boxes = supervision_boxes(index, p)
+    train_boxes, val_boxes = (None, None) if boxes is None else (boxes["train"], boxes["val"])
+    train_data = training_batches(index, splits["train"], p, hardware, global_batch, drop_remainder, train_boxes)
+    val_data = validation_batches(index, splits["val"], hardware, global_batch, val_boxes)
     num_classes = len(index.classes)
+    measures = () if boxes is None else (energy_log(model, splits, boxes, num_classes),)
     with hardware.strategy.scope():
         if p.model in APPLICATIONS and p.weights is not None:
             set_backbone_trainable(model, False)
-        trainer = with_random_transforms(model, p.augment, p.seed)  # shares the model's weights
+        trainer = training_model(model, p, boxes)  # shares the model's weights
         compile_model(trainer, p, num_classes, steps_per_epoch=steps, global_batch=global_batch)
     weight_per_class = class_weights(index, p.class_weight)
     logs = tensorboard_folder() if p.tensorboard else None
@@ -139,7 +142,8 @@ def fit_phases(
 
     def phase_callbacks(append: bool) -> list:
         extra = run.keras_callbacks()
-        return callbacks(p, HISTORY_IN_PROGRESS, checkpoint, extra, append, hardware.chief, logs, everywhere)
+        chief = hardware.chief
+        return callbacks(p, HISTORY_IN_PROGRESS, checkpoint, extra, append, chief, logs, everywhere, measures, model)
 
     history = fit_model(
         trainer, hardware, train_data, val_data, p.epochs, phase_callbacks(append=False), weight_per_class

@@ -1,12 +1,13 @@
 import numpy as np
 import pandas as pd
+import pytest
 
-from brainmri.augment import augment
+from brainmri.augment import _forward_matrix, augment, augment_with_box, moved_box
 from brainmri.balance import balanced_training_records, plain_records
 from brainmri.images import load_array
 from brainmri.ingest import scan
 from brainmri.params import AugmentParams, IngestParams
-from brainmri.shards import ShardIndex, write_split
+from brainmri.shards import NO_BOX, ShardIndex, has_box, write_split
 from brainmri.split import stratified_split
 
 from helpers import CLASSES, make_dataset
@@ -102,3 +103,51 @@ def test_shard_index_round_trip(tmp_path):
     assert images.shape == (len(test), 24, 24, 3) and images.dtype == np.uint8
     assert paths == [r.path for r in records]
     assert np.array_equal(images[0], records[0].image) and list(labels) == [r.label for r in records]
+
+
+def bright_centroid(image: np.ndarray) -> tuple[float, float]:
+    """(x, y) in pixel edges of the pixels brighter than the background."""
+    rows, columns = np.nonzero(image[..., 0] > 100)
+    return columns.mean() + 0.5, rows.mean() + 0.5
+
+
+def test_a_box_moves_by_hand_checked_flips_rotations_zooms_and_shifts():
+    box = (40.0, 10.0, 50.0, 20.0)  # on a 64-pixel image, PIL's centre at 31.5
+    assert moved_box(box, _forward_matrix(64, 0, 1, 0, 0), 64, flipped=True) == (14.0, 10.0, 24.0, 20.0)
+    # 90 degrees about the centre: (x, y) - c -> (-(y - c), x - c)
+    assert moved_box(box, _forward_matrix(64, 90, 1, 0, 0), 64, False) == pytest.approx((43, 40, 53, 50))
+    assert moved_box(box, _forward_matrix(64, 0, 1.5, 0, 0), 64, False) == pytest.approx((44.25, 0, 59.25, 14.25))
+    assert moved_box(box, _forward_matrix(64, 0, 1, -5, 7), 64, False) == pytest.approx((35, 17, 45, 27))
+    assert moved_box(box, _forward_matrix(64, 0, 1, 20, 0), 64, False) == NO_BOX  # more than half pushed out
+    assert moved_box(NO_BOX, _forward_matrix(64, 30, 1, 0, 0), 64, True) == NO_BOX
+
+
+def test_an_augmented_box_still_holds_its_moved_lesion():
+    image = np.full((64, 64, 1), 20, np.uint8)
+    image[18:26, 36:44] = 220  # the lesion
+    params = AugmentParams(rotation=20, shift=0.1, zoom=0.2, flip=True, brightness=0, contrast=0)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        moved, (x0, y0, x1, y1) = augment_with_box(image, (36.0, 18.0, 44.0, 26.0), rng, params)
+        x, y = bright_centroid(moved)
+        assert x0 <= x <= x1 and y0 <= y <= y1
+
+
+def test_boxes_go_from_the_manifest_through_balance_into_the_shards(tmp_path):
+    split = uneven_split(tmp_path / "images")
+    train = split[split["split"] == "train"].copy()
+    boxed = train["label"] == "pituitary"
+    train.loc[boxed, "boxes"] = "3 0.5 0.25 0.25 0.25"  # centred at (0.5, 0.25) of every pituitary image
+    records = balanced_training_records(train, CLASSES, 24, 1, "max", 0, AugmentParams(), tmp_path / "images")
+    pituitary = CLASSES.index("pituitary")
+    for record in records:
+        assert has_box(record.box) == (record.label == pituitary)
+        if not record.augmented and record.label == pituitary:
+            assert record.box == pytest.approx((9, 3, 15, 9))  # 48-pixel images shown at 24
+    names = write_split(records, tmp_path, "train", shard_size=10)
+    counts = {label: sum(r.label == i for r in records) for i, label in enumerate(CLASSES)}
+    boxed_counts = {label: sum(r.label == i and has_box(r.box) for r in records) for i, label in enumerate(CLASSES)}
+    ShardIndex(tmp_path, CLASSES, 24, 1, {"train": names}, {"train": counts}, boxed={"train": boxed_counts}).save()
+    index = ShardIndex.load(tmp_path)
+    assert index.boxed["train"]["pituitary"] == counts["pituitary"] and index.boxed["train"]["glioma"] == 0
+    assert index.boxes("train") == pytest.approx(np.array([r.box for r in records], np.float32))

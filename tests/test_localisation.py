@@ -4,11 +4,11 @@ import pytest
 from PIL import Image
 
 from brainmri.errors import DataError
+from brainmri.images import box_rectangles
 from brainmri.ingest import scan
 from brainmri.localisation import (
     baseline_heatmap,
     box_mask,
-    box_rectangles,
     deletion_insertion,
     energy_inside,
     heatmap_iou,

@@ -17,6 +17,7 @@ import pytest
 SIZE = 64
 CENTRE = (SIZE - 1) / 2
 SPOT = (40.0, 20.0)  # (x, y) of a bright square's centre
+SPOT_BOX = [39.0, 19.0, 42.0, 22.0]  # its box: pixel edges (x0, y0, x1, y1)
 AUGMENT = {"rotation": 10, "shift": 0.1, "zoom": 0.2, "flip": True, "brightness": 0.1, "contrast": 0.1, "erasing": 0.3}
 KNOWN = {  # name: (flip, angle, scale, shift_x, shift_y)
     "rotate_90": (0.0, 90.0, 1.0, 0.0, 0.0),
@@ -58,9 +59,9 @@ def report() -> dict:
     import keras
     from keras import ops
 
-    from brainmri.random_transforms import RandomTransforms, identity_draws, transform_batch
+    from brainmri.random_transforms import RandomTransforms, identity_draws, transform_batch, transform_boxes
 
-    out: dict = {"backend": keras.backend.backend(), "positions": {}}
+    out: dict = {"backend": keras.backend.backend(), "positions": {}, "boxes": {}}
     for name, (flip, angle, scale, shift_x, shift_y) in KNOWN.items():
         draws = identity_draws(1, SIZE)._replace(
             flip=ops.array([flip]),
@@ -71,6 +72,9 @@ def report() -> dict:
         )
         moved = ops.convert_to_numpy(transform_batch(ops.array(spot_image()[None]), draws))[0]
         out["positions"][name] = centroid(moved)
+        out["boxes"][name] = ops.convert_to_numpy(transform_boxes(ops.array([SPOT_BOX]), draws, SIZE))[0].tolist()
+    gone = identity_draws(1, SIZE)._replace(shift_x=ops.array([40.0]))
+    out["boxes"]["pushed_out"] = ops.convert_to_numpy(transform_boxes(ops.array([SPOT_BOX]), gone, SIZE))[0].tolist()
 
     texture = np.random.default_rng(0).integers(20, 200, (2, SIZE, SIZE, 1)).astype(np.uint8)
     draws = identity_draws(2, SIZE)._replace(
@@ -118,6 +122,16 @@ def backend_report(request) -> dict:
 def test_a_point_lands_where_the_known_flip_rotation_zoom_and_shift_put_it(backend_report):
     for name, transform in KNOWN.items():
         assert np.allclose(backend_report["positions"][name], expected_position(*transform), atol=0.3), name
+
+
+def test_a_box_moves_with_its_pixels_and_is_dropped_when_pushed_out(backend_report):
+    for name, (flip, angle, scale, shift_x, shift_y) in KNOWN.items():
+        x0, y0, x1, y1 = backend_report["boxes"][name]
+        expected = expected_position(flip, angle, scale, shift_x, shift_y)
+        assert np.allclose(((x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5), expected, atol=1e-3), name
+        turned = abs(np.sin(np.radians(angle))) + abs(np.cos(np.radians(angle)))  # a turned square's bounding box
+        assert x1 - x0 == pytest.approx(3 * scale * turned, abs=1e-3) == y1 - y0, name
+    assert backend_report["boxes"]["pushed_out"] == [0, 0, 0, 0]
 
 
 def test_contrast_brightness_and_erasing_do_what_they_say(backend_report):

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -25,7 +27,7 @@ from brainmri.training import (
     scaled_lr,
 )
 
-from helpers import create_project, project_env, run, update_params, write_prepared_data
+from helpers import CLASSES, TINY_PARAMS, create_project, project_env, run, update_params, write_prepared_data
 
 PROJECT_SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -124,7 +126,7 @@ def test_cosine_schedule_warms_up_then_decays():
     assert learning_rate(TrainParams(lr_schedule="plateau"), 1e-3, 10, 10, 1) == 1e-3
 
 
-@pytest.mark.parametrize("rule, at_128", [("sqrt", 4e-3), ("linear", 8e-3), ("none", 2e-3)])
+@pytest.mark.parametrize(("rule", "at_128"), [("sqrt", 4e-3), ("linear", 8e-3), ("none", 2e-3)])
 def test_the_lr_is_the_reference_rate_at_batch_32_and_scaled_at_128(rule, at_128):
     assert scaled_lr(2e-3, 32, rule) == pytest.approx(2e-3)
     assert scaled_lr(2e-3, 128, rule) == pytest.approx(at_128)
@@ -243,3 +245,29 @@ def check_cutmix(tmp_path):
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, rtol=1e-6)
     assert ((targets > 0.01) & (targets < 0.99)).any(axis=1).sum() > 8  # mixed, not one-hot
     np.testing.assert_array_equal(again.numpy(), images)  # the same seed draws the same boxes
+
+
+def test_yolo_boxes_beside_the_images_supervise_training_end_to_end(tmp_path):
+    repo = create_project(tmp_path / "repo")
+    blob_centres = [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)]  # (x, y) of synthetic_image's blob per class
+    for class_index, label in enumerate(CLASSES):
+        if label != "notumor":
+            x, y = blob_centres[class_index]
+            for image in (repo / "data" / "sample" / label).iterdir():
+                image.with_suffix(".txt").write_text(f"0 {x} {y} 0.3 0.3\n")
+    update_params(repo / "params.yaml", {"train": {**TINY_PARAMS["train"], "localisation": {"loss": "energy"}}})
+    run(["dvc", "repro", "train"], repo)
+    balance = json.loads((repo / "metrics" / "balance.json").read_text())
+    assert balance["train.boxed.notumor"] == 0
+    assert all(
+        balance[f"train.boxed.{label}"] == balance[f"train.{label}"] > 0 for label in CLASSES if label != "notumor"
+    )
+    history = pd.read_csv(repo / "metrics" / "train_history.csv")
+    assert history["box_energy"].between(0, 1).all() and history["val_box_energy"].between(0, 1).all()
+    saved = keras.saving.load_model(repo / "models" / "model.keras")  # plain Keras: no project layer inside
+    assert not any("box" in layer.name or "random" in layer.name for layer in saved.layers)
+    update_params(repo / "params.yaml", {"train": {"localisation": {"loss": "energy"}, "cutmix": 0.5}})
+    refused = run(["dvc", "repro", "train"], repo, check=False)
+    assert (
+        refused.returncode != 0 and "train.cutmix pastes other images over the boxes" in refused.stdout + refused.stderr
+    )

@@ -11,37 +11,63 @@ import numpy as np
 from PIL import Image
 
 from brainmri.params import ERASED_AREA, AugmentParams
+from brainmri.shards import NO_BOX, Box, has_box
 
 
-def _affine_coefficients(size: int, angle_deg: float, scale: float, shift_x: float, shift_y: float) -> tuple:
-    """PIL's AFFINE maps output pixels back to input pixels: invert the forward transform."""
+def _forward_matrix(size: int, angle_deg: float, scale: float, shift_x: float, shift_y: float) -> np.ndarray:
+    """The 3x3 map from input to output points (PIL's coordinates: pixel i spans [i, i + 1))."""
     centre = (size - 1) / 2
     angle = math.radians(angle_deg)
     cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
-    forward = np.array(
+    return np.array(
         [
             [cos, -sin, centre + shift_x - cos * centre + sin * centre],
             [sin, cos, centre + shift_y - sin * centre - cos * centre],
             [0.0, 0.0, 1.0],
         ]
     )
-    inverse = np.linalg.inv(forward)
-    return tuple(inverse[:2].ravel())
+
+
+def moved_box(box: Box, forward: np.ndarray, size: int, flipped: bool) -> Box:
+    """`box` (pixel edges) after the flip and the affine map that `augment` applied to its image: the
+    bounding box of its moved corners, clipped to the image; NO_BOX when less than half stays inside."""
+    if not has_box(box):
+        return NO_BOX
+    x0, y0, x1, y1 = box
+    if flipped:
+        x0, x1 = size - x1, size - x0
+    corners = forward @ np.array([[x0, x1, x0, x1], [y0, y0, y1, y1], [1.0, 1.0, 1.0, 1.0]])
+    moved = (corners[0].min(), corners[1].min(), corners[0].max(), corners[1].max())
+    clipped = tuple(float(np.clip(value, 0, size)) for value in moved)
+
+    def area(b) -> float:
+        return max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+
+    return clipped if area(clipped) >= 0.5 * area(moved) else NO_BOX
 
 
 def augment(array: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
     """Random rotation, shift, zoom, horizontal flip, brightness, contrast and erasing of a uint8 (H, W, C) image."""
+    return augment_with_box(array, NO_BOX, rng, params)[0]
+
+
+def augment_with_box(
+    array: np.ndarray, box: Box, rng: np.random.Generator, params: AugmentParams
+) -> tuple[np.ndarray, Box]:
+    """`augment`'s image, and its `box` moved by the same flip, rotation, zoom and shift."""
     size, channels = array.shape[0], array.shape[2]
     image = Image.fromarray(array[..., 0] if channels == 1 else array)
-    if params.flip and rng.random() < 0.5:
+    flipped = bool(params.flip and rng.random() < 0.5)
+    if flipped:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    coefficients = _affine_coefficients(
+    forward = _forward_matrix(
         size,
         angle_deg=rng.uniform(-params.rotation, params.rotation),
         scale=1.0 + rng.uniform(-params.zoom, params.zoom),
         shift_x=rng.uniform(-params.shift, params.shift) * size,
         shift_y=rng.uniform(-params.shift, params.shift) * size,
     )
+    coefficients = tuple(np.linalg.inv(forward)[:2].ravel())  # PIL maps output pixels back to input pixels
     image = image.transform(image.size, Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR, fillcolor=0)
     pixels = np.asarray(image, dtype=np.float32)
     mean = float(pixels.mean())
@@ -52,7 +78,7 @@ def augment(array: np.ndarray, rng: np.random.Generator, params: AugmentParams) 
     out = out[..., None] if channels == 1 else out
     if params.erasing and rng.random() < params.erasing:
         erase_box(out, rng)
-    return out
+    return out, moved_box(box, forward, size, flipped)
 
 
 def erase_box(image: np.ndarray, rng: np.random.Generator) -> None:

@@ -11,10 +11,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri.augment import augment
-from brainmri.images import load_array, source_file
+from brainmri.augment import augment_with_box
+from brainmri.images import box_rectangles, model_input, open_image, source_file
 from brainmri.params import AugmentParams
-from brainmri.shards import Record
+from brainmri.shards import NO_BOX, Box, Record
+
+
+def input_and_box(
+    root: str | Path, path: str, boxes: str, size: int, channels: int, crop: str
+) -> tuple[np.ndarray, Box]:
+    """The model's input for a manifest row, and the bounding box of its YOLO `boxes` on that input
+    (NO_BOX when it has none): the same crop, resize and padding as the pixels."""
+    image = open_image(source_file(root, path))
+    array, content = model_input(image, size, channels, crop)
+    rectangles = box_rectangles(boxes, *image.size, size, content)
+    if not rectangles:
+        return array, NO_BOX
+    x0, y0, x1, y1 = (f(values) for f, values in zip((min, min, max, max), zip(*rectangles)))
+    return array, (max(x0, 0.0), max(y0, 0.0), min(x1, float(size)), min(y1, float(size)))
 
 
 def class_target(counts: pd.Series, target: int | str) -> int:
@@ -32,21 +46,24 @@ def balanced_training_records(
     root: str | Path = "",
     crop: str = "none",
 ) -> list[Record]:
-    """Every training image, and augmented copies up to the class target; paths relative to `root`."""
+    """Every training image, and augmented copies up to the class target; paths relative to `root`.
+    Each record carries its image's box (`input_and_box`), moved with the image in a copy."""
     goal = class_target(train["label"].value_counts(), target)
+    boxes = dict(zip(train["path"], train["boxes"].fillna("")))
     records: list[Record] = []
     for class_index, label in enumerate(classes):
         paths = sorted(train.loc[train["label"] == label, "path"])
         pick = np.random.default_rng([seed, class_index])
         if len(paths) > goal:  # an integer target below the class size undersamples it
             paths = sorted(pick.choice(paths, goal, replace=False))
-        originals = [load_array(source_file(root, path), size, channels, crop) for path in paths]
-        records += [Record(image, class_index, path, False) for image, path in zip(originals, paths)]
+        originals = [input_and_box(root, path, boxes[path], size, channels, crop) for path in paths]
+        records += [Record(image, class_index, path, False, box) for (image, box), path in zip(originals, paths)]
         order = pick.permutation(len(paths))
         for copy in range(goal - len(paths)):
             source = order[copy % len(paths)]
             rng = np.random.default_rng([seed, class_index, copy])
-            records.append(Record(augment(originals[source], rng, augment_params), class_index, paths[source], True))
+            image, box = augment_with_box(*originals[source], rng, augment_params)
+            records.append(Record(image, class_index, paths[source], True, box))
     # Mixed classes in every shard, in an order fixed by the seed.
     shuffle = np.random.default_rng([seed, len(classes)]).permutation(len(records))
     return [records[i] for i in shuffle]
@@ -57,7 +74,8 @@ def plain_records(
 ) -> list[Record]:
     index = {label: i for i, label in enumerate(classes)}
     rows = frame.sort_values(["label", "path"], kind="mergesort")
-    return [
-        Record(load_array(source_file(root, path), size, channels, crop), index[label], path, False)
-        for path, label in zip(rows["path"], rows["label"])
-    ]
+    records = []
+    for path, label, boxes in zip(rows["path"], rows["label"], rows["boxes"].fillna("")):
+        image, box = input_and_box(root, path, boxes, size, channels, crop)
+        records.append(Record(image, index[label], path, False, box))
+    return records

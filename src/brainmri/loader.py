@@ -27,6 +27,8 @@ class ShardBatches(keras.utils.PyDataset):
     """(uint8 images, targets) batches of `batch_size` images from arrays in memory.
 
     `seed` shuffles the rows anew every epoch (None: in order, as for validation).
+    With `boxes` ((N, 4), zeros for none) each batch's inputs are {"image", "box",
+    "target"}, as `brainmri.box_supervision`'s training wrapper takes them.
     Across processes (several hosts under `keras.distribution`)
     each process yields its own contiguous share of every global batch, so
     `batch_size` must then be a multiple of `process_count`.
@@ -51,6 +53,7 @@ class ShardBatches(keras.utils.PyDataset):
         process_index: int = 0,
         process_count: int = 1,
         pad_to: int = 1,
+        boxes: np.ndarray | None = None,
     ) -> None:
         # Two threads: Keras then prepares the next batches while the step runs. No processes:
         # JAX's runtime must not be forked.
@@ -61,6 +64,7 @@ class ShardBatches(keras.utils.PyDataset):
         self.targets = one_hot_targets(labels, num_classes)
         self.batch_size = batch_size
         self.seed = seed
+        self.boxes = boxes
         self.drop_remainder = drop_remainder
         self.process_index = process_index
         self.process_count = process_count
@@ -90,9 +94,14 @@ class ShardBatches(keras.utils.PyDataset):
         images[real] = self.images[rows[real]]
         targets = np.zeros((len(rows), self.targets.shape[1]), np.float32)
         targets[real] = self.targets[rows[real]]
+        inputs = images
+        if self.boxes is not None:
+            boxes = np.zeros((len(rows), 4), np.float32)
+            boxes[real] = self.boxes[rows[real]]
+            inputs = {"image": images, "box": boxes, "target": targets}
         if not self.padding:
-            return images, targets
-        return images, targets, np.where(real, self.real_weight, 0.0).astype(np.float32)
+            return inputs, targets
+        return inputs, targets, np.where(real, self.real_weight, 0.0).astype(np.float32)
 
     def on_epoch_end(self) -> None:
         self.epoch += 1

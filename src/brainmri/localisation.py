@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.errors import DataError
-from brainmri.images import fitted_size, model_input, open_image
+from brainmri.images import box_rectangles, model_input, open_image, rectangles_mask
 from brainmri.ingest import scan
 from brainmri.params import IngestParams
 from brainmri.stats import bootstrap_interval
@@ -32,43 +32,11 @@ BOX_METRICS = ("pointing_game", "energy_in_box", "box_iou")
 BASELINES = ("uniform", "centre")
 
 
-def box_rectangles(
-    boxes: str, width: int, height: int, size: int, content: tuple[int, int, int, int] | None = None
-) -> list[tuple[float, float, float, float]]:
-    """YOLO boxes ("class cx cy w h" relative to the original image, joined by ';') as (x0, y0, x1, y1)
-    pixels of the square the model saw (`brainmri.images.to_array`: cropped to `content`, the
-    image's `content_box`, resized, then centred)."""
-    left0, top0, right0, bottom0 = content or (0, 0, width, height)
-    fitted_width, fitted_height = fitted_size(right0 - left0, bottom0 - top0, size)
-    scale_x, scale_y = fitted_width / (right0 - left0), fitted_height / (bottom0 - top0)
-    left, top = (size - fitted_width) // 2, (size - fitted_height) // 2
-    rectangles = []
-    for box in filter(None, boxes.split(";")):
-        _, cx, cy, w, h = (float(v) for v in box.split())
-        rectangles.append(
-            (
-                left + ((cx - w / 2) * width - left0) * scale_x,
-                top + ((cy - h / 2) * height - top0) * scale_y,
-                left + ((cx + w / 2) * width - left0) * scale_x,
-                top + ((cy + h / 2) * height - top0) * scale_y,
-            )
-        )
-    return rectangles
-
-
 def box_mask(
     boxes: str, width: int, height: int, size: int, content: tuple[int, int, int, int] | None = None
 ) -> np.ndarray:
     """The pixels of the model's input square covered by any of the boxes."""
     return rectangles_mask(box_rectangles(boxes, width, height, size, content), size)
-
-
-def rectangles_mask(rectangles: list[tuple[float, float, float, float]], size: int) -> np.ndarray:
-    """The pixels of a size x size square covered by any of the (x0, y0, x1, y1) rectangles."""
-    mask = np.zeros((size, size), dtype=bool)
-    for x0, y0, x1, y1 in rectangles:
-        mask[max(int(np.floor(y0)), 0) : int(np.ceil(y1)), max(int(np.floor(x0)), 0) : int(np.ceil(x1))] = True
-    return mask
 
 
 def brain_mask(image: np.ndarray, black_level: int = 10) -> np.ndarray:

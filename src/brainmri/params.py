@@ -182,6 +182,15 @@ class FineTuneParams(_Section):
     lr: float = Field(1e-5, gt=0)
 
 
+class LocalisationParams(_Section):
+    loss: Literal["none", "energy"] = Field(
+        "none",
+        description="energy: training images with a tumour box add 1 - the share of their class's positive "
+        "activation map inside the box (Rao et al. 2023) to the loss",
+    )
+    weight: float = Field(1.0, ge=0, description="the box term's weight beside the classification loss")
+
+
 # The compact CNN and the keras.applications backbones that brainmri.models builds.
 MODEL_NAMES = (
     "compact_cnn",
@@ -252,6 +261,7 @@ class TrainParams(_Section):
     tensorboard: bool = Field(False, description="also write TensorBoard event files under logs/tensorboard/")
     reduce_lr_patience: int = Field(3, ge=1)
     fine_tune: FineTuneParams = FineTuneParams()
+    localisation: LocalisationParams = LocalisationParams()
     backend: Literal["auto", "tensorflow", "jax"] = Field(
         "auto", description="Keras backend of the train and evaluate stages; auto: $KERAS_BACKEND, else TensorFlow"
     )

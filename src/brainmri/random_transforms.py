@@ -124,6 +124,34 @@ def transform_batch(images, draws: Draws, intensity: bool = True, erasing: bool 
     return ops.cast(ops.round(ops.clip(pixels, 0, 255)), "uint8")
 
 
+def transform_boxes(boxes, draws: Draws, size: int):
+    """(batch, 4) boxes (x0, y0, x1, y1: pixel edges of the model input; x1 <= x0 for an image
+    without one) moved as `transform_batch` moves the pixels: the bounding box of the moved
+    corners, clipped to the image. A box of which less than half stays inside is dropped (zeros)."""
+    centre = (size - 1) / 2
+    radians = draws.angle * (math.pi / 180)
+    cos, sin = ops.cos(radians)[:, None], ops.sin(radians)[:, None]
+    flip, scale = draws.flip[:, None], draws.scale[:, None]
+    x0, y0, x1, y1 = (boxes[:, i : i + 1] for i in range(4))
+    xs = ops.concatenate([x0, x1, x0, x1], axis=1) - 0.5  # pixel edges -> pixel-centre coordinates
+    ys = ops.concatenate([y0, y0, y1, y1], axis=1) - 0.5
+    xs = flip * ((size - 1) - xs) + (1 - flip) * xs
+    dx, dy = xs - centre, ys - centre
+    moved_x = centre + scale * (cos * dx - sin * dy) + draws.shift_x[:, None] + 0.5
+    moved_y = centre + scale * (sin * dx + cos * dy) + draws.shift_y[:, None] + 0.5
+    moved = ops.stack(
+        [ops.min(moved_x, axis=1), ops.min(moved_y, axis=1), ops.max(moved_x, axis=1), ops.max(moved_y, axis=1)],
+        axis=1,
+    )
+    clipped = ops.clip(moved, 0.0, float(size))
+
+    def area(box):
+        return ops.maximum(box[:, 2] - box[:, 0], 0.0) * ops.maximum(box[:, 3] - box[:, 1], 0.0)
+
+    kept = (boxes[:, 2] > boxes[:, 0]) & (area(clipped) >= 0.5 * area(moved))
+    return ops.where(kept[:, None], clipped, 0.0)
+
+
 def identity_draws(batch: int, size: int) -> Draws:
     """Draws that change nothing: a starting point for tests and for params that switch all off."""
     zeros, ones = ops.zeros((batch,)), ops.ones((batch,))
@@ -166,18 +194,19 @@ class RandomTransforms(keras.layers.Layer):
             erase_width=erase_width,
         )
 
-    def call(self, images, training: bool = False):
+    def call(self, images, boxes=None, training: bool = False):
+        """The batch transformed (and, given `boxes`, (batch, boxes) moved alike)."""
         if not training:
-            return images
+            return images if boxes is None else (images, boxes)
         a = self.augment
-        draws = self.draw(ops.shape(images)[0], images.shape[1])
-        return transform_batch(images, draws, intensity=bool(a.contrast or a.brightness), erasing=bool(a.erasing))
+        size = images.shape[1]
+        draws = self.draw(ops.shape(images)[0], size)
+        moved = transform_batch(images, draws, intensity=bool(a.contrast or a.brightness), erasing=bool(a.erasing))
+        return moved if boxes is None else (moved, transform_boxes(boxes, draws, size))
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def compute_output_spec(self, images, training: bool = False):
-        return keras.KerasTensor(images.shape, dtype="uint8")
+    def compute_output_spec(self, images, boxes=None, training: bool = False):
+        image_spec = keras.KerasTensor(images.shape, dtype="uint8")
+        return image_spec if boxes is None else (image_spec, keras.KerasTensor(boxes.shape, dtype="float32"))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "augment": self.augment.model_dump(), "seed": self.seed}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +24,13 @@ from brainmri.errors import DataError
 
 INDEX_FILE = "index.json"
 _PROTO_PACKAGE = "brainmri.tfexample"
+NO_BOX = (0.0, 0.0, 0.0, 0.0)
+
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1: pixel edges of the stored image; NO_BOX: none
+
+
+def has_box(box: Box) -> bool:
+    return box[2] > box[0] and box[3] > box[1]
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Record:
     label: int
     path: str
     augmented: bool
+    box: Box = NO_BOX  # the tumour's box on `image`, moved with it by any augmentation
 
 
 def write_split(records: list[Record], folder: Path, split: str, shard_size: int) -> list[str]:
@@ -47,6 +55,7 @@ def write_split(records: list[Record], folder: Path, split: str, shard_size: int
                     "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[record.label])),
                     "path": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record.path.encode()])),
                     "augmented": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(record.augmented)])),
+                    "box": tf.train.Feature(float_list=tf.train.FloatList(value=list(record.box))),
                 }
                 example = tf.train.Example(features=tf.train.Features(feature=feature))
                 # Map fields serialise in arbitrary order unless asked: keep shards byte-identical.
@@ -124,11 +133,13 @@ def tfrecord_payloads(path: Path) -> Iterator[bytes]:
 def parse_record(payload: bytes) -> Record:
     """One shard record (a serialized tf.train.Example), without TensorFlow; the image still flat."""
     feature = _example_class().FromString(payload).features.feature
+    box = tuple(feature["box"].float_list.value) if "box" in feature else NO_BOX
     return Record(
         image=np.frombuffer(feature["image"].bytes_list.value[0], np.uint8),
         label=int(feature["label"].int64_list.value[0]),
         path=feature["path"].bytes_list.value[0].decode(),
         augmented=bool(feature["augmented"].int64_list.value[0]),
+        box=box if len(box) == 4 else NO_BOX,
     )
 
 
@@ -149,6 +160,7 @@ class ShardIndex:
     files: dict[str, list[str]]
     counts: dict[str, dict[str, int]]
     crop: str = "none"  # brainmri.images.content_box: what part of each image was kept
+    boxed: dict[str, dict[str, int]] = field(default_factory=dict)  # records with a box, per split and class
 
     @classmethod
     def load(cls, folder: str | Path) -> ShardIndex:
@@ -167,14 +179,15 @@ class ShardIndex:
             "crop": self.crop,
             "files": self.files,
             "counts": self.counts,
+            "boxed": self.boxed,
         }
         (self.folder / INDEX_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
     def size(self, split: str) -> int:
         return sum(self.counts[split].values())
 
-    def dataset(self, split: str, with_paths: bool = False):
-        """tf.data of (uint8 image, int label[, path]) for one split, decoded in parallel."""
+    def dataset(self, split: str, with_paths: bool = False, with_boxes: bool = False):
+        """tf.data of (uint8 image, int label[, path][, box]) for one split, decoded in parallel."""
         import tensorflow as tf
 
         shape = (self.image_size, self.image_size, self.channels)
@@ -182,13 +195,16 @@ class ShardIndex:
             "image": tf.io.FixedLenFeature([], tf.string),
             "label": tf.io.FixedLenFeature([], tf.int64),
             "path": tf.io.FixedLenFeature([], tf.string),
+            "box": tf.io.FixedLenFeature([4], tf.float32, default_value=list(NO_BOX)),
         }
 
         def parse(serialized):
             example = tf.io.parse_single_example(serialized, spec)
             image = tf.reshape(tf.io.decode_raw(example["image"], tf.uint8), shape)
             label = tf.cast(example["label"], tf.int32)
-            return (image, label, example["path"]) if with_paths else (image, label)
+            return (
+                (image, label) + ((example["path"],) if with_paths else ()) + ((example["box"],) if with_boxes else ())
+            )
 
         files = [str(self.folder / name) for name in self.files[split]]
         # The count is known from the index: with it, `fit` runs exactly the epoch's
@@ -196,6 +212,11 @@ class ShardIndex:
         # still advanced the optimizer's step counter, and so the LR schedule).
         records = tf.data.TFRecordDataset(files).apply(tf.data.experimental.assert_cardinality(self.size(split)))
         return records.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def boxes(self, split: str) -> np.ndarray:
+        """(N, 4) float32: each record's box in the order of `arrays`, zeros where it has none."""
+        payloads = (payload for name in self.files[split] for payload in tfrecord_payloads(self.folder / name))
+        return np.array([parse_record(payload).box for payload in payloads], np.float32).reshape(-1, 4)
 
     def arrays(self, split: str) -> Split:
         """The whole split in memory, read without TensorFlow: uint8 images, int32 labels and paths."""

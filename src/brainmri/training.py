@@ -216,8 +216,10 @@ def labelled_batches(
     shuffle_seed: int | None = None,
     drop_remainder: bool = False,
     cutmix: float = 0.0,
+    with_boxes: bool = False,
 ):
-    """Batches of (uint8 images, one-hot or 0/1 targets) for `fit`.
+    """Batches of (uint8 images, one-hot or 0/1 targets) for `fit`; `with_boxes`: of
+    ({"image", "box", "target"}, targets), as `brainmri.box_supervision`'s wrapper takes them.
 
     The decoded split is cached in memory after the first pass, so later
     epochs only shuffle and batch. With `cutmix` > 0 each batch goes through
@@ -228,12 +230,14 @@ def labelled_batches(
 
     num_classes = len(index.classes)
 
-    def targets(image, label):
+    def targets(image, label, *box):
         if num_classes == 2:
-            return image, tf.cast(tf.expand_dims(label, -1), tf.float32)
-        return image, tf.one_hot(label, num_classes)
+            target = tf.cast(tf.expand_dims(label, -1), tf.float32)
+        else:
+            target = tf.one_hot(label, num_classes)
+        return ({"image": image, "box": box[0], "target": target} if box else image), target
 
-    data = index.dataset(split).map(targets, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    data = index.dataset(split, with_boxes=with_boxes).map(targets, num_parallel_calls=tf.data.AUTOTUNE).cache()
     if shuffle_seed is not None:
         data = data.shuffle(max(index.size(split), 1), seed=shuffle_seed, reshuffle_each_iteration=True)
     options = tf.data.Options()
@@ -272,26 +276,45 @@ def _shard_batches(split: Split, num_classes: int, hardware: Hardware, global_ba
 
 
 def training_batches(
-    index: ShardIndex, train: Split, p: TrainParams, hardware: Hardware, global_batch: int, drop_remainder: bool
+    index: ShardIndex,
+    train: Split,
+    p: TrainParams,
+    hardware: Hardware,
+    global_batch: int,
+    drop_remainder: bool,
+    boxes: np.ndarray | None = None,
 ):
     """The training split's uint8 batches for `fit`, shuffled every epoch: tf.data from the shards
-    on TensorFlow, a `ShardBatches` loader over `train` elsewhere. The random transforms come later,
-    in the training step (`brainmri.random_transforms`)."""
+    on TensorFlow, a `ShardBatches` loader over `train` elsewhere; with `boxes` (the split's, when
+    boxes supervise) as the inputs of `brainmri.box_supervision`'s wrapper. The random transforms
+    come later, in the training step (`brainmri.random_transforms`)."""
+    if p.cutmix and boxes is not None:
+        raise ModelError("train.cutmix pastes other images over the boxes: set it to 0 with train.localisation")
     if hardware.backend == "tensorflow":
         return labelled_batches(
-            index, "train", global_batch, shuffle_seed=p.seed, drop_remainder=drop_remainder, cutmix=p.cutmix
+            index,
+            "train",
+            global_batch,
+            shuffle_seed=p.seed,
+            drop_remainder=drop_remainder,
+            cutmix=p.cutmix,
+            with_boxes=boxes is not None,
         )
     if p.cutmix:
         raise ModelError("train.cutmix runs in TensorFlow's input pipeline: set it to 0, or train.backend: tensorflow")
-    return _shard_batches(train, len(index.classes), hardware, global_batch, seed=p.seed, drop_remainder=drop_remainder)
+    return _shard_batches(
+        train, len(index.classes), hardware, global_batch, seed=p.seed, drop_remainder=drop_remainder, boxes=boxes
+    )
 
 
-def validation_batches(index: ShardIndex, val: Split, hardware: Hardware, global_batch: int):
+def validation_batches(
+    index: ShardIndex, val: Split, hardware: Hardware, global_batch: int, boxes: np.ndarray | None = None
+):
     """The validation split's batches, in order, for the end of every epoch: every image counts once,
     also where devices need equal shares of the last batch (padded with zero-weight rows)."""
     if hardware.backend == "tensorflow":
-        return labelled_batches(index, "val", global_batch)
-    return _shard_batches(val, len(index.classes), hardware, global_batch, pad_to=hardware.replicas)
+        return labelled_batches(index, "val", global_batch, with_boxes=boxes is not None)
+    return _shard_batches(val, len(index.classes), hardware, global_batch, pad_to=hardware.replicas, boxes=boxes)
 
 
 def class_weights(index: ShardIndex, mode: str) -> dict[int, float] | None:
@@ -365,6 +388,18 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self.start
 
 
+class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that saves the classifier, not the training wrapper `fit` runs (its random
+    transforms and box term are not part of the model, and the box term cannot be saved)."""
+
+    def __init__(self, classifier: keras.Model | None, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.classifier = classifier
+
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(self.classifier or model)
+
+
 def callbacks(
     params: TrainParams,
     history_csv: Path,
@@ -374,6 +409,8 @@ def callbacks(
     chief: bool = True,
     tensorboard: Path | None = None,
     checkpoint_everywhere: bool = False,
+    measures: tuple = (),
+    classifier: keras.Model | None = None,
 ) -> list:
     """Early stopping and the LR plateau on every worker (all see the same logs); files, `extra`
     (MLflow) and TensorBoard event files (into `tensorboard`, when given) on the chief only.
@@ -383,6 +420,7 @@ def callbacks(
     process at once, so a save on the chief alone would wait for the others forever."""
     chosen = [
         EpochTimer(),  # first, so the callbacks after it see the time
+        *measures,  # callbacks that add figures to the logs, before any records them
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
         ),
@@ -397,14 +435,14 @@ def callbacks(
         history_csv.parent.mkdir(parents=True, exist_ok=True)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         chosen += [
-            keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True),
+            ClassifierCheckpoint(classifier, checkpoint, monitor="val_loss", save_best_only=True),
             keras.callbacks.CSVLogger(history_csv, append=append),
             *extra,
         ]
         if tensorboard is not None:
             chosen.append(keras.callbacks.TensorBoard(tensorboard))
     elif checkpoint_everywhere:
-        chosen.append(keras.callbacks.ModelCheckpoint(checkpoint, monitor="val_loss", save_best_only=True))
+        chosen.append(ClassifierCheckpoint(classifier, checkpoint, monitor="val_loss", save_best_only=True))
     return chosen
 
 
