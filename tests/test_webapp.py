@@ -18,7 +18,7 @@ from brainmri.audit import AuditLog
 from brainmri.batching import MicroBatcher
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.params import ServeParams
-from brainmri.webapp import create_app
+from brainmri.webapp import create_app, server_limits
 
 from helpers import png, post, predictor
 
@@ -140,3 +140,34 @@ def test_a_single_frame_mr_dicom_upload_is_read_and_others_are_named():
     for name, (data, message) in refused.items():
         response = post(client, data, name)
         assert response.status_code == 400 and message in response.get_json()["error"], (name, response.get_json())
+
+
+def test_a_page_of_another_origin_cannot_post_and_foreign_host_names_are_refused():
+    client = create_app(predictor(), ServeParams()).test_client()
+
+    def post_from(origin: str | None, host: str = "localhost:8000", app_client=client):
+        headers = {"Host": host, **({"Origin": origin} if origin else {})}
+        data = {"file": (io.BytesIO(png(0)), "scan.png")}
+        return app_client.post("/predict", data=data, content_type="multipart/form-data", headers=headers)
+
+    assert post_from(None).status_code == 200  # curl, brainmri's own clients: no Origin
+    assert post_from("http://localhost:8000").status_code == 200  # the server's own page
+    refused = post_from("http://evil.example")
+    assert refused.status_code == 403 and "serve.allowed_origins" in refused.get_json()["error"]
+    rebinding = post_from("http://evil.example:8000", host="evil.example:8000")
+    assert rebinding.status_code == 400 and "serve.allowed_hosts" in rebinding.get_json()["error"]
+    assert client.get("/health", headers={"Host": "evil.example"}).status_code == 400
+    assert client.get("/health", headers={"Host": "[::1]:8000"}).status_code == 200
+
+    settings = ServeParams(allowed_hosts=["mri.example.org"], allowed_origins=["https://viewer.example.org"])
+    opened = create_app(predictor(), settings, bind_host="10.0.0.5").test_client()
+    assert post_from("https://viewer.example.org", "mri.example.org", opened).status_code == 200
+    assert post_from(None, "10.0.0.5:8000", opened).status_code == 200  # the address it was bound to
+    assert post_from("https://other.example.org", "mri.example.org", opened).status_code == 403
+
+
+def test_the_wsgi_server_bounds_bodies_headers_and_slow_connections():
+    limits = server_limits(ServeParams(max_upload_mb=10, idle_timeout_s=7, connection_limit=300))
+    assert 10 * 2**20 < limits["max_request_body_size"] < 11 * 2**20  # not waitress' 1 GB
+    assert limits["max_request_header_size"] == 64 * 1024
+    assert limits["channel_timeout"] == 7 and limits["connection_limit"] == 300

@@ -115,7 +115,7 @@ def serve(args: argparse.Namespace) -> int:
         params.evaluate.target_accuracy,
         scanner_options(params.ingest),
     )
-    app = create_app(predictor, params.serve, audit_log(params))
+    app = create_app(predictor, params.serve, audit_log(params), bind_host=args.host)
     run_server(app, args.host, args.port, params.serve)
     return 0
 

@@ -346,6 +346,14 @@ class ServeParams(_Section):
     max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits for others to join its batch")
     max_decodes: int = Field(4, ge=1, description="uploads decoded at once; the others wait their turn")
     timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 503")
+    allowed_hosts: list[str] = Field(
+        [], description="Host names the server answers besides its bind address and loopback names (DNS rebinding)"
+    )
+    allowed_origins: list[str] = Field(
+        [], description="web pages (scheme://host[:port]) other than the server's own that may POST to it"
+    )
+    idle_timeout_s: float = Field(10.0, gt=0, description="a connection silent this long is closed (slow clients)")
+    connection_limit: int = Field(256, ge=1, description="open connections the server accepts at once")
 
 
 class AuditParams(_Section):

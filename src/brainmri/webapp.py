@@ -39,8 +39,28 @@ def content_security_policy(page: str) -> str:
     )
 
 
-def create_app(predictor: Predictor, settings: ServeParams, audit: AuditLog | None = None) -> Flask:
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(host: str) -> str:
+    """`name[:port]` or `[v6]:port` -> the name alone, lower case."""
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
+def create_app(
+    predictor: Predictor, settings: ServeParams, audit: AuditLog | None = None, bind_host: str | None = None
+) -> Flask:
+    """The page and API. Requests must name this server in their Host header (loopback names, the
+    bind address, serve.allowed_hosts): a page on another domain that resolves to this machine
+    (DNS rebinding) gets 400. A POST from a page of another origin than the server's own (or one
+    of serve.allowed_origins) gets 403, so no web page can use the model behind its user's back."""
     app = Flask(__name__)
+    trusted_hosts = {*LOOPBACK_NAMES, *(name.lower() for name in settings.allowed_hosts)}
+    if bind_host and bind_host not in ("0.0.0.0", "::"):
+        trusted_hosts.add(host_name(bind_host))
+    allowed_origins = {origin.rstrip("/").lower() for origin in settings.allowed_origins}
     max_upload_bytes = int(settings.max_upload_mb * 1024 * 1024)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     decodes = threading.BoundedSemaphore(settings.max_decodes)
@@ -53,6 +73,17 @@ def create_app(predictor: Predictor, settings: ServeParams, audit: AuditLog | No
         "X-Frame-Options": "DENY",
         "Referrer-Policy": "no-referrer",
     }
+
+    @app.before_request
+    def refuse_foreign_hosts_and_origins():
+        if host_name(request.host) not in trusted_hosts:
+            return jsonify(error="unknown Host header: add the name to serve.allowed_hosts"), 400
+        origin = request.headers.get("Origin")
+        if request.method == "POST" and origin is not None:
+            own = f"{request.scheme}://{request.host}".lower()
+            if origin.rstrip("/").lower() not in {own, *allowed_origins}:
+                return jsonify(error="a page of another origin may not use this server (serve.allowed_origins)"), 403
+        return None
 
     @app.after_request
     def add_security_headers(response):
@@ -123,5 +154,18 @@ def run_server(app: Flask, host: str, port: int, settings: ServeParams) -> None:
         f"batches of up to {settings.max_batch} within {settings.max_wait_ms:g} ms)",
         flush=True,
     )
-    # channel_timeout: a connection idle that long is closed (slow or stalled clients).
-    serve(app, host=host, port=port, threads=settings.threads, channel_timeout=settings.timeout_s, ident="brainmri")
+    serve(app, host=host, port=port, ident="brainmri", **server_limits(settings))
+
+
+def server_limits(settings: ServeParams) -> dict[str, int | float]:
+    """waitress' own limits: a body no larger than an upload (plus its multipart framing) is even
+    read, headers stay small, silent connections close, and slow ones cannot take every slot.
+    A client that trickles bytes just often enough is held off only by a reverse proxy in front
+    (docs/serving.md)."""
+    return {
+        "threads": settings.threads,
+        "max_request_body_size": int(settings.max_upload_mb * 1024 * 1024) + 64 * 1024,
+        "max_request_header_size": 64 * 1024,
+        "channel_timeout": settings.idle_timeout_s,
+        "connection_limit": settings.connection_limit,
+    }
