@@ -14,7 +14,7 @@ $(INSTALLED): requirements.txt pyproject.toml
 
 setup: $(INSTALLED)
 
-# brainmri check first: it names special files in ingest.source, on which DVC's hashing would block.
+# brainmri check first: it names what in ingest.source DVC's hashing would block or fail on.
 repro: $(INSTALLED)
 	PATH="$(CURDIR)/$(BIN):$$PATH" brainmri check && PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 

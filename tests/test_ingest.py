@@ -60,8 +60,12 @@ def test_every_kind_of_bad_file_is_rejected_with_its_reason_never_a_crash(datase
     synthetic_image(0, 99).save(outside / "secret.png")
     os.symlink(outside / "secret.png", folder / "link.png")
     os.symlink(outside, folder / "linked_dir")
+    with open(os.fsencode(folder) + b"/caf\xe9.jpg", "wb") as latin1_name:  # not UTF-8
+        latin1_name.write(data)
     result = scan(params(dataset, max_pixels=200 * 200))
     reasons = reasons_by_name(result)
+    assert reasons["caf\\xe9.jpg"].startswith("a name that is not valid UTF-8")
+    result.rejects.to_csv(tmp_path / "rejects.csv", index=False)  # every recorded path is text
     assert reasons["empty.jpg"] == "empty file"
     assert reasons["notes.jpg"].startswith("cannot decode")
     assert reasons["truncated.jpg"].startswith("cannot decode")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from brainmri.params import Params, ParamsError, check_folders, flatten, load_params, special_files
+from brainmri.params import Params, ParamsError, check_folders, flatten, load_params, unhashable_files
 
 from helpers import PROJECT
 
@@ -123,16 +123,36 @@ def test_cli_check_reports_valid_and_invalid_files(tmp_path, capsys):
     assert "params error:" in capsys.readouterr().err
 
 
-def test_special_files_in_the_source_are_named_before_dvc_reads_them(tmp_path):
+def test_what_dvc_cannot_hash_in_the_source_is_named_before_dvc_reads_it(tmp_path):
     source = tmp_path / "source"
-    (source / "glioma").mkdir(parents=True)
-    (source / "glioma" / "a.jpg").write_bytes(b"jpeg")
-    os.mkfifo(source / "glioma" / "pipe.jpg")
+    glioma = source / "glioma"
+    glioma.mkdir(parents=True)
+    (glioma / "a.jpg").write_bytes(b"jpeg")
+    os.mkfifo(glioma / "pipe.jpg")
+    os.mkfifo(tmp_path / "outside_pipe")
+    (glioma / "zero.jpg").symlink_to("/dev/zero")
+    (glioma / "far_pipe.jpg").symlink_to(tmp_path / "outside_pipe")
+    (glioma / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (glioma / "inside.jpg").symlink_to(glioma / "a.jpg")  # fine: DVC hashes what it leads to
+    odd = os.fsencode(glioma) + b"/caf\xe9.jpg"  # Latin-1, not UTF-8
+    with open(odd, "wb") as handle:
+        handle.write(b"jpeg")
     params = Params.model_validate({"ingest": {"source": str(source)}})
-    assert special_files(source) == [source / "glioma" / "pipe.jpg"]
-    with pytest.raises(ParamsError, match=r"ingest.source: 1 special files .*glioma/pipe.jpg"):
+    found = {path.name: why for path, why in unhashable_files(source)}
+    assert found == {
+        "pipe.jpg": "a named pipe, socket or device",
+        "zero.jpg": "a link to a named pipe, socket or device",
+        "far_pipe.jpg": "a link to a named pipe, socket or device",
+        "gone.jpg": "a link to nothing",
+        os.fsdecode(b"caf\xe9.jpg"): "a name that is not valid UTF-8",
+    }
+    with pytest.raises(ParamsError, match=r"ingest.source: 5 entries that DVC cannot hash") as raised:
         check_folders(params)
-    (source / "glioma" / "pipe.jpg").unlink()
+    assert "caf\\xe9.jpg" in str(raised.value)
+    str(raised.value).encode("utf-8")  # printable anywhere
+    for name in ("pipe.jpg", "zero.jpg", "far_pipe.jpg", "gone.jpg"):
+        (glioma / name).unlink()
+    os.unlink(odd)
     check_folders(params)
 
 

@@ -39,7 +39,7 @@ from brainmri.errors import DataError
 from brainmri.images import DecodeLimits, ImageTooLarge, open_image, sha256_file, slice_file
 from brainmri.labels import assign_labels, read_label_table, table_rejects
 from brainmri.manifest import KEY_COLUMNS, MANIFEST_COLUMNS, REJECT_COLUMNS
-from brainmri.params import IngestParams
+from brainmri.params import IngestParams, is_utf8, printable
 from brainmri.scanner import (
     ScannerFileError,
     ScannerOptions,
@@ -81,6 +81,9 @@ def _inside(path: Path, root: Path) -> bool:
     return Path(os.path.realpath(path)).is_relative_to(root)
 
 
+NOT_UTF8 = "a name that is not valid UTF-8 (manifests, CSV files and DVC need text names): rename it"
+
+
 def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], label: str) -> list[tuple[Path, bool]]:
     """Image and scanner files below `folder`, sorted, each with whether it is a scanner file.
     Links leading outside `root` and files of other extensions are rejected with the reason,
@@ -88,6 +91,9 @@ def _walk(folder: Path, root: Path, extensions: set[str], rejects: list[dict], l
     found = []
     for current, dirs, names in os.walk(folder):
         current_path = Path(current)
+        for name in sorted(name for name in [*dirs, *names] if not is_utf8(name)):
+            rejects.append({"path": printable(current_path / name), "label": label, "reason": NOT_UTF8})
+        dirs[:], names[:] = [d for d in dirs if is_utf8(d)], [n for n in names if is_utf8(n)]
         for name in sorted(dirs):
             if (current_path / name).is_symlink() and not _inside(current_path / name, root):
                 rejects.append({"path": (current_path / name).as_posix(), "label": label, "reason": OUTSIDE_LINK})

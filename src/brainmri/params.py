@@ -410,21 +410,48 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{path}: {problems}") from None
 
 
-def special_files(folder: str | Path) -> list[Path]:
-    """Named pipes, sockets and device files under `folder` (links not followed): anything but files and folders."""
+def is_utf8(name: str) -> bool:
+    """Whether a name os.walk found is text: bytes it could not decode come back as surrogates."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str | Path) -> str:
+    """A path as text that any terminal or file takes: bytes that are not UTF-8 as \\x escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def unhashable_files(folder: str | Path) -> list[tuple[Path, str]]:
+    """What DVC cannot hash under `folder`, each with why: named pipes, sockets and devices, also
+    behind a link (reading one blocks or never ends), links to nothing, and names that are not
+    UTF-8. Links are followed to see what they lead to, not into (no loops)."""
     found = []
     for current, dirs, names in os.walk(folder):
         for name in [*dirs, *names]:
-            mode = os.lstat(os.path.join(current, name)).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-                found.append(Path(current) / name)
+            path = Path(current) / name
+            if not is_utf8(name):
+                found.append((path, "a name that is not valid UTF-8"))
+                continue
+            link = path.is_symlink()
+            try:
+                mode = os.stat(path).st_mode  # follows a link
+            except OSError:
+                found.append((path, "a link to nothing" if link else "unreadable"))
+                continue
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                found.append(
+                    (path, "a link to a named pipe, socket or device" if link else "a named pipe, socket or device")
+                )
     return sorted(found)
 
 
 def check_folders(params: Params) -> None:
     """Raise ParamsError for a folder that params.yaml names but that does not exist, and for
-    special files in ingest.source: DVC reads every file of that folder to hash it, before
-    the ingest stage could reject one, and reading a named pipe blocks forever."""
+    entries of ingest.source that DVC cannot hash (`unhashable_files`): DVC reads every file of
+    that folder before the ingest stage could reject one, and reading a named pipe blocks forever."""
     named = {
         "ingest.source": params.ingest.source,
         "evaluate.external": params.evaluate.external,
@@ -436,12 +463,13 @@ def check_folders(params: Params) -> None:
     labels = params.ingest.labels_csv
     if labels is not None and not (Path(params.ingest.source) / labels).is_file():
         raise ParamsError(f"ingest.labels_csv: no file '{labels}' in ingest.source '{params.ingest.source}'")
-    special = special_files(params.ingest.source)
-    if special:
-        listed = ", ".join(f"'{path}'" for path in special[:5]) + (" ..." if len(special) > 5 else "")
+    unhashable = unhashable_files(params.ingest.source)
+    if unhashable:
+        listed = "; ".join(f"'{printable(path)}' ({why})" for path, why in unhashable[:5])
         raise ParamsError(
-            f"ingest.source: {len(special)} special files (named pipes, sockets or devices) that DVC would "
-            f"block on while hashing the folder: {listed}; remove them or move them out of the folder"
+            f"ingest.source: {len(unhashable)} entries that DVC cannot hash (it would block, loop or fail on "
+            f"them before any stage runs): {listed}{' ...' if len(unhashable) > 5 else ''}; remove, rename "
+            "or move them out of the folder"
         )
 
 
