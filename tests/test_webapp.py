@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +81,6 @@ def test_every_prediction_is_audited_by_hash_without_file_names_or_pixels(tmp_pa
     data = png(255)
     assert post(client, data, name="Patient_Jane_Doe_1970.png").status_code == 200
     assert post(client, b"not an image", name="x.png").status_code == 400  # no prediction, nothing audited
-    audit.close()
     text = (tmp_path / "logs" / "audit.jsonl").read_text()
     entries = [json.loads(line) for line in text.splitlines()]
     assert len(entries) == 1
@@ -96,9 +97,8 @@ def test_the_audit_file_rotates_at_its_size_limit(tmp_path):
     result = {"predicted_class": "a", "confidence": 0.9, "probabilities": {"a": 0.9, "b": 0.1}, "needs_review": False}
     for _ in range(40):
         audit.record("predict", "0" * 64, "v", result)
-    audit.close()
     names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
+    assert names == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2", "audit.jsonl.lock"]
     assert all(path.stat().st_size <= 1100 for path in tmp_path.iterdir())
 
 
@@ -171,3 +171,34 @@ def test_the_wsgi_server_bounds_bodies_headers_and_slow_connections():
     assert 10 * 2**20 < limits["max_request_body_size"] < 11 * 2**20  # not waitress' 1 GB
     assert limits["max_request_header_size"] == 64 * 1024
     assert limits["channel_timeout"] == 7 and limits["connection_limit"] == 300
+
+
+WRITER = """
+import sys
+from brainmri.audit import AuditLog
+audit = AuditLog(sys.argv[1], max_mb=0.01, backups=1000)
+result = {"predicted_class": "a", "confidence": 0.9, "probabilities": {"a": 0.9, "b": 0.1}, "needs_review": False}
+for number in range(int(sys.argv[3])):
+    audit.record(sys.argv[2], f"{number:064d}", "v", result, slice_index=number % 3)
+"""
+
+
+def test_two_processes_writing_one_audit_file_lose_no_entry_across_rotations(tmp_path):
+    path = tmp_path / "audit.jsonl"
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(path), source, "600"]) for source in ("predict", "serve")
+    ]
+    assert [writer.wait(timeout=120) for writer in writers] == [0, 0]
+    entries = [
+        json.loads(line)
+        for file in tmp_path.glob("audit.jsonl*")
+        if file.suffix != ".lock"
+        for line in file.read_text().splitlines()
+    ]
+    assert len(entries) == 1200 and len(list(tmp_path.glob("audit.jsonl.*"))) > 10  # rotated many times
+    assert {(e["source"], e["sha256"]) for e in entries} == {
+        (source, f"{number:064d}") for source in ("predict", "serve") for number in range(600)
+    }
+    assert {e["slice"] for e in entries} == {0, 1, 2}  # the slice of a scanner file, beside its file's hash
+    with pytest.raises(ValueError, match="audit.backups must be at least 1"):
+        AuditLog(path, max_mb=1, backups=0)

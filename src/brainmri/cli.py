@@ -83,6 +83,7 @@ def predict(args: argparse.Namespace) -> int:
                 sha256_file(split_slice_path(result["path"])[0]),
                 predictor.version,
                 result,
+                result.get("slice"),
             )
         if writer:
             writer.writerow(

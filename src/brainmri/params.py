@@ -359,7 +359,7 @@ class ServeParams(_Section):
 class AuditParams(_Section):
     file: str | None = Field("logs/predictions.jsonl", description="JSON lines of every prediction; null: off")
     max_mb: float = Field(10.0, gt=0, description="the file rotates at this size")
-    backups: int = Field(5, ge=0, description="rotated files kept")
+    backups: int = Field(5, ge=1, description="rotated files kept (at least one: the file rotates into it)")
 
 
 class Params(_Section):
