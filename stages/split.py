@@ -1,11 +1,13 @@
 """split: stratified, seeded train/val/test; no duplicate group and no patient (study, series) straddles splits."""
 
+import sys
+
 from brainmri.errors import DataError, run_entry_point
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
 from brainmri.paths import DEDUP, LEAKAGE, SPLIT, metrics_file
-from brainmri.split import SPLITS, patients_in_several_splits, patients_per_split, split_images
+from brainmri.split import SPLITS, empty_splits, patients_in_several_splits, patients_per_split, split_images
 from brainmri.tracking import stage_run
 
 
@@ -18,6 +20,8 @@ def main() -> None:
         shared = patients_in_several_splits(result.assigned, p.group_pattern)
         if shared and result.group_by == "patient":
             raise DataError(f"split: {shared} patients on both sides of a split despite split.group_by: patient")
+        for warning in empty_splits(result.assigned, p.val, p.test, p.test_subset):
+            print(f"WARNING: split: {warning}", file=sys.stderr)
         write_manifest(result.assigned, SPLIT)
         write_manifest(result.leaked, LEAKAGE)
 

@@ -124,7 +124,9 @@ def test_bad_scanner_files_are_refused_with_the_reason(tmp_path):
     unsupported.save_as(tmp_path / "htj2k.dcm")
     flat = tmp_path / "flat.nii"
     nibabel.save(nibabel.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), flat)
+    (tmp_path / "notes.dcm").write_text("a text file that only carries the extension")
     expected = {
+        tmp_path / "notes.dcm": "not a DICOM file: no DICOM preamble",
         get_testdata_file("MR_truncated.dcm"): "cannot decode the pixel data",
         tmp_path / "nopixels.dcm": "without pixel data",
         tmp_path / "htj2k.dcm": "pylibjpeg-openjpeg",
@@ -206,6 +208,7 @@ def test_ingest_gives_one_row_per_slice_with_hashed_keys_and_rejects_bad_files(s
     reasons = dict(zip(rejects["path"], rejects["reason"]))
     assert "cannot decode the pixel data" in reasons["right/truncated.dcm"]
     assert "modality 'CT'" in reasons["left/ct.dcm"] and "NIfTI" in reasons["left/corrupt.nii"]
+    assert not rejects["reason"].str.contains(str(tmp_path), regex=False).any()  # no folder of this machine
     written = images.to_csv() + rejects.to_csv()
     assert not [value for value in PLANTED.values() if value in written]
 

@@ -339,3 +339,18 @@ def test_an_export_beyond_its_tolerance_writes_no_file_and_names_the_format(repo
     with pytest.raises(ModelError, match=r"export float16: .* on 8 val images, .*leave float16 out of export\.formats"):
         export.export_all(repo / "models", out, repo / "data" / "prepared", ("float32", "float16"), 8)
     assert not out.exists()  # float32 passed, but nothing is written unless every format does
+
+
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_quoted():
+    from brainmri.cli import spreadsheet_safe
+
+    assert (
+        spreadsheet_safe('=HYPERLINK("http://evil.example","x").png') == '\'=HYPERLINK("http://evil.example","x").png'
+    )
+    assert [spreadsheet_safe(value) for value in ("+1.png", "-1.png", "@a.png", "\tx")] == [
+        "'+1.png",
+        "'-1.png",
+        "'@a.png",
+        "'\tx",
+    ]
+    assert spreadsheet_safe("scans/a.png") == "scans/a.png" and spreadsheet_safe(0.5) == 0.5

@@ -2,7 +2,13 @@ import pandas as pd
 import pytest
 
 from brainmri.errors import DataError
-from brainmri.split import patients_in_several_splits, patients_per_split, split_images, stratified_split
+from brainmri.split import (
+    empty_splits,
+    patients_in_several_splits,
+    patients_per_split,
+    split_images,
+    stratified_split,
+)
 
 
 def manifest_of(counts: dict[str, int], subset: str = "") -> pd.DataFrame:
@@ -106,3 +112,15 @@ def test_a_given_test_subset_loses_images_of_training_patients_with_the_reason()
     result = split_images(frame, 0.25, 0.2, 0, "Testing", "patient")
     assert len(result.leaked) == 6 and set(result.leaked["reason"]) == {"shares a patient with training"}
     assert (result.assigned["split"] != "test").all()
+
+
+def test_a_single_patient_leaves_validation_and_test_empty_and_says_so():
+    frame = patient_series()
+    one = frame[frame["patient"] == frame["patient"].iloc[0]]
+    assigned = split_images(one, val=0.2, test=0.2, seed=0, test_subset=None, group_by="auto").assigned
+    assert set(assigned["split"]) == {"train"}
+    warnings = empty_splits(assigned, 0.2, 0.2, None)
+    assert [w.split(":")[0] for w in warnings] == ["the val split is empty", "the test split is empty"]
+    assert "1 groups" in warnings[0]
+    whole = split_images(frame, val=0.2, test=0.2, seed=0, test_subset=None, group_by="auto").assigned
+    assert empty_splits(whole, 0.2, 0.2, None) == []

@@ -34,6 +34,15 @@ def audit_log(params: Params) -> AuditLog | None:
     return AuditLog(a.file, a.max_mb, a.backups) if a.file else None
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A text cell a spreadsheet would run as a formula (a file named `=HYPERLINK(...)`), quoted
+    with a leading apostrophe as OWASP advises; other values as they are."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
 def predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -87,7 +96,7 @@ def predict(args: argparse.Namespace) -> int:
             )
         if writer:
             writer.writerow(
-                {key: result.get(key, "") for key in columns[:4] + ["error", "notice"]}
+                {key: spreadsheet_safe(result.get(key, "")) for key in columns[:4] + ["error", "notice"]}
                 | {f"p_{name}": p for name, p in result.get("probabilities", {}).items()}
             )
         else:

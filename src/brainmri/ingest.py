@@ -28,6 +28,7 @@ import shutil
 import stat
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import imagehash
@@ -70,6 +71,14 @@ class Scan:
     images: pd.DataFrame
     rejects: pd.DataFrame
     layout: str
+
+
+def without_source_folder(reason: str, source: str | Path) -> str:
+    """A reject reason with the source folder's own path taken out of any path a library quoted in it:
+    what is recorded names files relative to the source, never one machine's folders."""
+    for folder in {str(source), os.path.abspath(source), os.path.realpath(source)}:
+        reason = reason.replace(folder.rstrip("/") + "/", "")
+    return reason
 
 
 def relative_to_source(path: str, source: str | Path) -> str:
@@ -445,6 +454,7 @@ def scan(params: IngestParams, min_classes: int = 2, slices: Path | None = None)
     images["outlier"] = flag_outliers(images, params) if len(images) else pd.Series(dtype=str)
     images = images.sort_values(["label", "path"], kind="mergesort").reset_index(drop=True)
     rejects_frame = pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("path", kind="mergesort")
+    rejects_frame["reason"] = rejects_frame["reason"].map(partial(without_source_folder, source=params.source))
 
     counts = images["label"].value_counts()
     short = {label: int(counts.get(label, 0)) for label in labels if counts.get(label, 0) < params.min_per_class}

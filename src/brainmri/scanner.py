@@ -263,6 +263,8 @@ def read_dicom(source, options: ScannerOptions, limits: DecodeLimits, salt: byte
     from pydicom.errors import InvalidDicomError
 
     def check(header) -> int:
+        if not any(keyword in header for keyword in ("Modality", "SOPClassUID", "Rows")):
+            raise ScannerFileError("not a DICOM file: no DICOM preamble and none of its image elements")
         modality = str(header.get("Modality", ""))
         if modality not in options.modalities:
             allowed = ", ".join(options.modalities)
@@ -340,7 +342,8 @@ def read_nifti(
     except ImageTooLarge as error:
         raise ScannerFileError(str(error)) from None
     except Exception as error:  # nibabel raises several types for a corrupt header or data
-        raise ScannerFileError(f"not a readable NIfTI volume: {error}".replace("\n", " ")) from None
+        message = str(error).replace(str(path), Path(path).name)  # no folder of this machine in a reason
+        raise ScannerFileError(f"not a readable NIfTI volume: {message}".replace("\n", " ")) from None
     low, high = percentile_window(volume, options.nifti_percentiles)
     patient = hashed_key(key, salt)
     slices = []

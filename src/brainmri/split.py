@@ -147,3 +147,16 @@ def patients_in_several_splits(assigned: pd.DataFrame, pattern: str | None) -> i
 def patients_per_split(assigned: pd.DataFrame, pattern: str | None) -> dict[str, int]:
     keys = group_keys(assigned, "patient", pattern)
     return {name: int(keys[assigned["split"] == name].replace("", np.nan).nunique()) for name in SPLITS}
+
+
+def empty_splits(assigned: pd.DataFrame, val: float, test: float, test_subset: str | None) -> list[str]:
+    """Warnings for a validation or test split that was asked for but got no image: too few groups
+    (patients, studies, series or duplicate groups) to share out, e.g. a single patient."""
+    asked = {"val": val > 0, "test": test > 0 or test_subset is not None}
+    groups = assigned["split_group"].nunique() if "split_group" in assigned else len(assigned)
+    return [
+        f"the {name} split is empty: {groups} groups that must each stay on one side are too few to share out; "
+        "its figures will be missing"
+        for name, wanted in asked.items()
+        if wanted and not (assigned["split"] == name).any()
+    ]
