@@ -158,13 +158,14 @@ def run_server(app: Flask, host: str, port: int, settings: ServeParams) -> None:
 
 
 def server_limits(settings: ServeParams) -> dict[str, int | float]:
-    """waitress' own limits: a body no larger than an upload (plus its multipart framing) is even
-    read, headers stay small, silent connections close, and slow ones cannot take every slot.
+    """waitress' own limits: a body over four uploads is refused unread (Flask answers anything
+    over one with a JSON 413 naming serve.max_upload_mb), headers stay small, silent connections
+    close, and slow ones cannot take every slot.
     A client that trickles bytes just often enough is held off only by a reverse proxy in front
     (docs/serving.md)."""
     return {
         "threads": settings.threads,
-        "max_request_body_size": int(settings.max_upload_mb * 1024 * 1024) + 64 * 1024,
+        "max_request_body_size": 4 * int(settings.max_upload_mb * 1024 * 1024),
         "max_request_header_size": 64 * 1024,
         "channel_timeout": settings.idle_timeout_s,
         "connection_limit": settings.connection_limit,
