@@ -12,6 +12,15 @@ that folder's boxes (`gradcam.annotated`) and the pointing game per class,
 its intervals, the two baselines and the faithfulness figures are reported.
 Prints one JSON line; the README's results section comes from it.
 
+With `--supervise FOLDER` (class folders of `<n>.jpg` + YOLO `<n>.txt`, file
+numbers running along each patient's slices, as in the shared annotated
+slices) the last `--holdout` share of each class's file numbers is kept out:
+the files before the cut, less a gap of ten numbers, become
+`train.localisation.boxes` (set `train.localisation.loss` too), and the
+held-out block becomes `gradcam.annotated`, so the localisation figures come
+from patients whose boxes never trained. Without `train.localisation.loss`
+the same block scores a labels-only model.
+
 With `--reuse WORKSPACE` (one kept by an earlier `--keep` run on the same
 SOURCE) the data, split and shards already there are reused: the committed
 code and params (with `--set`) are written into it and only validate,
@@ -39,8 +48,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # The stages --reuse reruns, and the params sections they alone read.
-REUSED_STAGES = ("validate", "train", "evaluate", "gradcam")
+REUSED_STAGES = ("validate", "boxes", "balance", "train", "evaluate", "gradcam")
 REUSABLE_SECTIONS = ("train", "evaluate", "gradcam")
+# Numbers left out on either side of the cut: the patient a cut splits has its slices there.
+CUT_GAP = 10
 
 
 def set_param(params: dict, assignment: str) -> None:
@@ -50,6 +61,24 @@ def set_param(params: dict, assignment: str) -> None:
     for section in sections:
         target = target[section]
     target[leaf] = yaml.safe_load(value)
+
+
+def split_annotated(folder: Path, holdout: float, work: Path) -> tuple[Path, Path]:
+    """Copy each class's files of `folder` into a supervision block (the lower file numbers) and a
+    held-out block (the top `holdout` share), CUT_GAP numbers apart; the two folders."""
+    blocks = (work / "boxes_supervision", work / "boxes_holdout")
+    for class_folder in sorted(p for p in folder.iterdir() if p.is_dir()):
+        numbers = sorted(int(p.stem) for p in class_folder.glob("*.jpg") if p.stem.isdigit())
+        cut = numbers[int(len(numbers) * (1 - holdout))]
+        for number in numbers:
+            block = blocks[0] if number < cut - CUT_GAP else blocks[1] if number >= cut + CUT_GAP else None
+            if block is None:
+                continue
+            (block / class_folder.name).mkdir(parents=True, exist_ok=True)
+            for suffix in (".jpg", ".txt"):
+                # copies: ingest's checks refuse links
+                shutil.copyfile(class_folder / f"{number}{suffix}", block / class_folder.name / f"{number}{suffix}")
+    return blocks
 
 
 def git_head(repo: Path) -> str:
@@ -79,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="folder of labelled images (one folder per class)")
     parser.add_argument("--annotated", help="folder of box-annotated slices for gradcam.annotated")
+    parser.add_argument("--supervise", type=Path, help="box-annotated slices: supervision and held-out blocks")
+    parser.add_argument("--holdout", type=float, default=0.3, help="share of each class's slices held out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override")
     parser.add_argument("--keep", action="store_true", help="keep the workspace and print its path")
     parser.add_argument(
@@ -98,6 +129,10 @@ def main() -> None:
         params["ingest"]["source"] = str(Path(args.source).resolve())
         if args.annotated:
             params["gradcam"]["annotated"] = str(Path(args.annotated).resolve())
+        if args.supervise:
+            supervision, holdout = split_annotated(args.supervise.resolve(), args.holdout, work)
+            params["train"]["localisation"]["boxes"] = str(supervision)
+            params["gradcam"]["annotated"] = str(holdout)
         for assignment in args.set:
             set_param(params, assignment)
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -119,12 +154,14 @@ def main() -> None:
             epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(handle)]
         counts = json.loads((repo / "data" / "prepared" / "index.json").read_text())["counts"]
         gradcam = json.loads((repo / "metrics" / "gradcam.json").read_text())
+        boxes = json.loads((repo / "metrics" / "boxes.json").read_text())
         explanations = {
             key: value
             for key, value in gradcam.items()
             if key.startswith("faithfulness.")
             or key.startswith(("annotated.pointing_game", "annotated.energy_in_box", "annotated.box_share"))
             or key.startswith(("annotated.baseline_uniform.pointing_game", "annotated.baseline_centre.pointing_game"))
+            or key.startswith(("annotated.occlusion_drop", "annotated.occlusion_drop_elsewhere"))
             or key in ("annotated.images", "annotated.accuracy")
         }
         print(
@@ -148,6 +185,7 @@ def main() -> None:
                     "epochs_run": train["epochs_run"],
                     "best_epoch": train["best_epoch"],
                     "median_epoch_s": round(sorted(epoch_seconds)[len(epoch_seconds) // 2], 1),
+                    **({f"boxes.{key}": value for key, value in boxes.items()} if args.supervise else {}),
                     **explanations,
                     "date": date.today().isoformat(),
                     "cpus": os.cpu_count(),

@@ -3,12 +3,12 @@ training-ready TFRecord shards for train, val and test."""
 
 import shutil
 
-from brainmri.balance import balanced_training_records, plain_records
+from brainmri.balance import balanced_training_records, plain_records, with_attached_boxes
 from brainmri.errors import run_entry_point
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
-from brainmri.paths import PREPARED, SPLIT, metrics_file
+from brainmri.paths import PREPARED, SPLIT, TRAIN_BOXES, metrics_file
 from brainmri.shards import ShardIndex, has_box, write_split
 from brainmri.split import SPLITS
 from brainmri.tracking import stage_run
@@ -24,7 +24,9 @@ def main() -> None:
         "train.crop": crop,
     }
     with stage_run("balance", params.tracking, logged) as run:
-        split = read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"])
+        split = with_attached_boxes(
+            read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"]), read_manifest(TRAIN_BOXES, ["path", "boxes"])
+        )
         classes = sorted(split["label"].unique())
         shutil.rmtree(PREPARED, ignore_errors=True)
         PREPARED.mkdir(parents=True)

@@ -35,7 +35,19 @@ from helpers import (
 
 pytestmark = [pytest.mark.pipeline, pytest.mark.slow]
 
-ALL_STAGES = ["validate", "ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam", "model_card", "export"]
+ALL_STAGES = [
+    "validate",
+    "ingest",
+    "dedup",
+    "split",
+    "boxes",
+    "balance",
+    "train",
+    "evaluate",
+    "gradcam",
+    "model_card",
+    "export",
+]
 # A params change reruns the params check first.
 DOWNSTREAM_OF_TRAIN = ["validate", "train", "evaluate", "gradcam", "model_card", "export"]
 

@@ -31,6 +31,12 @@ def input_and_box(
     return array, (max(x0, 0.0), max(y0, 0.0), min(x1, float(size)), min(y1, float(size)))
 
 
+def with_attached_boxes(split: pd.DataFrame, attached: pd.DataFrame) -> pd.DataFrame:
+    """`split` with the boxes the boxes stage attached (path, boxes) filled in where a row has none of its own."""
+    found = split["path"].map(dict(zip(attached["path"], attached["boxes"]))).fillna("")
+    return split.assign(boxes=split["boxes"].where(split["boxes"] != "", found))
+
+
 def class_target(counts: pd.Series, target: int | str) -> int:
     return int(counts.max()) if target == "max" else int(target)
 

@@ -185,6 +185,38 @@ def find_duplicates(
     return Dedup(kept.reset_index(drop=True), groups.reset_index(drop=True), len(near_pairs))
 
 
+def copy_pairs(
+    candidates: pd.DataFrame,
+    known: pd.DataFrame,
+    max_distance: int,
+    min_correlation: float,
+    workers: int = 0,
+    candidates_root: str | Path = "",
+    known_root: str | Path = "",
+) -> pd.DataFrame:
+    """Every (candidate, known) pair of paths in one duplicate group: exact or near copies,
+    directly or through other images. Each manifest's paths are relative to its own root."""
+    originals = {
+        "candidate": {str(Path(candidates_root) / p): p for p in candidates["path"]},
+        "known": {str(Path(known_root) / p): p for p in known["path"]},
+    }
+    both = pd.concat(
+        [
+            frame.assign(path=list(originals[origin]), subset=origin)
+            for origin, frame in (("known", known), ("candidate", candidates))
+        ],
+        ignore_index=True,
+    )
+    groups = find_duplicates(both, True, max_distance, min_correlation, workers).groups
+    members = groups.assign(path=[originals[s][p] for s, p in zip(groups["subset"], groups["path"])])
+    pairs = members[members["subset"] == "candidate"].merge(
+        members[members["subset"] == "known"], on="group", suffixes=("_candidate", "_known")
+    )
+    return pairs.rename(columns={"path_candidate": "candidate", "path_known": "known"})[
+        ["candidate", "known"]
+    ].reset_index(drop=True)
+
+
 def copies_of_known_images(
     candidates: pd.DataFrame,
     known: pd.DataFrame,
@@ -196,12 +228,5 @@ def copies_of_known_images(
 ) -> pd.Series:
     """For each candidate row: is it an exact or near copy of any `known` image?
     Each manifest's paths are relative to its own root."""
-    candidates = candidates.assign(path=[str(Path(candidates_root) / p) for p in candidates["path"]])
-    known = known.assign(path=[str(Path(known_root) / p) for p in known["path"]])
-    both = pd.concat([known.assign(subset="known"), candidates.assign(subset="candidate")], ignore_index=True)
-    result = find_duplicates(both, True, max_distance, min_correlation, workers)
-    known_groups = set(result.groups.loc[result.groups["subset"] == "known", "group"])
-    copied = set(
-        result.groups.loc[(result.groups["subset"] == "candidate") & result.groups["group"].isin(known_groups), "path"]
-    )
-    return candidates["path"].isin(copied).set_axis(candidates.index)
+    pairs = copy_pairs(candidates, known, max_distance, min_correlation, workers, candidates_root, known_root)
+    return candidates["path"].isin(set(pairs["candidate"])).set_axis(candidates.index)

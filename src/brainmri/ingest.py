@@ -466,3 +466,26 @@ def scan(params: IngestParams, min_classes: int = 2, slices: Path | None = None)
     if len(labels) < min_classes:
         raise DataError(f"'{params.source}' must hold at least {min_classes} class folders, found {labels}")
     return Scan(images, rejects_frame.reset_index(drop=True), layout)
+
+
+@dataclass(frozen=True)
+class BoxFolder:
+    boxed: pd.DataFrame  # manifest rows (paths relative to the folder) of the images that carry a box
+    rejects: pd.DataFrame  # files that could not be used, with the reason
+    unboxed: int  # readable images without a box
+
+
+def read_box_folder(params: IngestParams, folder: str, classes: list[str], key: str) -> BoxFolder:
+    """The box-annotated images of `folder` (the param `key` names it), read and checked like ingest
+    reads its source: a folder per class with a YOLO file beside each image (the folder names the
+    class), or YOLO's images/ + labels/ with class ids named by `ingest.classes`."""
+    yolo = (Path(folder) / "images").is_dir() and (Path(folder) / "labels").is_dir()
+    update = {"source": folder, "classes": params.classes if yolo else None, "min_per_class": 1, "hash_paths": False}
+    found = scan(params.model_copy(update=update), min_classes=1)
+    unknown = sorted(set(found.images["label"]) - set(classes))
+    if unknown:
+        raise DataError(f"{key}: classes {unknown} in '{folder}' are not among the model's classes {classes}")
+    boxed = found.images[found.images["boxes"] != ""].reset_index(drop=True)
+    if boxed.empty:
+        raise DataError(f"{key}: no image in '{folder}' has a YOLO box")
+    return BoxFolder(boxed, found.rejects, len(found.images) - len(boxed))

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from brainmri.errors import DataError
 from brainmri.images import box_rectangles, model_input, open_image, rectangles_mask
-from brainmri.ingest import scan
+from brainmri.ingest import read_box_folder
 from brainmri.params import IngestParams
 from brainmri.stats import bootstrap_interval
 
@@ -256,30 +255,9 @@ class AnnotatedSet:
 def load_annotated_set(
     ingest: IngestParams, folder: str, classes: list[str], size: int, channels: int, crop: str = "none"
 ) -> AnnotatedSet:
-    """The box-annotated images of `folder`, read and checked like ingest reads its source.
-
-    Folder per class with a YOLO file beside each image (the folder names the
-    class), or YOLO's images/ + labels/ with class ids named by `ingest.classes`."""
-    yolo = (Path(folder) / "images").is_dir() and (Path(folder) / "labels").is_dir()
-    found = scan(
-        ingest.model_copy(
-            update={
-                "source": folder,
-                "classes": ingest.classes if yolo else None,
-                "min_per_class": 1,
-                "hash_paths": False,
-            }
-        ),
-        min_classes=1,
-    )
-    unknown = sorted(set(found.images["label"]) - set(classes))
-    if unknown:
-        raise DataError(
-            f"gradcam.annotated: classes {unknown} in '{folder}' are not among the model's classes {classes}"
-        )
-    boxed = found.images[found.images["boxes"] != ""].reset_index(drop=True)
-    if boxed.empty:
-        raise DataError(f"gradcam.annotated: no image in '{folder}' has a YOLO box")
+    """The box-annotated images of `folder` (`brainmri.ingest.read_box_folder`), as the model sees them."""
+    found = read_box_folder(ingest, folder, classes, "gradcam.annotated")
+    boxed = found.boxed
     images, masks = [], []
     for row in boxed.itertuples():
         array, content = model_input(open_image(Path(folder) / row.path), size, channels, crop)
@@ -292,5 +270,5 @@ def load_annotated_set(
         np.stack(masks),
         boxed[["path", "label", "boxes", "width", "height"]],
         found.rejects,
-        len(found.images) - len(boxed),
+        found.unboxed,
     )

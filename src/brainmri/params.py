@@ -189,6 +189,11 @@ class LocalisationParams(_Section):
         "activation map inside the box (Rao et al. 2023) to the loss",
     )
     weight: float = Field(1.0, ge=0, description="the box term's weight beside the classification loss")
+    boxes: str | None = Field(
+        None,
+        description="a folder of box-annotated images (YOLO, as ingest reads them) whose boxes are attached to "
+        "the training split's own copies of those images; copies of validation or test images get none",
+    )
 
 
 # The compact CNN and the keras.applications backbones that brainmri.models builds.
@@ -456,6 +461,7 @@ def check_folders(params: Params) -> None:
         "ingest.source": params.ingest.source,
         "evaluate.external": params.evaluate.external,
         "gradcam.annotated": params.gradcam.annotated,
+        "train.localisation.boxes": params.train.localisation.boxes,
     }
     for key, folder in named.items():
         if folder is not None and not Path(folder).is_dir():

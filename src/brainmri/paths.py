@@ -23,6 +23,8 @@ DUPLICATE_GROUPS = Path("data/interim/duplicate_groups.csv")
 SPLIT = Path("data/interim/split.csv")
 LEAKAGE = Path("data/interim/leakage.csv")
 
+TRAIN_BOXES = Path("data/interim/train_boxes.csv")  # boxes attached from train.localisation.boxes
+
 PREPARED = Path("data/prepared")
 
 MODELS = Path("models")
@@ -57,6 +59,7 @@ STAGE_OUTPUTS: dict[str, list[Path]] = {
     "ingest": [MANIFEST, REJECTS, SLICES, DATA_REPORT, metrics_file("ingest")],
     "dedup": [DEDUP, DUPLICATE_GROUPS, metrics_file("dedup")],
     "split": [SPLIT, LEAKAGE, metrics_file("split")],
+    "boxes": [TRAIN_BOXES, metrics_file("boxes")],
     "balance": [PREPARED, metrics_file("balance")],
     "train": [MODELS, TRAIN_HISTORY, metrics_file("train")],
     "evaluate": [
