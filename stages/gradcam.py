@@ -9,7 +9,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import pandas as pd
 
 from brainmri.errors import run_entry_point
 from brainmri.gradcam import (
@@ -19,7 +18,7 @@ from brainmri.gradcam import (
     last_feature_map_layer,
     overlay_panel,
 )
-from brainmri.images import box_rectangles, rectangles_mask
+from brainmri.images import rectangles_mask
 from brainmri.localisation import (
     brain_mask,
     deletion_insertion,
@@ -31,12 +30,11 @@ from brainmri.localisation import (
     summarise_box_scores,
     summarise_occlusion,
 )
-from brainmri.manifest import read_manifest
 from brainmri.metrics import write_json
 from brainmri.models import class_probabilities, load_model
 from brainmri.params import GradcamParams, Params, flatten, load_params
-from brainmri.paths import GRADCAM_REPORTS, MODELS, PREPARED, SPLIT, metrics_file
-from brainmri.shards import ShardIndex
+from brainmri.paths import GRADCAM_REPORTS, MODELS, PREPARED, metrics_file
+from brainmri.shards import ShardIndex, has_box
 from brainmri.tracking import stage_run
 
 
@@ -57,13 +55,14 @@ def draw(rows: list[dict], classes: list[str], title: str, prefix: str, alpha: f
 
 
 def explain_test_sample(
-    model: keras.Model, classes: list[str], p: GradcamParams, layer: str, index: ShardIndex, boxes: pd.DataFrame
+    model: keras.Model, classes: list[str], p: GradcamParams, layer: str, index: ShardIndex
 ) -> dict:
-    """Heatmaps of a class-balanced test sample: panels, energy on the brain, boxes if the manifest has them,
-    and the deletion/insertion check."""
+    """Heatmaps of a class-balanced test sample: panels, energy on the brain, boxes if the shards hold
+    them (placed by balance exactly as the pixels: crop, resize, padding), and the deletion/insertion check."""
     images, labels, paths = index.arrays("test")
     picked = class_balanced_sample(labels, max(p.num_images, p.faithfulness_images))
     images, labels, paths = images[picked], labels[picked], [paths[i] for i in picked]
+    boxes = index.boxes("test")[picked]
     probabilities = class_probabilities(model, images)
     predicted = probabilities.argmax(axis=1)
     heatmaps, flat = heatmaps_at_image_size(model, images, predicted, layer, p.method)
@@ -75,8 +74,7 @@ def explain_test_sample(
 
     rows, masks, boxed = [], [], []
     for rank in range(len(picked)):
-        row = boxes.loc[paths[rank]]
-        rectangles = box_rectangles(row["boxes"], int(row["width"]), int(row["height"]), images.shape[1])
+        rectangles = [tuple(boxes[rank].tolist())] if has_box(boxes[rank]) else []
         if rectangles:
             masks.append(rectangles_mask(rectangles, images.shape[1]))
             boxed.append(rank)
@@ -134,10 +132,6 @@ def explain_annotated(model: keras.Model, classes: list[str], meta: dict, params
         params.ingest, p.annotated, classes, meta["image_size"], meta["channels"], meta.get("crop", "none")
     )
     heatmaps, flat = heatmaps_at_image_size(model, annotated.images, annotated.labels, layer, p.method)
-    size = annotated.images.shape[1]
-    geometry = list(
-        zip(annotated.rows["boxes"], annotated.rows["width"].astype(int), annotated.rows["height"].astype(int))
-    )
     truths = [classes[label] for label in annotated.labels]
     scores = score_against_boxes(heatmaps, flat, annotated.masks, truths)
     predicted = class_probabilities(model, annotated.images).argmax(axis=1)
@@ -171,7 +165,7 @@ def explain_annotated(model: keras.Model, classes: list[str], meta: dict, params
                     "wrong": not hit,
                     "truth": truths[rank],
                     "caption": text,
-                    "boxes": box_rectangles(*geometry[rank], size),
+                    "boxes": annotated.rectangles[rank],
                 }
             )
     draw(rows, classes, f"{p.method} on '{layer}', annotated boxes", "annotated_", p.alpha)
@@ -185,10 +179,9 @@ def main() -> None:
         model, meta = load_model(MODELS)
         classes = meta["classes"]
         index = ShardIndex.load(PREPARED)
-        boxes = read_manifest(SPLIT, ["path", "boxes", "width", "height"]).set_index("path")
         layer = p.layer or last_feature_map_layer(model)
         shutil.rmtree(GRADCAM_REPORTS, ignore_errors=True)
-        summary = explain_test_sample(model, classes, p, layer, index, boxes)
+        summary = explain_test_sample(model, classes, p, layer, index)
         if p.annotated:
             summary.update(explain_annotated(model, classes, meta, params, layer))
         write_json(summary, metrics_file("gradcam"))

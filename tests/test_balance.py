@@ -151,3 +151,22 @@ def test_boxes_go_from_the_manifest_through_balance_into_the_shards(tmp_path):
     index = ShardIndex.load(tmp_path)
     assert index.boxed["train"]["pituitary"] == counts["pituitary"] and index.boxed["train"]["glioma"] == 0
     assert index.boxes("train") == pytest.approx(np.array([r.box for r in records], np.float32))
+
+
+def test_a_head_cropped_record_keeps_its_box_on_the_lesion(tmp_path):
+    # The box the shards store is the one gradcam scores the test split against: placed like the pixels.
+    from PIL import Image
+
+    pixels = np.zeros((120, 200), dtype=np.uint8)
+    pixels[20:100, 60:140] = 90  # head: x 60-140, y 20-100, in wide black margins
+    pixels[30:50, 110:130] = 250  # lesion: x 110-130, y 30-50
+    (tmp_path / "glioma").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "glioma" / "slice.png")
+    rows = pd.DataFrame(
+        {"path": ["glioma/slice.png"], "label": ["glioma"], "boxes": [f"0 0.6 {40 / 120} 0.1 {20 / 120}"]}
+    )
+    for crop, expected in (("none", (35.2, 22.4, 41.6, 28.8)), ("head", (40, 8, 56, 24))):
+        (record,) = plain_records(rows, ["glioma"], 64, 1, tmp_path, crop)
+        assert record.box == pytest.approx(expected, abs=0.5)
+        x0, y0, x1, y1 = (round(v) for v in record.box)
+        assert record.image[y0:y1, x0:x1, 0].mean() > 200  # on the lesion

@@ -4,11 +4,10 @@ import pytest
 from PIL import Image
 
 from brainmri.errors import DataError
-from brainmri.images import box_rectangles
+from brainmri.images import box_rectangles, rectangles_mask
 from brainmri.ingest import scan
 from brainmri.localisation import (
     baseline_heatmap,
-    box_mask,
     deletion_insertion,
     energy_inside,
     heatmap_iou,
@@ -67,10 +66,10 @@ def test_yolo_boxes_land_where_the_model_sees_them():
     # A 200x100 image is padded to 200x200 (50 px bands above and below), then resized to 20.
     # Box: x 80..120, y 30..70 (+50 padding = 80..120) -> pixels 8..11 on both axes at 1/10 scale.
     assert box_rectangles("0 0.5 0.5 0.2 0.4", 200, 100, 20) == [pytest.approx((8, 8, 12, 12))]
-    mask = box_mask("0 0.5 0.5 0.2 0.4", width=200, height=100, size=20)
+    mask = rectangles_mask(box_rectangles("0 0.5 0.5 0.2 0.4", width=200, height=100, size=20), 20)
     rows, columns = np.nonzero(mask)
     assert (rows.min(), rows.max(), columns.min(), columns.max()) == (8, 11, 8, 11)
-    assert not box_mask("", 200, 100, 20).any()
+    assert not rectangles_mask(box_rectangles("", 200, 100, 20), 20).any()
 
 
 def test_scores_per_class_with_intervals_and_baselines():
@@ -212,4 +211,5 @@ def test_a_head_cropped_annotated_set_keeps_each_box_on_its_lesion(tmp_path):
         image, mask = annotated.images[0, ..., 0], annotated.masks[0]
         assert image[mask].mean() > 200 and mask[image > 240].all()  # the box sits on the lesion
         assert mask.mean() == pytest.approx(lesion_share, rel=0.25)
+        assert np.array_equal(rectangles_mask(annotated.rectangles[0], 64), mask)  # what the grids draw
     assert (image > 50).mean() > 0.9  # the head fills the cropped input

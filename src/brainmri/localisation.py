@@ -31,13 +31,6 @@ BOX_METRICS = ("pointing_game", "energy_in_box", "box_iou")
 BASELINES = ("uniform", "centre")
 
 
-def box_mask(
-    boxes: str, width: int, height: int, size: int, content: tuple[int, int, int, int] | None = None
-) -> np.ndarray:
-    """The pixels of the model's input square covered by any of the boxes."""
-    return rectangles_mask(box_rectangles(boxes, width, height, size, content), size)
-
-
 def brain_mask(image: np.ndarray, black_level: int = 10) -> np.ndarray:
     """Non-background pixels (MRI air is near black)."""
     grey = image.mean(axis=-1) if image.ndim == 3 else image
@@ -247,6 +240,7 @@ class AnnotatedSet:
     images: np.ndarray  # (N, size, size, channels) uint8, as the model sees them
     labels: np.ndarray  # class indices into the model's classes
     masks: np.ndarray  # (N, size, size) bool: each image's boxes on the model's input square
+    rectangles: list[list[tuple[float, float, float, float]]]  # the same boxes as pixel rectangles
     rows: pd.DataFrame  # path, label, boxes, width, height of each image
     rejects: pd.DataFrame  # files that could not be used, with the reason
     unboxed: int  # readable images without a box (not scored)
@@ -258,16 +252,17 @@ def load_annotated_set(
     """The box-annotated images of `folder` (`brainmri.ingest.read_box_folder`), as the model sees them."""
     found = read_box_folder(ingest, folder, classes, "gradcam.annotated")
     boxed = found.boxed
-    images, masks = [], []
+    images, rectangles = [], []
     for row in boxed.itertuples():
         array, content = model_input(open_image(Path(folder) / row.path), size, channels, crop)
         images.append(array)
-        masks.append(box_mask(row.boxes, int(row.width), int(row.height), size, content))
+        rectangles.append(box_rectangles(row.boxes, int(row.width), int(row.height), size, content))
     labels = np.array([classes.index(label) for label in boxed["label"]], dtype=np.int32)
     return AnnotatedSet(
         np.stack(images),
         labels,
-        np.stack(masks),
+        np.stack([rectangles_mask(each, size) for each in rectangles]),
+        rectangles,
         boxed[["path", "label", "boxes", "width", "height"]],
         found.rejects,
         found.unboxed,
