@@ -26,7 +26,10 @@ SOURCE) the data, split and shards already there are reused: the committed
 code and params (with `--set`) are written into it and only validate,
 train, evaluate and gradcam run (`dvc repro -s`), so `--set` may change
 only train, evaluate and gradcam params. The line then reports that
-stage time and the commit the reused data were prepared with.
+stage time and the commit the reused data were prepared with. Adding
+`--model FOLDER` (a copy of a kept workspace's `models/` and `metrics/`)
+scores that trained model instead of training one: only evaluate and
+gradcam run, e.g. a labels-only model on the held-out block of `--supervise`.
 """
 
 from __future__ import annotations
@@ -115,7 +118,12 @@ def main() -> None:
     parser.add_argument(
         "--reuse", type=Path, metavar="WORKSPACE", help="rerun train and later stages in a kept workspace"
     )
+    parser.add_argument(
+        "--model", type=Path, metavar="FOLDER", help="with --reuse: score this models/ + metrics/ copy, no training"
+    )
     args = parser.parse_args()
+    if args.model and not args.reuse:
+        sys.exit("--model needs --reuse: the data it is scored on come from a kept workspace")
 
     work = args.reuse or Path(tempfile.mkdtemp(prefix="full-data-"))
     try:
@@ -142,8 +150,15 @@ def main() -> None:
             "PYTHONPATH": str(repo / "src"),
         }
         env.pop("MLFLOW_TRACKING_URI", None)
+        stages = REUSED_STAGES
+        if args.model:
+            shutil.rmtree(repo / "models")
+            shutil.copytree(args.model / "models", repo / "models")
+            for name in ("train.json", "train_history.csv"):
+                shutil.copyfile(args.model / "metrics" / name, repo / "metrics" / name)
+            stages = tuple(stage for stage in REUSED_STAGES if stage != "train")
         start = time.perf_counter()
-        for command in [["dvc", "repro", "-s", stage] for stage in REUSED_STAGES] if args.reuse else [["dvc", "repro"]]:
+        for command in [["dvc", "repro", "-s", stage] for stage in stages] if args.reuse else [["dvc", "repro"]]:
             result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -170,6 +185,7 @@ def main() -> None:
                     "commit": commit,
                     "source": args.source,
                     "overrides": args.set,
+                    **({"scored_model": str(args.model)} if args.model else {}),
                     **(
                         {"reused_data_commit": data_commit, "train_evaluate_gradcam_wall_s": round(wall)}
                         if args.reuse
