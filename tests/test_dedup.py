@@ -104,6 +104,28 @@ def test_copies_of_known_images_are_found_among_new_ones(dataset, tmp_path):
     assert flags == {"byte_copy.jpg": True, "new.png": False, "seen_before.jpg": True}
 
 
+def test_an_external_folder_is_stripped_of_copies_and_named_as_ingest_names_files(dataset, tmp_path):
+    from brainmri.external import external_test_set
+    from brainmri.params import Params
+
+    known = scan(IngestParams(source=str(dataset), workers=1)).images
+    external = tmp_path / "external"
+    (external / "glioma").mkdir(parents=True)
+    shutil.copy(dataset / "glioma" / "glioma_000.jpg", external / "glioma" / "Doe_Jane_copy.jpg")
+    synthetic_image(0, 500).save(external / "glioma" / "Doe_Jane_new.png")
+    for hash_paths in (False, True):
+        params = Params.model_validate(
+            {
+                "ingest": {"source": str(dataset), "workers": 1, "hash_paths": hash_paths},
+                "evaluate": {"external": str(external)},
+            }
+        )
+        found = external_test_set(params, known, ["glioma", "notumor"], 24, 1)
+        assert len(found.kept) == len(found.leaked) == 1 and found.images.shape == (1, 24, 24, 1)
+        named = " ".join([*found.kept["path"], *found.leaked["path"]])
+        assert ("Doe_Jane" in named) != hash_paths
+
+
 def test_candidate_search_in_row_blocks_finds_the_same_pairs(monkeypatch):
     from brainmri import dedup
 

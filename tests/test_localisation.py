@@ -186,6 +186,10 @@ def test_annotated_set_keeps_boxed_images_in_the_models_class_order(tmp_path):
     annotated = load_annotated_set(IngestParams(source="unused"), str(root), classes, 24, 1)
     assert annotated.images.shape == (2, 24, 24, 1)
     assert annotated.labels.tolist() == [0, 3] and annotated.unboxed == 2
+    assert annotated.rows["path"].tolist() == ["glioma/glioma_000.jpg", "pituitary/pituitary_000.jpg"]
+    # With ingest.hash_paths the folder's file names, which may name patients, are not shown either.
+    hashed = load_annotated_set(IngestParams(source="unused", hash_paths=True), str(root), classes, 24, 1)
+    assert not hashed.rows["path"].str.contains("glioma|pituitary").any() and hashed.rows["path"].str.len().min() > 8
     with pytest.raises(DataError, match=r"classes \['pituitary'\] .* not among the model's classes"):
         load_annotated_set(IngestParams(source="unused"), str(root), ["glioma", "notumor"], 24, 1)
 

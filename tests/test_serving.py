@@ -140,6 +140,11 @@ def test_predict_loads_the_registered_model_and_the_run_model_from_mlflow(repo):
     assert by_run["probabilities"] == pytest.approx(local["probabilities"], abs=1e-5)
     missing = brainmri(repo, "predict", str(image), "--model", "models:/no-such-model/1", check=False)
     assert missing.returncode != 0 and "cannot load it from MLflow" in missing.stderr
+    # Through an alias, the audit trail names the version the alias pointed to, not the alias.
+    client.set_registered_model_alias("brain-mri-classifier", "champion", version.version)
+    brainmri(repo, "predict", str(image), "--model", "models:/brain-mri-classifier@champion")
+    entry = json.loads((repo / "logs" / "predictions.jsonl").read_text().splitlines()[-1])
+    assert entry["model_version"] == f"models:/brain-mri-classifier/{version.version} (@champion)"
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +163,9 @@ def server(repo):
 
 
 def test_health_reports_the_loaded_model(server):
-    health = requests.get(f"{server}/health", timeout=10).json()
-    assert health["model_loaded"] is True and health["classes"] == CLASSES
+    response = requests.get(f"{server}/health", timeout=10)
+    health = response.json()
+    assert response.status_code == 200 and health["model_loaded"] is True and health["classes"] == CLASSES
     assert health["model_version"].startswith("compact_cnn@sha256:")
 
 

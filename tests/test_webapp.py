@@ -65,7 +65,27 @@ def test_decoding_waits_for_a_free_slot_and_gives_up_at_the_timeout(monkeypatch)
         inside.wait(5)
         second = post(client, png(0))
         assert second.status_code == 503 and "no decoding slot free" in second.get_json()["error"]
-        assert first.result().status_code in (200, 503)  # its answer may also time out; it is never an error
+        # Its decoding outlasted the timeout, so the model is not asked: a 503, never a late answer.
+        answer = first.result()
+        assert answer.status_code == 503 and "not answered" in answer.get_json()["error"]
+    assert slow.models[0].calls == 0
+
+
+def test_health_asks_the_model_and_says_when_it_does_not_answer():
+    healthy = create_app(predictor(), ServeParams()).test_client().get("/health")
+    assert healthy.status_code == 200 and healthy.get_json()["model_loaded"] is True
+    broken = predictor()
+    broken.models[0].predict_on_batch = lambda images: 1 / 0
+    failing = create_app(broken, ServeParams()).test_client().get("/health")
+    assert failing.status_code == 503 and failing.get_json()["model_loaded"] is False
+    assert "division by zero" in failing.get_json()["error"]
+    stuck = create_app(predictor(delay=1.0), ServeParams(timeout_s=0.1)).test_client().get("/health")
+    assert stuck.status_code == 503 and "did not answer in time" in stuck.get_json()["error"]
+
+
+def test_an_answer_does_not_echo_the_file_name():
+    response = post(create_app(predictor(), ServeParams()).test_client(), png(0), "Jane_Doe_1950.png")
+    assert response.status_code == 200 and "Jane" not in response.get_data(as_text=True)
 
 
 def test_a_small_body_in_too_many_parts_is_named_as_such():

@@ -13,7 +13,7 @@ import pandas as pd
 from brainmri.dedup import copies_of_known_images
 from brainmri.errors import DataError
 from brainmri.images import load_array
-from brainmri.ingest import scan
+from brainmri.ingest import recorded_paths, scan
 from brainmri.params import Params
 
 
@@ -21,7 +21,7 @@ from brainmri.params import Params
 class ExternalSet:
     images: np.ndarray | None  # None when every image was a copy or a reject
     labels: np.ndarray
-    kept: pd.DataFrame  # path, label, ... of the scored images
+    kept: pd.DataFrame  # path, label, ... of the scored images (paths as `recorded_paths` names them)
     leaked: pd.DataFrame  # path, label of the copies removed
     rejects: pd.DataFrame
 
@@ -48,4 +48,8 @@ def external_test_set(
     paths = kept["path"]
     images = np.stack([load_array(Path(folder) / path, size, channels, crop) for path in paths]) if len(kept) else None
     labels = np.array([classes.index(label) for label in kept["label"]], dtype=np.int32)
-    return ExternalSet(images, labels, kept, found.images[leaked][["path", "label"]], found.rejects)
+    kept, copies, rejects = (
+        frame.assign(path=recorded_paths(frame["path"], params.ingest))
+        for frame in (kept, found.images[leaked][["path", "label"]], found.rejects)
+    )
+    return ExternalSet(images, labels, kept, copies, rejects)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +35,20 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 class BadImage(ValueError):
     """An input that is not a readable image; the message says why."""
+
+
+def pinned_model_uri(uri: str) -> tuple[str, str]:
+    """`models:/<name>@<alias>` as the version the alias points to now, and how to name it
+    (`models:/<name>/<version> (@<alias>)`): the model loaded is the one logged predictions name,
+    even after the alias moves. Other URIs are returned as they are."""
+    match = re.fullmatch(r"models:/([^/@]+)@([^/@]+)", uri)
+    if match is None:
+        return uri, uri
+    from mlflow import MlflowClient
+
+    name, alias = match.groups()
+    version = MlflowClient().get_model_version_by_alias(name, alias).version
+    return f"models:/{name}/{version}", f"models:/{name}/{version} (@{alias})"
 
 
 @dataclass
@@ -127,6 +142,7 @@ class Predictor:
 
         mlflow.set_tracking_uri(tracking_uri())
         try:
+            uri, version = pinned_model_uri(uri)
             model = mlflow.keras.load_model(uri)
             # The train stage logs the class names beside the model, in the same run.
             run_id = mlflow.models.get_model_info(uri).run_id
@@ -136,7 +152,7 @@ class Predictor:
         meta = json.loads(Path(meta_path).read_text())
         threshold = review_threshold(review, target_accuracy, meta)
         crop = meta.get("crop", "none")
-        return cls([model], meta["classes"], meta["image_size"], meta["channels"], uri, limits, threshold, crop)
+        return cls([model], meta["classes"], meta["image_size"], meta["channels"], version, limits, threshold, crop)
 
     def input_spec(self) -> dict[str, Any]:
         """What ensemble members must share: the classes and how an image becomes the model's input."""

@@ -468,6 +468,15 @@ def scan(params: IngestParams, min_classes: int = 2, slices: Path | None = None)
     return Scan(images, rejects_frame.reset_index(drop=True), layout)
 
 
+def recorded_paths(paths: pd.Series, params: IngestParams) -> list[str]:
+    """How outputs name the files of another folder (evaluate.external, gradcam.annotated): as ingest
+    names the source's, by their relative path or, with `ingest.hash_paths`, a salted hash of it."""
+    if not params.hash_paths:
+        return list(paths)
+    salt = key_salt()
+    return [hashed_key(path, salt) for path in paths]
+
+
 @dataclass(frozen=True)
 class BoxFolder:
     boxed: pd.DataFrame  # manifest rows (paths relative to the folder) of the images that carry a box

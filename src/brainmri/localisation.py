@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from brainmri.images import box_rectangles, model_input, open_image, rectangles_mask
-from brainmri.ingest import read_box_folder
+from brainmri.ingest import read_box_folder, recorded_paths
 from brainmri.params import IngestParams
 from brainmri.stats import bootstrap_interval
 
@@ -241,7 +241,7 @@ class AnnotatedSet:
     labels: np.ndarray  # class indices into the model's classes
     masks: np.ndarray  # (N, size, size) bool: each image's boxes on the model's input square
     rectangles: list[list[tuple[float, float, float, float]]]  # the same boxes as pixel rectangles
-    rows: pd.DataFrame  # path, label, boxes, width, height of each image
+    rows: pd.DataFrame  # path (as `recorded_paths` names it), label, boxes, width, height of each image
     rejects: pd.DataFrame  # files that could not be used, with the reason
     unboxed: int  # readable images without a box (not scored)
 
@@ -263,7 +263,7 @@ def load_annotated_set(
         labels,
         np.stack([rectangles_mask(each, size) for each in rectangles]),
         rectangles,
-        boxed[["path", "label", "boxes", "width", "height"]],
+        boxed[["path", "label", "boxes", "width", "height"]].assign(path=recorded_paths(boxed["path"], ingest)),
         found.rejects,
         found.unboxed,
     )

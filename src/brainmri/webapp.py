@@ -16,6 +16,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from importlib.resources import files
 
+import numpy as np
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
@@ -96,6 +97,16 @@ def create_app(
 
     @app.get("/health")
     def health():
+        # A blank image through the batcher: healthy means the model answers now, not that it was loaded once.
+        probe = np.zeros((predictor.image_size, predictor.image_size, predictor.channels), np.uint8)
+        future = batcher.submit(probe)
+        try:
+            future.result(timeout=settings.timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            return jsonify(status="unavailable", model_loaded=False, error="the model did not answer in time"), 503
+        except Exception as error:  # whatever the model raised: the server stays up and says so
+            return jsonify(status="unavailable", model_loaded=False, error=f"the model failed: {error}"), 503
         return jsonify(status="ok", model_loaded=True, model_version=predictor.version, classes=predictor.classes)
 
     def busy(what: str):
@@ -117,6 +128,8 @@ def create_app(
             return jsonify(error=str(error)), 400
         finally:
             decodes.release()
+        if time.monotonic() >= deadline:  # decoding took the time: the model is not asked in vain
+            return busy("not answered")
         future = batcher.submit(image)
         try:
             prediction = future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -125,7 +138,8 @@ def create_app(
             return busy("not answered")
         if audit:
             audit.record("serve", hashlib.sha256(data).hexdigest(), predictor.version, prediction)
-        result = {"path": name, **prediction, "model_version": predictor.version}
+        # No file name in the answer: it can name a patient, and the client knows what it sent.
+        result = {**prediction, "model_version": predictor.version}
         if request.args.get("gradcam", "").lower() in ("1", "true", "yes"):
             png = predictor.gradcam_png(image, predictor.classes.index(result["predicted_class"]))
             result["gradcam_png"] = base64.b64encode(png).decode()
