@@ -84,10 +84,18 @@ TINY_PARAMS = {
 
 
 def update_params(path: Path, changes: dict) -> None:
+    """Set the keys named in `changes`; nested sections merge, so keys they leave out keep their values."""
     params = yaml.safe_load(path.read_text())
-    for section, values in changes.items():
-        params.setdefault(section, {}).update(values)
+    merge_into(params, changes)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def merge_into(target: dict, changes: dict) -> None:
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_into(target[key], value)
+        else:
+            target[key] = value
 
 
 def run(
