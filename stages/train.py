@@ -170,6 +170,15 @@ def fit_phases(
     return history
 
 
+def calibration_summary(calibration: dict, images: int) -> str:
+    if calibration["temperature"] == calibration["temperature_fitted"]:
+        return f"train: temperature {calibration['temperature']:.3f}, fitted on {images} validation images"
+    return (
+        f"train: temperature {calibration['temperature_fitted']:.3f} fitted on {images} validation images "
+        "raised their calibration error: not applied"
+    )
+
+
 def finish(
     model: keras.Model, build: Callable, p: TrainParams, hardware: Hardware, splits: dict[str, Split]
 ) -> tuple[keras.Model, dict[str, float], dict[str, list]]:
@@ -197,7 +206,7 @@ def finish(
         images, labels, _ = splits["val"]
         if p.calibrate:
             calibration = calibrate_model(model, images, labels, p.batch_size)
-            print(f"train: temperature {calibration['temperature']:.3f}, fitted on {len(labels)} validation images")
+            print(calibration_summary(calibration, len(labels)))
         probabilities = class_probabilities(model, images, p.batch_size)
         validation = {
             "validation_confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],

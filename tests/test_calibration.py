@@ -51,10 +51,27 @@ def test_calibrate_model_reports_the_figures_before_and_after():
     labels = np.random.default_rng(3).integers(0, 3, 30)
     figures = calibrate_model(model, images, labels)
     assert figures["val_log_loss"] <= figures["val_log_loss_uncalibrated"] + 1e-9
+    assert figures["val_ece"] <= figures["val_ece_uncalibrated"] + 1e-9
     assert set(figures) == {
         "temperature",
+        "temperature_fitted",
         "val_log_loss",
         "val_log_loss_uncalibrated",
         "val_ece",
         "val_ece_uncalibrated",
     }
+
+
+def test_a_temperature_that_worsens_the_calibration_error_is_not_kept(monkeypatch):
+    from brainmri import calibration
+
+    keras.utils.set_random_seed(0)
+    model = build_model("compact_cnn", 3, 32, 1, width=4)
+    images = np.random.default_rng(2).integers(0, 255, (30, 32, 32, 1)).astype(np.uint8)
+    labels = np.random.default_rng(3).integers(0, 3, 30)
+    before = class_probabilities(model, images)
+    monkeypatch.setattr(calibration, "fit_temperature", lambda probabilities, labels: 0.05)  # far too sharp
+    figures = calibrate_model(model, images, labels)
+    assert figures["temperature"] == 1.0 and figures["temperature_fitted"] == 0.05
+    assert figures["val_ece"] == figures["val_ece_uncalibrated"]
+    assert np.allclose(class_probabilities(model, images), before, atol=1e-6)

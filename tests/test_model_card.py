@@ -29,6 +29,7 @@ def run_metrics(**extra_evaluate) -> dict[str, dict]:
         "ingest": {"images": 170, "rejected": 3},
         "dedup": {"exact_duplicates_removed": 4, "near_duplicates_removed": 6},
         "split": {**split, "train.total": 100, "val.total": 20, "test.total": 40, "leaked_test_images_removed": 0},
+        "balance": {"train.glioma": 60, "train.pituitary": 60, "train.augmented": 20},
         "train": {"best_epoch": 7, "epochs_run": 12},
         "evaluate": evaluate,
         "gradcam": {"annotated.images": 30, "annotated.pointing_game": 0.4, "annotated.pointing_game.glioma": 0.5,
@@ -41,7 +42,7 @@ def run_metrics(**extra_evaluate) -> dict[str, dict]:
 
 def test_the_card_has_every_section_with_intervals_from_the_metrics():
     params = Params.model_validate({"ingest": {"source": "/somewhere/private/Training"}})
-    card = render_model_card(params, run_metrics())
+    card = render_model_card(params, run_metrics(), "folder-per-class")
     for heading in ("## Intended use", "## Model details", "## Training data", "## Evaluation on the test split",
                     "## Explanations (Grad-CAM)", "## Limitations"):  # fmt: skip
         assert heading in card
@@ -57,19 +58,42 @@ def test_the_card_has_every_section_with_intervals_from_the_metrics():
     assert "`Training`" in card and "/somewhere/private" not in card  # no machine path
     assert "External test set" not in card
     assert "(from scratch)" in card and "rotation 10, shift 0.1, zoom 0.2, flip;" in card
+    assert "one class per folder" in card and "set to 60 images per class, 20 augmented copies added." in card
+    assert "temperature scaling |" not in card  # it lowered the test ECE: no warning
 
 
 def test_an_external_set_gets_its_own_line():
     metrics = run_metrics(**{"external.images": 8, "external.leaked_removed": 1, "external.accuracy": 0.75,
                              "external.macro_f1": 0.7, "external.macro_f1_ci_low": 0.5,
                              "external.macro_f1_ci_high": 0.9})  # fmt: skip
-    card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics)
+    card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
     assert "**External test set** (8 images; 1 removed as copies" in card and "macro-F1 0.700 [0.500, 0.900]" in card
 
 
 def test_the_card_names_the_head_crop_cutmix_and_an_automatic_review_threshold():
     params = Params.model_validate({"ingest": {"source": "data"}, "train": {"crop": "head", "cutmix": 1.0}})
-    card = render_model_card(params, run_metrics(review_threshold=0.93, review_target_accuracy=0.99))
+    card = render_model_card(params, run_metrics(review_threshold=0.93, review_target_accuracy=0.99), "yolo")
     assert "8-bit slices, cropped to the head, the longer side resized" in card
     assert "flip, CutMix (factor 1);" in card
     assert "flagged for review (under 0.930, chosen for 0.990 accuracy on the validation split)" in card
+
+
+def test_the_card_says_how_labels_were_read_and_when_balance_undersamples():
+    metrics = run_metrics()
+    metrics["balance"] = {"train.glioma": 40, "train.pituitary": 40, "train.augmented": 0}
+    params = Params.model_validate({"ingest": {"source": "data", "labels_csv": "labels.csv"}})
+    card = render_model_card(params, metrics, "labels-csv")
+    assert "labels from the table `labels.csv` (`ingest.labels_csv`)" in card and "one class per folder" not in card
+    assert "set to 40 images per class, glioma, pituitary undersampled (`balance.target`)." in card
+    assert "augmented copies" not in card
+    yolo = render_model_card(params, metrics, "yolo")
+    assert "YOLO images/ + labels/" in yolo and "one class per folder" not in yolo
+
+
+def test_the_card_warns_when_temperature_scaling_was_refused_or_made_the_test_ece_worse():
+    metrics = run_metrics(**{"uncalibrated.ece": 0.103, "ece": 0.116})
+    card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
+    assert "**raised the test ECE** (0.103 → 0.116)" in card
+    metrics["train"].update(temperature=1.0, temperature_fitted=1.6, val_ece_uncalibrated=0.08)
+    card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
+    assert "not applied: T = 1.60 fitted on the validation split raised its ECE from 0.080" in card

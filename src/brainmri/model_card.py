@@ -35,7 +35,22 @@ def _classes(evaluate: dict) -> list[str]:
     return sorted(key.split(".", 1)[1] for key in evaluate if key.startswith("support."))
 
 
-def _details(params: Params) -> list[str]:
+def _balancing(split: dict, balance: dict, classes: list[str]) -> str:
+    """What the balance stage did to the training split, from its counts before and after."""
+    if not balance:
+        return "the training split as split"
+    added = int(balance.get("train.augmented", 0))
+    reduced = [c for c in classes if balance.get(f"train.{c}", 0) < split.get(f"train.{c}", 0)]
+    sizes = sorted({int(balance.get(f"train.{c}", 0)) for c in classes})
+    parts = [f"the training split set to {'/'.join(map(str, sizes))} images per class"]
+    if added:
+        parts.append(f"{added} augmented copies added")
+    if reduced:
+        parts.append(f"{', '.join(reduced)} undersampled (`balance.target`)")
+    return ", ".join(parts)
+
+
+def _details(params: Params, balance_description: str) -> list[str]:
     t = params.train
     head = f"global {t.pooling} pooling, dropout {t.dropout}, softmax (sigmoid for two classes)"
     augment = [k if v is True else f"{k} {v:g}" for k, v in t.augment.model_dump().items() if v not in (0, 0.0, False)]
@@ -51,7 +66,7 @@ def _details(params: Params) -> list[str]:
         f"epochs with early stopping (patience {t.early_stopping_patience}), label smoothing {t.label_smoothing}; "
         f"in-model augmentation: {', '.join(augment) or 'none'}"
         + (f", CutMix (factor {t.cutmix:g})" if t.cutmix else "")
-        + "; the training split evened out per class with augmented copies.",
+        + f"; {balance_description}.",
         f"- **Registered as** `{params.tracking.registered_model}` in MLflow's model registry.",
         "",
     ]
@@ -72,11 +87,20 @@ def _intended_use(threshold: float) -> list[str]:
     ]
 
 
-def _data(params: Params, ingest: dict, dedup: dict, split: dict, classes: list[str]) -> list[str]:
+LABEL_SOURCES = {
+    "folder-per-class": "one class per folder",
+    "split-folders": "split folders above one folder per class",
+    "yolo": "YOLO images/ + labels/, the class of each image's first box named by `ingest.classes`",
+    "labels-csv": "labels from the table `{labels_csv}` (`ingest.labels_csv`)",
+}
+
+
+def _data(params: Params, ingest: dict, dedup: dict, split: dict, classes: list[str], layout: str) -> list[str]:
+    labels = LABEL_SOURCES.get(layout, "labels as ingest found them").format(labels_csv=params.ingest.labels_csv)
     lines = [
         "## Training data",
         "",
-        f"- **Source:** the folder `{Path(params.ingest.source).name}` (`ingest.source`), one class per folder.",
+        f"- **Source:** the folder `{Path(params.ingest.source).name}` (`ingest.source`), {labels}.",
         f"- **Images:** {_number(ingest.get('images'))} read, {_number(ingest.get('rejected'))} rejected; "
         f"{_number(dedup.get('exact_duplicates_removed'))} exact and "
         f"{_number(dedup.get('near_duplicates_removed'))} near copies removed, "
@@ -133,6 +157,7 @@ def _evaluation(evaluate: dict, classes: list[str], train: dict) -> list[str]:
         f"{_number(evaluate.get('review_fraction'))}, accuracy on the rest {_number(evaluate.get('accuracy_accepted'))}"
         " |",
     ]
+    lines += _calibration_warnings(evaluate, train)
     if "tta.macro_f1" in evaluate:
         lines.append(f"| macro-F1 with flip test-time augmentation | {_with_interval(evaluate, 'tta.macro_f1')} |")
     lines += ["", "| class | precision | recall | F1 | ROC AUC | images |", "| --- | --- | --- | --- | --- | --- |"]
@@ -151,6 +176,25 @@ def _evaluation(evaluate: dict, classes: list[str], train: dict) -> list[str]:
             f"macro-F1 {_with_interval(evaluate, 'external.macro_f1')}.",
         ]
     return [*lines, ""]
+
+
+def _calibration_warnings(evaluate: dict, train: dict) -> list[str]:
+    """Rows that say when temperature scaling was refused on validation or did not help on test."""
+    rows = []
+    fitted, kept = train.get("temperature_fitted"), train.get("temperature")
+    if fitted is not None and kept == 1.0 and fitted != 1.0:
+        rows.append(
+            f"| temperature scaling | not applied: T = {_number(fitted, 2)} fitted on the validation split raised "
+            f"its ECE from {_number(train.get('val_ece_uncalibrated'))} "
+            "(the split is too small to fit T reliably) |"
+        )
+    elif "uncalibrated.ece" in evaluate and evaluate["uncalibrated.ece"] < evaluate.get("ece", 0):
+        rows.append(
+            f"| temperature scaling | **raised the test ECE** ({_number(evaluate['uncalibrated.ece'])} → "
+            f"{_number(evaluate.get('ece'))}): T fitted on the validation split does not carry over; "
+            "read the probabilities with care |"
+        )
+    return rows
 
 
 def _explanations(gradcam: dict, classes: list[str]) -> list[str]:
@@ -222,9 +266,10 @@ def _limitations(gradcam: dict, split: dict) -> list[str]:
     return [*lines, ""]
 
 
-def render_model_card(params: Params, metrics: dict[str, dict]) -> str:
-    """The card as Markdown; `metrics` maps a stage name to its metrics/<stage>.json contents."""
-    evaluate, gradcam = metrics["evaluate"], metrics.get("gradcam", {})
+def render_model_card(params: Params, metrics: dict[str, dict], layout: str) -> str:
+    """The card as Markdown; `metrics` maps a stage name to its metrics/<stage>.json contents, and
+    `layout` is the source layout ingest found (reports/data/report.json)."""
+    evaluate, gradcam, split = metrics["evaluate"], metrics.get("gradcam", {}), metrics.get("split", {})
     classes = _classes(evaluate)
     lines = [
         f"# Model card: {params.tracking.registered_model}",
@@ -234,10 +279,10 @@ def render_model_card(params: Params, metrics: dict[str, dict]) -> str:
         "`dvc repro` rebuilds it with every figure in it.",
         "",
         *_intended_use(evaluate.get("review_threshold", params.evaluate.review_threshold)),
-        *_details(params),
-        *_data(params, metrics.get("ingest", {}), metrics.get("dedup", {}), metrics.get("split", {}), classes),
+        *_details(params, _balancing(split, metrics.get("balance", {}), classes)),
+        *_data(params, metrics.get("ingest", {}), metrics.get("dedup", {}), split, classes, layout),
         *_evaluation(evaluate, classes, metrics.get("train", {})),
         *_explanations(gradcam, classes),
-        *_limitations(gradcam, metrics.get("split", {})),
+        *_limitations(gradcam, split),
     ]
     return "\n".join(lines)
