@@ -126,6 +126,7 @@ def fit_phases(
         )
     steps = steps_per_epoch(index, global_batch, drop_remainder)
     boxes = supervision_boxes(index, p)
+    print(supervision_summary(boxes, p))
     train_boxes, val_boxes = (None, None) if boxes is None else (boxes["train"], boxes["val"])
     train_data = training_batches(index, splits["train"], p, hardware, global_batch, drop_remainder, train_boxes)
     val_data = validation_batches(index, splits["val"], hardware, global_batch, val_boxes)
@@ -168,6 +169,13 @@ def fit_phases(
         )
         history = {key: history[key] + tuned.get(key, []) for key in history}
     return history
+
+
+def supervision_summary(boxes: dict[str, np.ndarray] | None, p: TrainParams) -> str:
+    if boxes is None:
+        return "train: labels only (no box term)"
+    boxed = int((boxes["train"][:, 2] > boxes["train"][:, 0]).sum())
+    return f"train: box energy term (weight {p.localisation.weight:g}) on {boxed} boxed training images"
 
 
 def calibration_summary(calibration: dict, images: int) -> str:

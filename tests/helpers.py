@@ -22,7 +22,7 @@ from PIL import Image
 
 from brainmri.images import DecodeLimits
 from brainmri.inference import Predictor
-from brainmri.shards import Record, ShardIndex, write_split
+from brainmri.shards import NO_BOX, Box, Record, ShardIndex, write_split
 
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -53,8 +53,11 @@ def make_dataset(root: Path, per_class: int = 8, classes: list[str] = CLASSES, s
     return root
 
 
-def write_prepared_data(folder: Path, sizes: dict[str, list[int]], image_size: int = 32) -> ShardIndex:
-    """data/prepared as the balance stage writes it: `sizes` gives each split's images per class."""
+def write_prepared_data(
+    folder: Path, sizes: dict[str, list[int]], image_size: int = 32, box: Box = NO_BOX
+) -> ShardIndex:
+    """data/prepared as the balance stage writes it: `sizes` gives each split's images per class;
+    `box` goes to every image of a tumour class."""
     folder.mkdir(parents=True)
     files, counts = {}, {}
     for split, per_class in sizes.items():
@@ -65,6 +68,7 @@ def write_prepared_data(folder: Path, sizes: dict[str, list[int]], image_size: i
                 label,
                 f"{CLASSES[label]}/{split}{variant}.png",
                 False,
+                NO_BOX if CLASSES[label] == "notumor" else box,
             )
             for label, count in enumerate(per_class)
             for variant in range(count)

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 from keras import ops
 
-from brainmri.box_supervision import box_cell_mask, energy_in_box, mean_energy, training_model
+from brainmri.box_supervision import box_cell_mask, energy_in_box, mean_energy, supervision_boxes, training_model
+from brainmri.errors import DataError
 from brainmri.models import build_model, class_probabilities
 from brainmri.params import AugmentParams, LocalisationParams, TrainParams
 from brainmri.training import compile_model
+
+from helpers import write_prepared_data
 
 SIZE = 64
 STILL = AugmentParams(rotation=0, shift=0, zoom=0, flip=False, brightness=0, contrast=0, erasing=0)
@@ -94,6 +97,18 @@ def test_the_term_is_zero_for_images_without_a_box():
     trainer({"image": images, "box": boxed, "target": targets}, training=True)
     assert 0.0 < float(ops.sum(trainer.losses)) <= 5.0
     assert not any("random" in layer.name or "box" in layer.name for layer in model.layers)  # the saved model
+
+
+def test_auto_supervises_with_the_boxes_there_are_and_trains_on_labels_alone_without(tmp_path):
+    sizes = {"train": [4, 4, 4, 4], "val": [2, 2, 2, 2]}
+    boxed = write_prepared_data(tmp_path / "boxed", sizes, box=(4.0, 4.0, 12.0, 12.0))
+    plain = write_prepared_data(tmp_path / "plain", sizes)
+    boxes = supervision_boxes(boxed, TrainParams())  # auto
+    assert boxes is not None and int((boxes["train"][:, 2] > 0).sum()) == 12  # notumor images carry none
+    assert supervision_boxes(plain, TrainParams()) is None
+    assert supervision_boxes(boxed, TrainParams(localisation=LocalisationParams(loss="none"))) is None
+    with pytest.raises(DataError, match="no training image carries a box"):
+        supervision_boxes(plain, TrainParams(localisation=LocalisationParams(loss="energy")))
 
 
 def test_with_a_shortcut_the_energy_loss_moves_the_evidence_onto_the_object_and_none_does_not():

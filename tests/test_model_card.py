@@ -60,6 +60,20 @@ def test_the_card_has_every_section_with_intervals_from_the_metrics():
     assert "(from scratch)" in card and "rotation 10, shift 0.1, zoom 0.2, flip;" in card
     assert "one class per folder" in card and "set to 60 images per class, 20 augmented copies added." in card
     assert "temperature scaling |" not in card  # it lowered the test ECE: no warning
+    assert "**Localisation supervision:** labels only (no box supervision)." in card
+
+
+def test_the_card_counts_the_boxed_images_that_trained_the_model():
+    metrics = run_metrics()
+    metrics["balance"].update({"train.boxed.glioma": 12, "train.boxed.pituitary": 30})
+    params = Params.model_validate({"ingest": {"source": "data"}, "train": {"localisation": {"boxes": "/x/boxes"}}})
+    card = render_model_card(params, metrics, "folder-per-class")
+    assert (
+        "energy loss on the class activation map (weight 1) for 42 training images with a tumour box "
+        "(glioma 12, pituitary 30), boxes from the folder `boxes`." in card
+    )
+    unsupervised = Params.model_validate({"ingest": {"source": "data"}, "train": {"localisation": {"loss": "none"}}})
+    assert "labels only (no box supervision)" in render_model_card(unsupervised, metrics, "folder-per-class")
 
 
 def test_an_external_set_gets_its_own_line():

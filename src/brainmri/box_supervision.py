@@ -5,9 +5,7 @@ The evidence is the class activation map (CAM, Zhou et al. 2016) of the last fea
 global pooling and one dense layer on top, the map of class c is sum_k w_kc A_k, which is what
 Grad-CAM computes for such a head up to a positive factor, so it needs no second
 differentiation and runs the same on every Keras backend. `energy` (Rao et al., ICCV 2023) is
-1 - (positive evidence inside the box) / (all positive evidence); `outside` is the mean positive
-evidence outside the box relative to its peak (an L1 penalty on the map outside the box, the
-heatmap form of Ross et al.'s "right for the right reasons"). Images without a box (x1 <= x0)
+1 - (positive evidence inside the box) / (all positive evidence). Images without a box (x1 <= x0)
 add nothing; the term is averaged over the batch and weighted by train.localisation.weight.
 
 The term joins the loss through `add_loss` inside the training wrapper, so the saved model is
@@ -63,29 +61,21 @@ def energy_in_box(class_map, mask):
     return ops.sum(positive * mask, axis=(1, 2)) / (ops.sum(positive, axis=(1, 2)) + EPSILON)
 
 
-def box_term(class_map, mask, kind: str):
-    """Per image: the penalty `kind` asks for (0 where the evidence lies in the box)."""
-    if kind == "energy":
-        return 1 - energy_in_box(class_map, mask)
-    positive = ops.relu(class_map)
-    peak = ops.max(positive, axis=(1, 2), keepdims=True) + EPSILON
-    return ops.mean(positive / peak * (1 - mask), axis=(1, 2))
-
-
 class BoxSupervision(keras.layers.Layer):
     """Passes the probabilities through; in training adds weight x mean over the batch of the box
-    term of each boxed image. The dense head's kernel is read, not owned: it stays the model's."""
+    energy term of each boxed image. The dense head's kernel is read, not owned: it stays the model's."""
 
-    def __init__(self, head: keras.layers.Dense, size: int, kind: str, weight: float, **kwargs) -> None:
+    def __init__(self, head: keras.layers.Dense, size: int, weight: float, **kwargs) -> None:
         super().__init__(dtype="float32", **kwargs)
         self.kernel = lambda: head.kernel  # a function: Keras would otherwise track the head twice
-        self.size, self.kind, self.weight = size, kind, weight
+        self.size, self.weight = size, weight
 
     def call(self, probabilities, features, boxes, targets, training: bool = False):
         if training:
             class_map = true_class_map(features, self.kernel(), targets)
             mask = box_cell_mask(boxes, self.size, class_map.shape[1])
-            self.add_loss(self.weight * ops.mean(has_box(boxes) * box_term(class_map, mask, self.kind)))
+            energy_term = 1 - energy_in_box(class_map, mask)
+            self.add_loss(self.weight * ops.mean(has_box(boxes) * energy_term))
         return probabilities
 
     def compute_output_spec(self, probabilities, *args, **kwargs):
@@ -102,9 +92,7 @@ def feature_layer(model: keras.Model) -> str:
     return next(layer.name for layer in model.layers if layer.output is pooled_from)
 
 
-def with_box_supervision(
-    model: keras.Model, augment: AugmentParams, seed: int, kind: str, weight: float
-) -> keras.Model:
+def with_box_supervision(model: keras.Model, augment: AugmentParams, seed: int, weight: float) -> keras.Model:
     """What `fit` trains when boxes supervise: inputs {"image", "box", "target"} (box: x0, y0, x1,
     y1 pixel edges of the model input, zeros for none; target: the one-hot or 0/1 label), the
     random transforms moving each box with its image, and the box term added to the loss. The
@@ -118,7 +106,7 @@ def with_box_supervision(
         moved, moved_box = RandomTransforms(augment.model_dump(), seed, name="random_transforms")(image, box)
     evidence = keras.Model(model.inputs, [model.get_layer(feature_layer(model)).output, model.output])
     features, probabilities = evidence(moved)
-    supervised = BoxSupervision(head_layer(model), size, kind, weight, name="box_supervision")(
+    supervised = BoxSupervision(head_layer(model), size, weight, name="box_supervision")(
         probabilities, features, moved_box, target
     )
     return keras.Model({"image": image, "box": box, "target": target}, supervised, name=f"{model.name}_training")
@@ -153,11 +141,14 @@ class BoxEnergyLog(keras.callbacks.Callback):
 
 
 def supervision_boxes(index: ShardIndex, p: TrainParams) -> dict[str, np.ndarray] | None:
-    """The train and val splits' boxes when train.localisation asks for a box term; None otherwise."""
+    """The train and val splits' boxes when train.localisation asks for a box term, or with `auto`
+    when some training image carries a box; None otherwise."""
     if p.localisation.loss == "none":
         return None
     boxes = {split: index.boxes(split) for split in ("train", "val")}
     if not (boxes["train"][:, 2] > boxes["train"][:, 0]).any():
+        if p.localisation.loss == "auto":
+            return None
         raise DataError(
             f"train.localisation.loss={p.localisation.loss}, but no training image carries a box: give the "
             "images YOLO boxes (a <name>.txt beside each image, or a YOLO layout) and rerun from ingest"
@@ -169,7 +160,7 @@ def training_model(model: keras.Model, p: TrainParams, boxes: dict[str, np.ndarr
     """What `fit` trains: the model behind the random transforms, and the box term when boxes supervise."""
     if boxes is None:
         return with_random_transforms(model, p.augment, p.seed)
-    return with_box_supervision(model, p.augment, p.seed, p.localisation.loss, p.localisation.weight)
+    return with_box_supervision(model, p.augment, p.seed, p.localisation.weight)
 
 
 def energy_log(

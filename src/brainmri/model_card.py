@@ -50,7 +50,21 @@ def _balancing(split: dict, balance: dict, classes: list[str]) -> str:
     return ", ".join(parts)
 
 
-def _details(params: Params, balance_description: str) -> list[str]:
+def _supervision(params: Params, balance: dict, classes: list[str]) -> str:
+    """Which box term trained the model, on how many boxed images (balance's counts)."""
+    boxed = {c: int(balance.get(f"train.boxed.{c}", 0)) for c in classes}
+    if params.train.localisation.loss == "none" or not sum(boxed.values()):
+        return "labels only (no box supervision)"
+    per_class = ", ".join(f"{c} {n}" for c, n in boxed.items() if n)
+    source = params.train.localisation.boxes
+    return (
+        f"energy loss on the class activation map (weight {params.train.localisation.weight:g}) for "
+        f"{sum(boxed.values())} training images with a tumour box ({per_class})"
+        + (f", boxes from the folder `{Path(source).name}`" if source else "")
+    )
+
+
+def _details(params: Params, balance_description: str, supervision: str) -> list[str]:
     t = params.train
     head = f"global {t.pooling} pooling, dropout {t.dropout}, softmax (sigmoid for two classes)"
     augment = [k if v is True else f"{k} {v:g}" for k, v in t.augment.model_dump().items() if v not in (0, 0.0, False)]
@@ -67,6 +81,7 @@ def _details(params: Params, balance_description: str) -> list[str]:
         f"in-model augmentation: {', '.join(augment) or 'none'}"
         + (f", CutMix (factor {t.cutmix:g})" if t.cutmix else "")
         + f"; {balance_description}.",
+        f"- **Localisation supervision:** {supervision}.",
         f"- **Registered as** `{params.tracking.registered_model}` in MLflow's model registry.",
         "",
     ]
@@ -270,6 +285,7 @@ def render_model_card(params: Params, metrics: dict[str, dict], layout: str) -> 
     """The card as Markdown; `metrics` maps a stage name to its metrics/<stage>.json contents, and
     `layout` is the source layout ingest found (reports/data/report.json)."""
     evaluate, gradcam, split = metrics["evaluate"], metrics.get("gradcam", {}), metrics.get("split", {})
+    balance = metrics.get("balance", {})
     classes = _classes(evaluate)
     lines = [
         f"# Model card: {params.tracking.registered_model}",
@@ -279,7 +295,7 @@ def render_model_card(params: Params, metrics: dict[str, dict], layout: str) -> 
         "`dvc repro` rebuilds it with every figure in it.",
         "",
         *_intended_use(evaluate.get("review_threshold", params.evaluate.review_threshold)),
-        *_details(params, _balancing(split, metrics.get("balance", {}), classes)),
+        *_details(params, _balancing(split, balance, classes), _supervision(params, balance, classes)),
         *_data(params, metrics.get("ingest", {}), metrics.get("dedup", {}), split, classes, layout),
         *_evaluation(evaluate, classes, metrics.get("train", {})),
         *_explanations(gradcam, classes),

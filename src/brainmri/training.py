@@ -289,7 +289,10 @@ def training_batches(
     boxes supervise) as the inputs of `brainmri.box_supervision`'s wrapper. The random transforms
     come later, in the training step (`brainmri.random_transforms`)."""
     if p.cutmix and boxes is not None:
-        raise ModelError("train.cutmix pastes other images over the boxes: set it to 0 with train.localisation")
+        raise ModelError(
+            "train.cutmix pastes other images over the boxes that train.localisation.loss supervises: "
+            "set train.cutmix to 0, or train.localisation.loss to none"
+        )
     if hardware.backend == "tensorflow":
         return labelled_batches(
             index,
