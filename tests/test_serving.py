@@ -22,7 +22,7 @@ import requests
 from nibabel.testing import data_path as nibabel_data
 from PIL import Image
 
-from brainmri.images import sha256_file
+from brainmri.images import DecodeLimits, sha256_file
 
 from helpers import (
     CLASSES,
@@ -334,6 +334,49 @@ def test_export_stage_writes_tflite_and_onnx_files_that_match_keras(repo):
     int8 = tflite_probabilities((repo / "exports" / "model_int8.tflite").read_bytes(), images)
     assert np.abs(int8 - expected).max() < 0.15
     np.testing.assert_allclose(onnx_probabilities(repo / "exports" / "model.onnx", images), expected, atol=1e-4)
+
+
+def test_predict_and_serve_run_the_exports_as_the_keras_model_answers(repo, tmp_path):
+    run(["dvc", "repro", "export"], repo)
+    folder = str(repo / "data" / "sample" / "meningioma")
+
+    def rows(*model: str) -> list[dict]:
+        return [json.loads(line) for line in brainmri(repo, "predict", folder, *model).stdout.splitlines()]
+
+    keras_rows = rows()
+    for export, tolerance in (("model.onnx", 1e-4), ("model_float32.tflite", 1e-4), ("model_int8.tflite", 0.15)):
+        exported = rows("--model", str(repo / "exports" / export))
+        assert [row["path"] for row in exported] == [row["path"] for row in keras_rows]
+        for ours, theirs in zip(exported, keras_rows):
+            assert ours["probabilities"] == pytest.approx(theirs["probabilities"], abs=tolerance)
+            assert ours["needs_review"] == (ours["confidence"] < 0.8) and "not a medical device" in ours["notice"]
+    audit = json.loads((repo / "logs" / "predictions.jsonl").read_text().splitlines()[-1])
+    assert audit["model_version"].startswith("compact_cnn-int8@sha256:")
+    rows("--model", str(repo / "exports"))  # the folder: its preferred file, ONNX
+    audit = json.loads((repo / "logs" / "predictions.jsonl").read_text().splitlines()[-1])
+    assert audit["model_version"].startswith("compact_cnn-onnx@sha256:")
+
+    cams = brainmri(repo, "predict", folder, "--model", "exports/model.onnx", "--gradcam", "cams", check=False)
+    assert cams.returncode != 0 and "--gradcam needs the Keras model" in cams.stderr
+    assert "Traceback" not in cams.stderr
+    unchecked = tmp_path / "exports"
+    shutil.copytree(repo / "exports", unchecked)
+    shutil.copy(unchecked / "model.onnx", unchecked / "retrained.onnx")
+    refused = brainmri(repo, "predict", folder, "--model", str(unchecked / "retrained.onnx"), check=False)
+    assert refused.returncode != 0 and "its parity with the Keras model was never checked" in refused.stderr
+
+    from brainmri.inference import Predictor
+    from brainmri.params import ServeParams
+    from brainmri.webapp import create_app
+
+    predictor = Predictor.load(repo / "exports" / "model.onnx", DecodeLimits(10**7, 4096, 20, 2**28), review=0.8)
+    client = create_app(predictor, ServeParams()).test_client()
+    answer = client.post(
+        "/predict?gradcam=1", data={"file": (io.BytesIO(png_bytes(1)), "x.png")}, content_type="multipart/form-data"
+    )
+    body = answer.get_json()
+    assert answer.status_code == 200 and body["model_version"].startswith("compact_cnn-onnx@")
+    assert "gradcam_png" not in body and body["predicted_class"] in CLASSES
 
 
 def test_an_export_beyond_its_tolerance_writes_no_file_and_names_the_format(repo, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from brainmri import __version__
 from brainmri.audit import AuditLog
-from brainmri.errors import BrainMRIError, DataError
+from brainmri.errors import BrainMRIError, DataError, ModelError
 from brainmri.params import Params, check_folders, load_params
 
 
@@ -62,6 +62,8 @@ def predict(args: argparse.Namespace) -> int:
         params.evaluate.target_accuracy,
         scanner_options(params.ingest),
     )
+    if args.gradcam and not predictor.explainable:
+        raise ModelError(f"--gradcam needs the Keras model; {predictor.version} is an export without gradients")
     audit = audit_log(params)
     output = open(args.output, "w", newline="") if args.output else sys.stdout
     columns = [

@@ -22,6 +22,7 @@ from brainmri.errors import ModelError
 if TYPE_CHECKING:
     import keras
 
+EXPORTED_METADATA = ("model", "temperature", "validation_confidence", "validation_correct")
 # Largest probability difference from the Keras model accepted per format.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15, "onnx": 1e-4}
 
@@ -143,6 +144,8 @@ def export_all(
                 "image_size": meta["image_size"],
                 "channels": meta["channels"],
                 "crop": meta.get("crop", "none"),
+                # What predict and serve need from the Keras model's metadata to run an export alone.
+                **{key: meta[key] for key in EXPORTED_METADATA if key in meta},
             },
             indent=2,
             sort_keys=True,

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from brainmri.errors import DataError, ModelError
+from brainmri.exported import OnnxClassifier, TfliteClassifier, find_export, is_export, load_export
 from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, sha256_file, to_array
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.review import review_threshold
@@ -118,6 +119,8 @@ class Predictor:
         source = str(source)
         if "://" in source or source.startswith(("runs:/", "models:/")):
             return cls._from_mlflow(source, limits, review, target_accuracy)
+        if is_export(source):
+            return cls._from_export(source, limits, review, target_accuracy)
         from brainmri.models import MODEL_FILE, load_model
 
         model, meta = load_model(source)
@@ -132,6 +135,28 @@ class Predictor:
             review_threshold(review, target_accuracy, meta),
             meta.get("crop", "none"),
         )
+
+    @classmethod
+    def _from_export(cls, source: str, limits: DecodeLimits, review: float | str, target_accuracy: float) -> Predictor:
+        """From an ONNX or TFLite file of the export stage, or the exports folder (its preferred file)."""
+        export = find_export(source)
+        meta = export.report
+        digest = sha256_file(export.path)[:12]
+        return cls(
+            [load_export(export)],
+            meta["classes"],
+            meta["image_size"],
+            meta["channels"],
+            f"{meta.get('model', 'model')}-{export.variant}@sha256:{digest}",
+            limits,
+            review_threshold(review, target_accuracy, meta),
+            meta.get("crop", "none"),
+        )
+
+    @property
+    def explainable(self) -> bool:
+        """Grad-CAM needs gradients: Keras models have them, exported ones do not."""
+        return not any(isinstance(model, (OnnxClassifier, TfliteClassifier)) for model in self.models)
 
     @classmethod
     def _from_mlflow(cls, uri: str, limits: DecodeLimits, review: float | str, target_accuracy: float) -> Predictor:
@@ -195,7 +220,7 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "upload") -> dict[str, Any]:
         return self.predict_arrays(self.array(self.decode_upload(data, name))[None])[0]
 
-    def _inputs(self, path: Path) -> list[tuple[str, np.ndarray]]:
+    def model_inputs(self, path: Path) -> list[tuple[str, np.ndarray]]:
         """(name, model input) for an image file, or for every slice of a DICOM file or NIfTI volume."""
         if is_scanner_file(path):
             slices = read_scanner_file(path, self.scanner, self.limits, b"")
@@ -216,7 +241,7 @@ class Predictor:
         batch: list[tuple[str, np.ndarray]] = []
         for path in paths:
             try:
-                inputs = self._inputs(path)
+                inputs = self.model_inputs(path)
             except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
                 yield from self._flush(batch)
                 batch = []
@@ -239,6 +264,8 @@ class Predictor:
 
     def gradcam_png(self, array: np.ndarray, class_index: int, alpha: float = 0.4) -> bytes:
         """The Grad-CAM overlay of one (size, size, channels) image for one class, as PNG bytes."""
+        if not self.explainable:
+            raise ModelError(f"{self.version} is an exported model: Grad-CAM needs the Keras model (--model models)")
         from brainmri.gradcam import gradcam_heatmaps, last_feature_map_layer, overlay, upsample
 
         # An ensemble's explanation: the mean of its members' heatmaps, each scaled to its peak.

@@ -140,7 +140,7 @@ def create_app(
             audit.record("serve", hashlib.sha256(data).hexdigest(), predictor.version, prediction)
         # No file name in the answer: it can name a patient, and the client knows what it sent.
         result = {**prediction, "model_version": predictor.version}
-        if request.args.get("gradcam", "").lower() in ("1", "true", "yes"):
+        if request.args.get("gradcam", "").lower() in ("1", "true", "yes") and predictor.explainable:
             png = predictor.gradcam_png(image, predictor.classes.index(result["predicted_class"]))
             result["gradcam_png"] = base64.b64encode(png).decode()
         return jsonify(result)
