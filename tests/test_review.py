@@ -88,3 +88,33 @@ def test_an_ensemble_averages_the_probabilities_of_its_members(tmp_path):
         Predictor.load_ensemble([tmp_path / "one", tmp_path / "other"], limits)
     with pytest.raises(ModelError, match="auto is fitted to one model"):
         Predictor.load_ensemble([tmp_path / "one", tmp_path / "one"], limits, "auto")
+
+
+class LeftHalfModel:
+    """Class 1 in proportion to the brightness of the image's left half: a mirror image disagrees."""
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        left = images[:, :, : images.shape[2] // 2].reshape(len(images), -1).mean(axis=1) / 255
+        return np.stack([1 - left, left], axis=1)
+
+
+def test_flip_tta_averages_each_image_with_its_mirror_image_and_says_so():
+    plain = Predictor([LeftHalfModel()], ["no", "yes"], 8, 1, "stand-in@1", DecodeLimits(10**6, 4096, 20, 2**28))
+    image = np.zeros((1, 8, 8, 1), np.uint8)
+    image[:, :, :4] = 255  # left half white: the plain model says yes, its mirror image no
+    assert plain.predict_arrays(image)[0]["probabilities"] == {"no": 0.0, "yes": 1.0}
+    flipped = plain.with_flip_tta()
+    assert flipped.predict_arrays(image)[0]["probabilities"] == {"no": 0.5, "yes": 0.5}
+    assert flipped.version == "stand-in@1 + flip TTA" and plain.version == "stand-in@1"
+
+
+def test_predict_tta_in_params_turns_it_on_for_predict_and_serve(monkeypatch):
+    from brainmri import cli
+    from brainmri.params import Params
+
+    stand_in = Predictor([LeftHalfModel()], ["no", "yes"], 8, 1, "stand-in@1", DecodeLimits(10**6, 4096, 20, 2**28))
+    monkeypatch.setattr(Predictor, "load_ensemble", classmethod(lambda cls, *args, **kwargs: stand_in))
+    params = Params.model_validate({"ingest": {"source": "data"}})
+    assert not cli.load_predictor(None, params).flip_tta
+    params = Params.model_validate({"ingest": {"source": "data"}, "predict": {"tta": True}})
+    assert cli.load_predictor(None, params).flip_tta

@@ -37,6 +37,21 @@ def audit_log(params: Params) -> AuditLog | None:
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
+def load_predictor(models: list[str] | None, params: Params):
+    """The --model models (default: models/) as the project's params read them; predict.tta adds flips."""
+    from brainmri.inference import Predictor
+    from brainmri.ingest import decode_limits, scanner_options
+
+    predictor = Predictor.load_ensemble(
+        models or ["models"],
+        decode_limits(params.ingest),
+        params.evaluate.review_threshold,
+        params.evaluate.target_accuracy,
+        scanner_options(params.ingest),
+    )
+    return predictor.with_flip_tta() if params.predict.tta else predictor
+
+
 def spreadsheet_safe(value):
     """A text cell a spreadsheet would run as a formula (a file named `=HYPERLINK(...)`), quoted
     with a leading apostrophe as OWASP advises; other values as they are."""
@@ -47,21 +62,14 @@ def predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from brainmri.images import sha256_file
-    from brainmri.inference import Predictor, image_files
-    from brainmri.ingest import decode_limits, scanner_options
+    from brainmri.inference import image_files
     from brainmri.scanner import split_slice_path
 
     params = project_params(args.params)
     files = image_files(args.paths)
     if not files:
         raise DataError("brainmri predict: no image files found in " + ", ".join(args.paths))
-    predictor = Predictor.load_ensemble(
-        args.model or ["models"],
-        decode_limits(params.ingest),
-        params.evaluate.review_threshold,
-        params.evaluate.target_accuracy,
-        scanner_options(params.ingest),
-    )
+    predictor = load_predictor(args.model, params)
     if args.gradcam and not predictor.explainable:
         raise ModelError(f"--gradcam needs the Keras model; {predictor.version} is an export without gradients")
     audit = audit_log(params)
@@ -115,18 +123,10 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from brainmri.inference import Predictor
-    from brainmri.ingest import decode_limits, scanner_options
     from brainmri.webapp import create_app, run_server
 
     params = project_params(args.params)
-    predictor = Predictor.load_ensemble(
-        args.model or ["models"],
-        decode_limits(params.ingest),
-        params.evaluate.review_threshold,
-        params.evaluate.target_accuracy,
-        scanner_options(params.ingest),
-    )
+    predictor = load_predictor(args.model, params)
     app = create_app(predictor, params.serve, audit_log(params), bind_host=args.host)
     run_server(app, args.host, args.port, params.serve)
     return 0

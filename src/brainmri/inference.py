@@ -63,6 +63,7 @@ class Predictor:
     review_threshold: float = 0.8
     crop: str = "none"  # brainmri.images.content_box, as the model was trained
     scanner: ScannerOptions = ScannerOptions()  # how DICOM and NIfTI files become slices, as ingest reads them
+    flip_tta: bool = False  # also classify each image's mirror image and average (predict.tta)
 
     @classmethod
     def load_ensemble(
@@ -193,10 +194,18 @@ class Predictor:
     def array(self, image: Image.Image) -> np.ndarray:
         return to_array(normalise_mode(image), self.image_size, self.channels, self.crop)
 
+    def with_flip_tta(self) -> Predictor:
+        """This predictor with flip test-time augmentation; its version says so (audit trail, answers)."""
+        return replace(self, flip_tta=True, version=f"{self.version} + flip TTA")
+
     def predict_arrays(self, arrays: np.ndarray) -> list[dict[str, Any]]:
         from brainmri.models import ensemble_probabilities
 
-        probabilities = ensemble_probabilities(self.models, arrays)
+        if self.flip_tta:  # one call for both: the mirror images (width axis) after the originals
+            both = ensemble_probabilities(self.models, np.concatenate([arrays, arrays[:, :, ::-1, :]]))
+            probabilities = (both[: len(arrays)] + both[len(arrays) :]) / 2
+        else:
+            probabilities = ensemble_probabilities(self.models, arrays)
         results = []
         for row in probabilities:
             best = int(row.argmax())

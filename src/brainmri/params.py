@@ -345,6 +345,14 @@ class ExportParams(_Section):
     calibration_images: int = Field(128, ge=1, description="int8: representative images, also the parity check set")
 
 
+class PredictParams(_Section):
+    tta: bool = Field(
+        False,
+        description="brainmri predict and serve: average each image's probabilities with its mirror image's "
+        "(flip test-time augmentation; the review threshold stays the one fitted without it)",
+    )
+
+
 class ServeParams(_Section):
     max_upload_mb: float = Field(10.0, gt=0, description="larger uploads get 413")
     threads: int = Field(16, ge=1, description="request threads of the WSGI server")
@@ -378,6 +386,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     gradcam: GradcamParams = GradcamParams()
     export: ExportParams = ExportParams()
+    predict: PredictParams = PredictParams()
     serve: ServeParams = ServeParams()
     audit: AuditParams = AuditParams()
 
