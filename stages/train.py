@@ -13,9 +13,7 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -43,7 +41,6 @@ from brainmri.models import (
 from brainmri.multi_worker import average_batch_norm_statistics, check_workers_agree, weights_digest
 from brainmri.params import Params, TrainParams, flatten, load_params
 from brainmri.paths import (
-    CHECKPOINT,
     HISTORY_IN_PROGRESS,
     MODELS,
     PREPARED,
@@ -95,24 +92,12 @@ def read_splits(index: ShardIndex) -> dict[str, Split]:
     return {part: index.arrays(part) for part in ("train", "val")}
 
 
-@contextmanager
-def checkpoint_path(hardware: Hardware) -> Iterator[Path]:
-    """Where this process saves its checkpoints. Only the chief writes models/, but under JAX across
-    processes saving a model is a collective step, so the other workers save into a scratch folder."""
-    if hardware.chief:
-        yield CHECKPOINT
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        yield Path(scratch) / CHECKPOINT.name
-
-
 def fit_phases(
     model: keras.Model,
     p: TrainParams,
     hardware: Hardware,
     index: ShardIndex,
     splits: dict[str, Split],
-    checkpoint: Path,
     run,
 ) -> dict[str, list]:
     """Train (a pretrained backbone frozen), then fine-tune its top when asked; the whole history."""
@@ -139,12 +124,11 @@ def fit_phases(
         compile_model(trainer, p, num_classes, steps_per_epoch=steps, global_batch=global_batch)
     weight_per_class = class_weights(index, p.class_weight)
     logs = tensorboard_folder() if p.tensorboard else None
-    everywhere = hardware.backend == "jax" and hardware.workers > 1
 
     def phase_callbacks(append: bool) -> list:
         extra = run.keras_callbacks()
         chief = hardware.chief
-        return callbacks(p, HISTORY_IN_PROGRESS, checkpoint, extra, append, chief, logs, everywhere, measures, model)
+        return callbacks(p, HISTORY_IN_PROGRESS, extra, append, chief, logs, measures)
 
     history = fit_model(
         trainer, hardware, train_data, val_data, p.epochs, phase_callbacks(append=False), weight_per_class
@@ -305,8 +289,7 @@ def main() -> None:
         lr = scaled_lr(p.lr, global_batch, p.lr_scaling)
         print(f"train: learning rate {lr:g} at a global batch of {global_batch} (train.lr_scaling: {p.lr_scaling})")
         run.log_param("train.lr_scaled", lr)
-        with checkpoint_path(hardware) as checkpoint:
-            history = fit_phases(model, p, hardware, index, splits, checkpoint, run)
+        history = fit_phases(model, p, hardware, index, splits, run)
         model, calibration, validation = finish(model, build, p, hardware, splits)
         if hardware.chief:
             example = (splits["val"] if len(splits["val"].labels) else splits["train"]).images[:2]

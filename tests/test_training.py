@@ -208,12 +208,33 @@ def test_an_interrupted_train_stage_reruns_to_a_complete_model(tmp_path):
     shutil.rmtree(repo)
 
 
+def test_early_stopping_counts_only_falls_larger_than_min_delta(tmp_path):
+    inputs = np.linspace(-1, 1, 64, dtype="float32")[:, None]
+    targets = 3 * inputs  # a line: plain SGD lowers the validation loss every epoch, by less than 1
+    epochs_run = {}
+    for min_delta in (0.0, 1.0):
+        params = TrainParams(early_stopping_patience=2, early_stopping_min_delta=min_delta)
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        history = model.fit(
+            inputs,
+            targets,
+            validation_data=(inputs, targets),
+            epochs=8,
+            callbacks=callbacks(params, tmp_path / f"history{min_delta}.csv", []),
+            verbose=0,
+        )
+        epochs_run[min_delta] = len(history.history["val_loss"])
+    assert epochs_run == {0.0: 8, 1.0: 3}  # with min_delta 1: the first epoch, then two without a real fall
+
+
 def test_tensorboard_event_files_are_written_when_asked(tmp_path):
     index = write_prepared_data(tmp_path / "prepared", {"train": [8, 8, 8, 8], "val": [2, 2, 2, 2]})
     params = TrainParams(image_size=32, width=4, tensorboard=True)
     model = build_model("compact_cnn", 4, 32, 1, width=4)
     compile_model(model, params, 4, epochs=1, steps_per_epoch=2)
-    chosen = callbacks(params, tmp_path / "history.csv", tmp_path / "best.keras", [], tensorboard=tmp_path / "tb")
+    chosen = callbacks(params, tmp_path / "history.csv", [], tensorboard=tmp_path / "tb")
     model.fit(
         labelled_batches(index, "train", 16, shuffle_seed=0),
         validation_data=labelled_batches(index, "val", 16),

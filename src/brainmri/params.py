@@ -263,6 +263,9 @@ class TrainParams(_Section):
         description="CutMix on each training batch (keras.layers.CutMix's factor); 0: off",
     )
     early_stopping_patience: int = Field(15, ge=1)
+    early_stopping_min_delta: float = Field(
+        0.0, ge=0, description="a validation loss must fall by more than this to count as an improvement"
+    )
     calibrate: bool = Field(True, description="temperature scaling fitted on the validation split")
     tensorboard: bool = Field(False, description="also write TensorBoard event files under logs/tensorboard/")
     reduce_lr_patience: int = Field(3, ge=1)

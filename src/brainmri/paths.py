@@ -29,10 +29,9 @@ PREPARED = Path("data/prepared")
 
 MODELS = Path("models")
 TRAIN_HISTORY = Path("metrics/train_history.csv")
-# Scratch space, not DVC outputs: the best checkpoint, and the history while
+# Scratch space, not a DVC output: the history while
 # training runs (moved to TRAIN_HISTORY when training ends, so a killed run
 # never leaves a partial history where git tracks it).
-CHECKPOINT = Path("build/checkpoints/best.keras")
 HISTORY_IN_PROGRESS = Path("build/train_history.csv")
 TENSORBOARD_LOGS = Path("logs/tensorboard")  # one folder per training run, under the workspace root
 

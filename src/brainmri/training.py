@@ -1,6 +1,6 @@
 """Fit a model on the balance stage's shards with the usual safety nets:
 early stopping on the best weights, LR schedule (cosine with warm-up, or
-reduction on plateau), best checkpoint, per-epoch history as CSV (a DVC plot)
+reduction on plateau), per-epoch history as CSV (a DVC plot)
 and per-epoch MLflow metrics; and the hardware it runs on (CPU, one or more
 GPUs with mixed precision, several machines) on TensorFlow or JAX."""
 
@@ -391,41 +391,26 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self.start
 
 
-class ClassifierCheckpoint(keras.callbacks.ModelCheckpoint):
-    """ModelCheckpoint that saves the classifier, not the training wrapper `fit` runs (its random
-    transforms and box term are not part of the model, and the box term cannot be saved)."""
-
-    def __init__(self, classifier: keras.Model | None, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.classifier = classifier
-
-    def set_model(self, model: keras.Model) -> None:
-        super().set_model(self.classifier or model)
-
-
 def callbacks(
     params: TrainParams,
     history_csv: Path,
-    checkpoint: Path,
     extra: list,
     append: bool = False,
     chief: bool = True,
     tensorboard: Path | None = None,
-    checkpoint_everywhere: bool = False,
     measures: tuple = (),
-    classifier: keras.Model | None = None,
 ) -> list:
-    """Early stopping and the LR plateau on every worker (all see the same logs); files, `extra`
-    (MLflow) and TensorBoard event files (into `tensorboard`, when given) on the chief only.
-
-    With `checkpoint_everywhere` the other workers save the checkpoint too, to their own
-    `checkpoint` path: under JAX across processes saving a model creates variables on every
-    process at once, so a save on the chief alone would wait for the others forever."""
+    """Early stopping (which restores the best epoch's weights) and the LR plateau on every worker
+    (all see the same logs); the history file, `extra` (MLflow) and TensorBoard event files (into
+    `tensorboard`, when given) on the chief only."""
     chosen = [
         EpochTimer(),  # first, so the callbacks after it see the time
         *measures,  # callbacks that add figures to the logs, before any records them
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=params.early_stopping_patience, restore_best_weights=True
+            monitor="val_loss",
+            patience=params.early_stopping_patience,
+            min_delta=params.early_stopping_min_delta,
+            restore_best_weights=True,
         ),
     ]
     if params.lr_schedule == "plateau":
@@ -436,16 +421,12 @@ def callbacks(
         )
     if chief:
         history_csv.parent.mkdir(parents=True, exist_ok=True)
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
         chosen += [
-            ClassifierCheckpoint(classifier, checkpoint, monitor="val_loss", save_best_only=True),
             keras.callbacks.CSVLogger(history_csv, append=append),
             *extra,
         ]
         if tensorboard is not None:
             chosen.append(keras.callbacks.TensorBoard(tensorboard))
-    elif checkpoint_everywhere:
-        chosen.append(ClassifierCheckpoint(classifier, checkpoint, monitor="val_loss", save_best_only=True))
     return chosen
 
 
