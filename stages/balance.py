@@ -3,12 +3,12 @@ training-ready TFRecord shards for train, val and test."""
 
 import shutil
 
-from brainmri.balance import balanced_training_records, plain_records, with_attached_boxes
+from brainmri.balance import balanced_training_records, plain_records, with_added_images, with_attached_boxes
 from brainmri.errors import run_entry_point
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
 from brainmri.metrics import write_json
 from brainmri.params import flatten, load_params
-from brainmri.paths import PREPARED, SPLIT, TRAIN_BOXES, metrics_file
+from brainmri.paths import PREPARED, SPLIT, TRAIN_ADDED, TRAIN_BOXES, metrics_file
 from brainmri.shards import ShardIndex, has_box, write_split
 from brainmri.split import SPLITS
 from brainmri.tracking import stage_run
@@ -27,6 +27,7 @@ def main() -> None:
         split = with_attached_boxes(
             read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"]), read_manifest(TRAIN_BOXES, ["path", "boxes"])
         )
+        added = read_manifest(TRAIN_ADDED, ["path", "label", "boxes"])
         classes = sorted(split["label"].unique())
         shutil.rmtree(PREPARED, ignore_errors=True)
         PREPARED.mkdir(parents=True)
@@ -35,6 +36,7 @@ def main() -> None:
         for name in SPLITS:
             rows = split[split["split"] == name]
             if name == "train":
+                rows = with_added_images(rows, params.ingest.source, added, TRAIN_ADDED.parent)
                 records = balanced_training_records(
                     rows, classes, size, channels, b.target, b.seed, b.augment, params.ingest.source, crop
                 )

@@ -2,12 +2,12 @@
 images) to the training split's own copies of those images, for balance to carry
 into the shards. Copies of validation or test images get none."""
 
-from brainmri.box_annotations import BOX_COLUMNS, attach_boxes, no_boxes
+from brainmri.box_annotations import BOX_COLUMNS, attach_boxes, copy_added_images, no_boxes
 from brainmri.errors import run_entry_point
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.params import load_params
-from brainmri.paths import SPLIT, TRAIN_BOXES, metrics_file
+from brainmri.paths import ADDED_IMAGES, SPLIT, TRAIN_ADDED, TRAIN_BOXES, metrics_file
 from brainmri.tracking import stage_run
 
 
@@ -18,6 +18,7 @@ def main() -> None:
         split = read_manifest(SPLIT, [*MANIFEST_COLUMNS, "split"])
         attached = attach_boxes(params, split) if folder else no_boxes()
         write_manifest(attached.boxes[BOX_COLUMNS], TRAIN_BOXES)
+        write_manifest(copy_added_images(attached.added, folder or ".", ADDED_IMAGES), TRAIN_ADDED)
         summary = attached.summary()
         write_json(summary, metrics_file("boxes"))
         run.log_metrics(summary)
@@ -25,7 +26,8 @@ def main() -> None:
             print(
                 f"boxes: {summary['train_images']} training images boxed from {summary['files']} annotated files "
                 f"({summary['files.no_copy']} without a copy in the data, "
-                f"{summary['files.copy_in_val_or_test']} copies of validation or test images, left out)"
+                f"{summary['files.copy_in_val_or_test']} copies of validation or test images, left out); "
+                f"{summary['added_images']} added as training images"
             )
 
 

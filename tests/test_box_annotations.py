@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from brainmri.balance import with_attached_boxes
-from brainmri.box_annotations import attach_boxes
+from brainmri.balance import balanced_training_records, with_added_images, with_attached_boxes
+from brainmri.box_annotations import attach_boxes, copy_added_images
 from brainmri.errors import DataError
 from brainmri.ingest import scan
-from brainmri.params import IngestParams, Params
+from brainmri.params import AugmentParams, IngestParams, Params
+from brainmri.shards import has_box
 
 from helpers import synthetic_image
 
@@ -25,12 +26,12 @@ def split_of(dataset) -> pd.DataFrame:
     return images.assign(split=["train" if v < 5 else "val" if v == 5 else "test" for v in variant])
 
 
-def params_for(dataset, folder) -> Params:
+def params_for(dataset, folder, add_unmatched: bool = False) -> Params:
     return Params.model_validate(
         {
             "ingest": {"source": str(dataset), "workers": 1},
             "dedup": {"workers": 1},
-            "train": {"localisation": {"boxes": str(folder)}},
+            "train": {"localisation": {"boxes": str(folder), "add_unmatched": add_unmatched}},
         }
     )
 
@@ -71,12 +72,38 @@ def test_boxes_go_to_training_copies_only_and_every_other_file_is_counted(datase
         "train_images": 2,
         "train_images.glioma": 1,
         "train_images.pituitary": 1,
+        "added_images": 0,
     }
     # Balance fills them in; a test image never gets the box of its copy.
     balanced = with_attached_boxes(split.assign(boxes=""), attached.boxes)
     boxed = balanced[balanced["boxes"] != ""]
     assert set(boxed["split"]) == {"train"} and len(boxed) == 2
     assert (balanced.loc[balanced["path"] == "glioma/glioma_006.jpg", "boxes"] == "").all()
+
+
+def test_add_unmatched_trains_on_the_files_without_a_copy_and_on_nothing_else(dataset, tmp_path):
+    folder = tmp_path / "boxes"
+    annotate(folder, "glioma", "1", Image.open(dataset / "glioma" / "glioma_006.jpg"))  # a test image
+    annotate(folder, "pituitary", "patient_name", synthetic_image(3, 900), "0 0.7 0.3 0.2 0.2")  # not in the data
+    params = params_for(dataset, folder, add_unmatched=True)
+    split = split_of(dataset)
+
+    attached = attach_boxes(params, split)
+
+    assert attached.added.to_dict("records") == [
+        {"path": "pituitary/patient_name.jpg", "label": "pituitary", "boxes": "0 0.7 0.3 0.2 0.2"}
+    ]
+    assert attached.summary()["added_images.pituitary"] == 1 and attached.summary()["files.copy_in_val_or_test"] == 1
+    rows = copy_added_images(attached.added, folder, tmp_path / "interim" / "added_images")
+    assert rows["path"].tolist() == ["added_images/pituitary/00000.jpg"]  # no name of the folder's is kept
+    train = with_added_images(split[split["split"] == "train"], dataset, rows, tmp_path / "interim")
+    records = balanced_training_records(train, ["glioma", "meningioma", "notumor", "pituitary"], 32, 1, "max", 0,
+                                        AugmentParams(), dataset)  # fmt: skip
+    added = [record for record in records if record.path == "added_images/pituitary/00000.jpg"]
+    assert [record.augmented for record in added][:1] == [False] and has_box(added[0].box)
+    x0, y0, x1, y1 = added[0].box
+    assert x0 < 0.7 * 32 < x1 and y0 < 0.3 * 32 < y1  # the box on the added image, mapped to the input
+    assert "glioma/glioma_006.jpg" not in {record.path for record in records}  # the test image stays out
 
 
 def test_an_image_with_its_own_box_keeps_it(dataset, tmp_path):

@@ -37,6 +37,14 @@ def with_attached_boxes(split: pd.DataFrame, attached: pd.DataFrame) -> pd.DataF
     return split.assign(boxes=split["boxes"].where(split["boxes"] != "", found))
 
 
+def with_added_images(
+    train: pd.DataFrame, source: str | Path, added: pd.DataFrame, added_root: str | Path
+) -> pd.DataFrame:
+    """The training rows (paths relative to `source`) and the boxes stage's added images (path,
+    label, boxes; paths relative to `added_root`), each row with the root its path is relative to."""
+    return pd.concat([train.assign(root=str(source)), added.assign(root=str(added_root))], ignore_index=True)
+
+
 def class_target(counts: pd.Series, target: int | str) -> int:
     return int(counts.max()) if target == "max" else int(target)
 
@@ -56,13 +64,15 @@ def balanced_training_records(
     Each record carries its image's box (`input_and_box`), moved with the image in a copy."""
     goal = class_target(train["label"].value_counts(), target)
     boxes = dict(zip(train["path"], train["boxes"].fillna("")))
+    # Rows from another folder than `root` (the boxes stage's added images) name theirs.
+    roots = dict(zip(train["path"], train["root"])) if "root" in train else {}
     records: list[Record] = []
     for class_index, label in enumerate(classes):
         paths = sorted(train.loc[train["label"] == label, "path"])
         pick = np.random.default_rng([seed, class_index])
         if len(paths) > goal:  # an integer target below the class size undersamples it
             paths = sorted(pick.choice(paths, goal, replace=False))
-        originals = [input_and_box(root, path, boxes[path], size, channels, crop) for path in paths]
+        originals = [input_and_box(roots.get(path, root), path, boxes[path], size, channels, crop) for path in paths]
         records += [Record(image, class_index, path, False, box) for (image, box), path in zip(originals, paths)]
         order = pick.permutation(len(paths))
         for copy in range(goal - len(paths)):

@@ -195,6 +195,11 @@ class LocalisationParams(_Section):
         description="a folder of box-annotated images (YOLO, as ingest reads them) whose boxes are attached to "
         "the training split's own copies of those images; copies of validation or test images get none",
     )
+    add_unmatched: bool = Field(
+        False,
+        description="the boxes folder's image files without a copy anywhere in the data join the training "
+        "split as images of their own, with their boxes",
+    )
 
 
 # The compact CNN and the keras.applications backbones that brainmri.models builds.

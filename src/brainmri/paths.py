@@ -24,6 +24,10 @@ SPLIT = Path("data/interim/split.csv")
 LEAKAGE = Path("data/interim/leakage.csv")
 
 TRAIN_BOXES = Path("data/interim/train_boxes.csv")  # boxes attached from train.localisation.boxes
+# train.localisation.add_unmatched: that folder's images without a copy in the data, and their rows
+# (paths relative to data/interim, the folder above them)
+ADDED_IMAGES = Path("data/interim/added_images")
+TRAIN_ADDED = Path("data/interim/train_added.csv")
 
 PREPARED = Path("data/prepared")
 
@@ -58,7 +62,7 @@ STAGE_OUTPUTS: dict[str, list[Path]] = {
     "ingest": [MANIFEST, REJECTS, SLICES, DATA_REPORT, metrics_file("ingest")],
     "dedup": [DEDUP, DUPLICATE_GROUPS, metrics_file("dedup")],
     "split": [SPLIT, LEAKAGE, metrics_file("split")],
-    "boxes": [TRAIN_BOXES, metrics_file("boxes")],
+    "boxes": [TRAIN_BOXES, TRAIN_ADDED, ADDED_IMAGES, metrics_file("boxes")],
     "balance": [PREPARED, metrics_file("balance")],
     "train": [MODELS, TRAIN_HISTORY, metrics_file("train")],
     "evaluate": [
