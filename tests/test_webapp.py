@@ -3,6 +3,7 @@ the decode cap, the request timeout, the audit trail and the error messages."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -13,8 +14,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
+from nibabel.testing import data_path as nibabel_data
+from pydicom.data import get_testdata_file
 
 from brainmri.audit import AuditLog
 from brainmri.batching import MicroBatcher
@@ -140,20 +144,22 @@ def test_the_batcher_hands_an_error_to_every_waiting_request_and_keeps_going():
     assert calls == [2, 1]
 
 
-def test_a_single_frame_mr_dicom_upload_is_read_and_others_are_named():
-    from pydicom.data import get_testdata_file
-
+def multi_frame_dicom(frames: int) -> bytes:
     from helpers import mr_template
 
+    dataset = mr_template()
+    dataset.NumberOfFrames, dataset.PixelData = frames, dataset.PixelData * frames
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    return buffer.getvalue()
+
+
+def test_an_mr_dicom_upload_is_read_and_others_are_named():
     client = create_app(predictor(), ServeParams()).test_client()
     mr = Path(get_testdata_file("MR_small.dcm")).read_bytes()
-    assert post(client, mr, "IM0001").status_code == 200
-    frames = mr_template()
-    frames.NumberOfFrames, frames.PixelData = 2, frames.PixelData * 2
-    buffer = io.BytesIO()
-    frames.save_as(buffer)
+    single = post(client, mr, "IM0001")
+    assert single.status_code == 200 and "predicted_class" in single.get_json()  # one slice: one result
     refused = {
-        "frames.dcm": (buffer.getvalue(), "2 frames"),
         "ct.dcm": (Path(get_testdata_file("CT_small.dcm")).read_bytes(), "modality 'CT'"),
         "cut.dcm": (mr[:300], "cut.dcm"),
     }
@@ -222,3 +228,28 @@ def test_two_processes_writing_one_audit_file_lose_no_entry_across_rotations(tmp
     assert {e["slice"] for e in entries} == {0, 1, 2}  # the slice of a scanner file, beside its file's hash
     with pytest.raises(ValueError, match="audit.backups must be at least 1"):
         AuditLog(path, max_mb=1, backups=0)
+
+
+def test_a_multi_frame_dicom_or_a_nifti_volume_gets_a_result_per_slice(tmp_path):
+    audit = AuditLog(tmp_path / "audit.jsonl", 10, 1)
+    client = create_app(predictor(), ServeParams(), audit).test_client()
+    frames = post(client, multi_frame_dicom(10), "series.dcm")
+    body = frames.get_json()
+    assert frames.status_code == 200 and [s["slice"] for s in body["slices"]] == list(range(10))
+    assert {s["predicted_class"] for s in body["slices"]} <= {"dark", "bright"}
+    assert body["notice"] == NOT_A_MEDICAL_DEVICE and body["model_version"] == "stand-in@1"
+    entries = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [entry["slice"] for entry in entries] == list(range(10))  # slices of one file told apart
+
+    volume = Path(nibabel_data) / "anatomical.nii"
+    slices = nibabel.load(volume).shape[2]
+    for data, name in ((volume.read_bytes(), "t1.nii"), (gzip.compress(volume.read_bytes()), "t1.nii.gz")):
+        answer = post(client, data, name)
+        assert answer.status_code == 200 and len(answer.get_json()["slices"]) == slices, name
+
+    capped = create_app(predictor(), ServeParams(max_slices=5)).test_client()
+    refused = post(capped, volume.read_bytes(), "t1.nii")
+    assert refused.status_code == 400
+    assert f"{slices} slices, more than serve.max_slices=5" in refused.get_json()["error"]
+    broken = post(client, b"not a volume" * 40, "t1.nii")
+    assert broken.status_code == 400 and "t1.nii: not a readable NIfTI volume" in broken.get_json()["error"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_im
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.review import review_threshold
 from brainmri.scanner import (
+    NIFTI_SUFFIXES,
     ScannerFileError,
     ScannerOptions,
     is_dicom_bytes,
@@ -220,14 +222,25 @@ class Predictor:
             )
         return results
 
-    def decode_upload(self, data: bytes, name: str = "upload") -> Image.Image:
-        """An uploaded image, or single-frame DICOM file windowed as ingest windows it; BadImage says what is wrong."""
+    def decode_upload(self, data: bytes, name: str, max_slices: int) -> list[tuple[int | None, Image.Image]]:
+        """(slice index, image) for every frame of an uploaded DICOM file or slice of a NIfTI volume
+        (named `.nii` / `.nii.gz`), read as ingest reads them, with the same limits; (None, image)
+        for a plain image. BadImage says what is wrong, also for more than `max_slices` slices."""
         if is_dicom_bytes(data):
-            return decode_dicom_bytes(data, name, self.limits, self.scanner)
-        return decode_bytes(data, name, self.limits)
-
-    def predict_bytes(self, data: bytes, name: str = "upload") -> dict[str, Any]:
-        return self.predict_arrays(self.array(self.decode_upload(data, name))[None])[0]
+            try:
+                slices = read_dicom_bytes(data, self.scanner, self.limits)
+            except ScannerFileError as error:
+                raise BadImage(f"{name}: {error}") from None
+        elif name.lower().endswith(NIFTI_SUFFIXES):
+            slices = read_nifti_bytes(data, name, self.scanner, self.limits)
+        else:
+            return [(None, decode_bytes(data, name, self.limits))]
+        if len(slices) > max_slices:
+            raise BadImage(
+                f"{name}: {len(slices)} slices, more than serve.max_slices={max_slices}; "
+                "brainmri predict reads a whole volume"
+            )
+        return [(found.index, found.image) for found in slices]
 
     def model_inputs(self, path: Path) -> list[tuple[str, np.ndarray]]:
         """(name, model input) for an image file, or for every slice of a DICOM file or NIfTI volume."""
@@ -311,15 +324,17 @@ def decode_bytes(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
         raise BadImage(f"{name}: corrupt or truncated image ({error})") from None
 
 
-def decode_dicom_bytes(data: bytes, name: str, limits: DecodeLimits, options: ScannerOptions) -> Image.Image:
-    """An uploaded DICOM file's one frame, windowed as ingest windows it; BadImage says what is wrong."""
-    try:
-        slices = read_dicom_bytes(data, options, limits)
-    except ScannerFileError as error:
-        raise BadImage(f"{name}: {error}") from None
-    if len(slices) != 1:
-        raise BadImage(f"{name}: a DICOM file of {len(slices)} frames; upload one frame (brainmri predict reads all)")
-    return slices[0].image
+def read_nifti_bytes(data: bytes, name: str, options: ScannerOptions, limits: DecodeLimits) -> list:
+    """An uploaded NIfTI volume's slices, through a private temporary file (nibabel reads files),
+    with ingest's checks: the declared size against the limits before any voxel is inflated."""
+    suffix = ".nii.gz" if name.lower().endswith(".gz") else ".nii"
+    with tempfile.TemporaryDirectory(prefix="brainmri-upload-") as scratch:
+        path = Path(scratch) / f"upload{suffix}"
+        path.write_bytes(data)
+        try:
+            return read_scanner_file(path, options, limits, b"", "upload")
+        except ScannerFileError as error:
+            raise BadImage(f"{name}: {error}") from None
 
 
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:

@@ -367,6 +367,7 @@ class ServeParams(_Section):
     max_batch: int = Field(16, ge=1, description="concurrent requests answered by one model call")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a request waits for others to join its batch")
     max_decodes: int = Field(4, ge=1, description="uploads decoded at once; the others wait their turn")
+    max_slices: int = Field(64, ge=1, description="slices of one uploaded DICOM or NIfTI file; a larger file gets 400")
     timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 503")
     allowed_hosts: list[str] = Field(
         [], description="Host names the server answers besides its bind address and loopback names (DNS rebinding)"

@@ -123,25 +123,32 @@ def create_app(
         if not decodes.acquire(timeout=settings.timeout_s):
             return busy("no decoding slot free")
         try:
-            image = predictor.array(predictor.decode_upload(data, name))
+            decoded = predictor.decode_upload(data, name, settings.max_slices)
+            inputs = [(index, predictor.array(image)) for index, image in decoded]
         except BadImage as error:
             return jsonify(error=str(error)), 400
         finally:
             decodes.release()
         if time.monotonic() >= deadline:  # decoding took the time: the model is not asked in vain
             return busy("not answered")
-        future = batcher.submit(image)
+        futures = [batcher.submit(array) for _, array in inputs]
         try:
-            prediction = future.result(timeout=max(0.0, deadline - time.monotonic()))
+            predictions = [future.result(timeout=max(0.0, deadline - time.monotonic())) for future in futures]
         except FutureTimeout:
-            future.cancel()
+            for future in futures:
+                future.cancel()
             return busy("not answered")
+        digest = hashlib.sha256(data).hexdigest()
         if audit:
-            audit.record("serve", hashlib.sha256(data).hexdigest(), predictor.version, prediction)
+            for (index, _), prediction in zip(inputs, predictions):
+                audit.record("serve", digest, predictor.version, prediction, index)
         # No file name in the answer: it can name a patient, and the client knows what it sent.
-        result = {**prediction, "model_version": predictor.version}
+        if len(inputs) > 1:  # a scanner file of several slices: one result per slice
+            slices = [{"slice": index, **prediction} for (index, _), prediction in zip(inputs, predictions)]
+            return jsonify(slices=slices, model_version=predictor.version, notice=NOT_A_MEDICAL_DEVICE)
+        result = {**predictions[0], "model_version": predictor.version}
         if request.args.get("gradcam", "").lower() in ("1", "true", "yes") and predictor.explainable:
-            png = predictor.gradcam_png(image, predictor.classes.index(result["predicted_class"]))
+            png = predictor.gradcam_png(inputs[0][1], predictor.classes.index(result["predicted_class"]))
             result["gradcam_png"] = base64.b64encode(png).decode()
         return jsonify(result)
 
