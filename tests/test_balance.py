@@ -120,12 +120,17 @@ def test_a_box_moves_by_hand_checked_flips_rotations_zooms_and_shifts():
     assert moved_box(box, _forward_matrix(64, 0, 1, -5, 7), 64, False) == pytest.approx((35, 17, 45, 27))
     assert moved_box(box, _forward_matrix(64, 0, 1, 20, 0), 64, False) == NO_BOX  # more than half pushed out
     assert moved_box(NO_BOX, _forward_matrix(64, 30, 1, 0, 0), 64, True) == NO_BOX
+    assert moved_box(box, _forward_matrix(64, 0, 1, 0, 0), 64, False, True) == (40.0, 44.0, 50.0, 54.0)  # upside down
+    # Shear by 45 degrees: x moves by (y - 31.5), so the top edge by -21.5 and the bottom by -11.5.
+    assert moved_box(box, _forward_matrix(64, 0, 1, 0, 0, 45), 64, False) == pytest.approx((18.5, 10, 38.5, 20))
 
 
 def test_an_augmented_box_still_holds_its_moved_lesion():
     image = np.full((64, 64, 1), 20, np.uint8)
     image[18:26, 36:44] = 220  # the lesion
-    params = AugmentParams(rotation=20, shift=0.1, zoom=0.2, flip=True, brightness=0, contrast=0)
+    params = AugmentParams(
+        rotation=20, shift=0.1, zoom=0.2, flip=True, vertical_flip=True, shear=15, brightness=0, contrast=0
+    )
     rng = np.random.default_rng(0)
     for _ in range(20):
         moved, (x0, y0, x1, y1) = augment_with_box(image, (36.0, 18.0, 44.0, 26.0), rng, params)

@@ -18,27 +18,38 @@ SIZE = 64
 CENTRE = (SIZE - 1) / 2
 SPOT = (40.0, 20.0)  # (x, y) of a bright square's centre
 SPOT_BOX = [39.0, 19.0, 42.0, 22.0]  # its box: pixel edges (x0, y0, x1, y1)
-AUGMENT = {"rotation": 10, "shift": 0.1, "zoom": 0.2, "flip": True, "brightness": 0.1, "contrast": 0.1, "erasing": 0.3}
-KNOWN = {  # name: (flip, angle, scale, shift_x, shift_y)
-    "rotate_90": (0.0, 90.0, 1.0, 0.0, 0.0),
-    "shift": (0.0, 0.0, 1.0, 5.0, -3.0),
-    "zoom": (0.0, 0.0, 1.5, 0.0, 0.0),
-    "flip": (1.0, 0.0, 1.0, 0.0, 0.0),
-    "all": (1.0, -7.0, 0.85, -4.0, 6.0),
+AUGMENT = {"rotation": 10, "shift": 0.1, "zoom": 0.2, "flip": True, "brightness": 0.1, "contrast": 0.1, "erasing": 0.3,
+           "vertical_flip": True, "shear": 15}  # fmt: skip
+KNOWN = {  # name: (flip, angle, scale, shift_x, shift_y, vertical flip, shear)
+    "rotate_90": (0.0, 90.0, 1.0, 0.0, 0.0, 0.0, 0.0),
+    "shift": (0.0, 0.0, 1.0, 5.0, -3.0, 0.0, 0.0),
+    "zoom": (0.0, 0.0, 1.5, 0.0, 0.0, 0.0, 0.0),
+    "flip": (1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0),
+    "vertical_flip": (0.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0),
+    "shear": (0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 20.0),
+    "all": (1.0, -7.0, 0.85, -4.0, 6.0, 1.0, -12.0),
 }
 
 
-def expected_position(flip: float, angle: float, scale: float, shift_x: float, shift_y: float) -> tuple[float, float]:
-    """Where the forward transform moves SPOT: flip, then c + s R(angle) (p - c) + shift, y pointing down."""
-    x, y = SPOT
+def forward(point, flip, angle, scale, shift_x, shift_y, vertical_flip, shear) -> tuple[float, float]:
+    """Where the forward transform moves a point (pixel-centre coordinates): the flips, then
+    c + s R(angle) Sh(shear) (p - c) + shift, y pointing down, Sh = [[1, tan(shear)], [0, 1]]."""
+    x, y = point
     if flip:
         x = SIZE - 1 - x
+    if vertical_flip:
+        y = SIZE - 1 - y
     radians = np.radians(angle)
     dx, dy = x - CENTRE, y - CENTRE
+    dx = dx + np.tan(np.radians(shear)) * dy
     return (
         CENTRE + scale * (np.cos(radians) * dx - np.sin(radians) * dy) + shift_x,
         CENTRE + scale * (np.sin(radians) * dx + np.cos(radians) * dy) + shift_y,
     )
+
+
+def expected_position(*transform) -> tuple[float, float]:
+    return forward(SPOT, *transform)
 
 
 def spot_image() -> np.ndarray:
@@ -62,13 +73,15 @@ def report() -> dict:
     from brainmri.random_transforms import RandomTransforms, identity_draws, transform_batch, transform_boxes
 
     out: dict = {"backend": keras.backend.backend(), "positions": {}, "boxes": {}}
-    for name, (flip, angle, scale, shift_x, shift_y) in KNOWN.items():
+    for name, (flip, angle, scale, shift_x, shift_y, vertical_flip, shear) in KNOWN.items():
         draws = identity_draws(1, SIZE)._replace(
             flip=ops.array([flip]),
             angle=ops.array([angle]),
             scale=ops.array([scale]),
             shift_x=ops.array([shift_x]),
             shift_y=ops.array([shift_y]),
+            flip_vertical=ops.array([vertical_flip]),
+            shear=ops.array([shear]),
         )
         moved = ops.convert_to_numpy(transform_batch(ops.array(spot_image()[None]), draws))[0]
         out["positions"][name] = centroid(moved)
@@ -125,12 +138,12 @@ def test_a_point_lands_where_the_known_flip_rotation_zoom_and_shift_put_it(backe
 
 
 def test_a_box_moves_with_its_pixels_and_is_dropped_when_pushed_out(backend_report):
-    for name, (flip, angle, scale, shift_x, shift_y) in KNOWN.items():
-        x0, y0, x1, y1 = backend_report["boxes"][name]
-        expected = expected_position(flip, angle, scale, shift_x, shift_y)
-        assert np.allclose(((x0 + x1) / 2 - 0.5, (y0 + y1) / 2 - 0.5), expected, atol=1e-3), name
-        turned = abs(np.sin(np.radians(angle))) + abs(np.cos(np.radians(angle)))  # a turned square's bounding box
-        assert x1 - x0 == pytest.approx(3 * scale * turned, abs=1e-3) == y1 - y0, name
+    for name, transform in KNOWN.items():
+        # By hand: the bounding box of the box's four corners (pixel edges -> centres and back).
+        x0, y0, x1, y1 = (edge - 0.5 for edge in SPOT_BOX)
+        corners = np.array([forward(corner, *transform) for corner in ((x0, y0), (x1, y0), (x0, y1), (x1, y1))])
+        expected = [*(corners.min(axis=0) + 0.5), *(corners.max(axis=0) + 0.5)]
+        assert np.allclose(backend_report["boxes"][name], expected, atol=1e-3), name
     assert backend_report["boxes"]["pushed_out"] == [0, 0, 0, 0]
 
 
@@ -154,6 +167,8 @@ def test_draws_follow_the_params_ranges(backend_report):
     assert np.abs(draws["contrast"] - 1).max() <= AUGMENT["contrast"] + 1e-6
     assert np.abs(draws["brightness"] - 1).max() <= AUGMENT["brightness"] + 1e-6
     assert draws["flip"].mean() == pytest.approx(0.5, abs=0.03)
+    assert draws["flip_vertical"].mean() == pytest.approx(0.5, abs=0.03)
+    assert np.abs(draws["shear"]).max() <= AUGMENT["shear"] and draws["shear"].std() > AUGMENT["shear"] / 2
     assert draws["erase"].mean() == pytest.approx(AUGMENT["erasing"], abs=0.03)
     areas = draws["erase_height"] * draws["erase_width"] / SIZE**2
     assert areas.min() >= 0.015 and areas.max() <= 0.36  # ERASED_AREA, give or take rounding to pixels

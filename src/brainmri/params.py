@@ -151,6 +151,8 @@ class AugmentParams(_Section):
     shift: float = Field(0.05, ge=0, lt=0.5, description="max fraction of the side")
     zoom: float = Field(0.1, ge=0, lt=0.5, description="max relative scale change")
     flip: bool = True
+    vertical_flip: bool = Field(False, description="also mirror top-bottom, half of the time")
+    shear: float = Field(0.0, ge=0, lt=45, description="max shear angle in degrees, either way (along x)")
     brightness: float = Field(0.1, ge=0, lt=1, description="max relative change")
     contrast: float = Field(0.1, ge=0, lt=1, description="max relative change")
     erasing: float = Field(

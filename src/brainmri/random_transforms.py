@@ -2,8 +2,8 @@
 
 One Keras layer (`keras.ops`, so it runs on TensorFlow, JAX and torch) that
 takes a batch of uint8 images and returns the batch transformed,
-as uint8: a horizontal flip, one affine resampling that rotates, zooms and
-shifts together, contrast and brightness about each image's mean, and random
+as uint8: horizontal and vertical flips, one affine resampling that rotates,
+zooms, shears and shifts together, contrast and brightness about each image's mean, and random
 erasing. The draws follow the balance stage's `brainmri.augment.augment`
 (the same params, the same ranges); `transform_batch` applies given draws,
 so a test can move a point by a known transform and find it where computed.
@@ -39,6 +39,8 @@ class Draws(NamedTuple):
     erase_left: object
     erase_height: object
     erase_width: object
+    flip_vertical: object  # 1.0: mirror top-bottom first (after the left-right flip)
+    shear: object  # degrees: x moves by tan(shear) times y before the rotation
 
 
 def affine_rows(draws: Draws, size: int):
@@ -46,16 +48,21 @@ def affine_rows(draws: Draws, size: int):
     output pixel (x, y) samples the input at (a0 x + a1 y + a2, b0 x + b1 y + b2).
 
     The forward transform, as in `brainmri.augment`, maps a point p of the flipped image to
-    c + s R(angle) (p - c) + shift, c the image centre and R the rotation matrix in (x, y) with
-    y pointing down; these rows are its inverse, R(-angle) (p' - c - shift) / s + c, then the flip."""
+    c + M (p - c) + shift, M = s R(angle) Sh(shear), c the image centre, R the rotation matrix in
+    (x, y) with y pointing down and Sh = [[1, tan(shear)], [0, 1]]; these rows are its inverse,
+    M^-1 (p' - c - shift) + c, M^-1 = Sh(-shear) R(-angle) / s, then the flips."""
     centre = (size - 1) / 2
     radians = draws.angle * (math.pi / 180)
-    a0, a1 = ops.cos(radians) / draws.scale, ops.sin(radians) / draws.scale
-    b0, b1 = -a1, a0
+    cos, sin = ops.cos(radians), ops.sin(radians)
+    shear = ops.tan(draws.shear * (math.pi / 180))  # 0 without shear: the terms below add exactly 0
+    a0, a1 = (cos + shear * sin) / draws.scale, (sin - shear * cos) / draws.scale
+    b0, b1 = -sin / draws.scale, cos / draws.scale
     a2 = centre - a0 * (centre + draws.shift_x) - a1 * (centre + draws.shift_y)
     b2 = centre - b0 * (centre + draws.shift_x) - b1 * (centre + draws.shift_y)
     mirror = 1 - 2 * draws.flip  # x -> (size - 1) - x where flipped
     a0, a1, a2 = mirror * a0, mirror * a1, draws.flip * (size - 1) + mirror * a2
+    upside_down = 1 - 2 * draws.flip_vertical  # y -> (size - 1) - y where flipped
+    b0, b1, b2 = upside_down * b0, upside_down * b1, draws.flip_vertical * (size - 1) + upside_down * b2
     zeros = ops.zeros_like(a0)
     return ops.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
 
@@ -131,12 +138,15 @@ def transform_boxes(boxes, draws: Draws, size: int):
     centre = (size - 1) / 2
     radians = draws.angle * (math.pi / 180)
     cos, sin = ops.cos(radians)[:, None], ops.sin(radians)[:, None]
-    flip, scale = draws.flip[:, None], draws.scale[:, None]
+    shear = ops.tan(draws.shear * (math.pi / 180))[:, None]
+    scale, flip, flip_vertical = draws.scale[:, None], draws.flip[:, None], draws.flip_vertical[:, None]
     x0, y0, x1, y1 = (boxes[:, i : i + 1] for i in range(4))
     xs = ops.concatenate([x0, x1, x0, x1], axis=1) - 0.5  # pixel edges -> pixel-centre coordinates
     ys = ops.concatenate([y0, y0, y1, y1], axis=1) - 0.5
     xs = flip * ((size - 1) - xs) + (1 - flip) * xs
+    ys = flip_vertical * ((size - 1) - ys) + (1 - flip_vertical) * ys
     dx, dy = xs - centre, ys - centre
+    dx = dx + shear * dy
     moved_x = centre + scale * (cos * dx - sin * dy) + draws.shift_x[:, None] + 0.5
     moved_y = centre + scale * (sin * dx + cos * dy) + draws.shift_y[:, None] + 0.5
     moved = ops.stack(
@@ -155,7 +165,7 @@ def transform_boxes(boxes, draws: Draws, size: int):
 def identity_draws(batch: int, size: int) -> Draws:
     """Draws that change nothing: a starting point for tests and for params that switch all off."""
     zeros, ones = ops.zeros((batch,)), ops.ones((batch,))
-    return Draws(zeros, zeros, ones, zeros, zeros, ones, ones, zeros, zeros, zeros, zeros, zeros)
+    return Draws(zeros, zeros, ones, zeros, zeros, ones, ones, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
 
 
 @keras.saving.register_keras_serializable(package="brainmri")
@@ -177,6 +187,7 @@ class RandomTransforms(keras.layers.Layer):
         def chance(probability: float):
             return ops.cast(keras.random.uniform((batch,), seed=self.seed_generator) < probability, "float32")
 
+        # A transform switched off draws nothing, so the others draw as they would without it.
         erase_height = ops.round(ops.sqrt(uniform(*ERASED_AREA)) * size)
         erase_width = ops.round(ops.sqrt(uniform(*ERASED_AREA)) * size)
         return Draws(
@@ -192,6 +203,8 @@ class RandomTransforms(keras.layers.Layer):
             erase_left=ops.floor(uniform(0, 1) * (size - erase_width)),
             erase_height=erase_height,
             erase_width=erase_width,
+            flip_vertical=chance(0.5) if a.vertical_flip else ops.zeros((batch,)),
+            shear=uniform(-a.shear, a.shear) if a.shear else ops.zeros((batch,)),
         )
 
     def call(self, images, boxes=None, training: bool = False):
@@ -215,6 +228,8 @@ class RandomTransforms(keras.layers.Layer):
 def is_identity(augment: AugmentParams) -> bool:
     return not (
         augment.flip
+        or augment.vertical_flip
+        or augment.shear
         or augment.rotation
         or augment.zoom
         or augment.shift
