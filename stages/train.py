@@ -52,6 +52,7 @@ from brainmri.shards import ShardIndex, Split
 from brainmri.tracking import project_root, stage_run
 from brainmri.training import (
     Hardware,
+    PhaseLog,
     callbacks,
     class_weights,
     compile_model,
@@ -125,14 +126,12 @@ def fit_phases(
     weight_per_class = class_weights(index, p.class_weight)
     logs = tensorboard_folder() if p.tensorboard else None
 
-    def phase_callbacks(append: bool) -> list:
-        extra = run.keras_callbacks()
-        chief = hardware.chief
-        return callbacks(p, HISTORY_IN_PROGRESS, extra, append, chief, logs, measures)
+    def phase_callbacks(phase: int) -> list:
+        # Two phases: each epoch says which, in the history and in MLflow.
+        marked = (*measures, PhaseLog(phase)) if p.fine_tune.epochs else measures
+        return callbacks(p, HISTORY_IN_PROGRESS, run.keras_callbacks(), phase == 2, hardware.chief, logs, marked)
 
-    history = fit_model(
-        trainer, hardware, train_data, val_data, p.epochs, phase_callbacks(append=False), weight_per_class
-    )
+    history = fit_model(trainer, hardware, train_data, val_data, p.epochs, phase_callbacks(1), weight_per_class)
     if p.fine_tune.epochs:
         done = len(history["val_loss"])
         with hardware.strategy.scope():
@@ -148,9 +147,7 @@ def fit_phases(
                 global_batch=global_batch,
             )
         last = done + p.fine_tune.epochs
-        tuned = fit_model(
-            trainer, hardware, train_data, val_data, last, phase_callbacks(append=True), weight_per_class, done
-        )
+        tuned = fit_model(trainer, hardware, train_data, val_data, last, phase_callbacks(2), weight_per_class, done)
         history = {key: history[key] + tuned.get(key, []) for key in history}
     return history
 
@@ -247,6 +244,9 @@ def save_and_log(
         "parameters": model.count_params(),
         **calibration,
     }
+    if "phase" in history:  # a pretrained backbone, fine-tuned: how long each phase ran
+        summary["epochs_frozen"] = history["phase"].count(1)
+        summary["epochs_fine_tuned"] = history["phase"].count(2)
     write_json(summary, metrics_file("train"))
     run.log_metrics({f"final.{key}": value for key, value in summary.items()})
     run.log_artifact(str(MODELS / "model.json"), "model_meta")

@@ -292,3 +292,34 @@ def test_yolo_boxes_beside_the_images_supervise_training_end_to_end(tmp_path):
     assert (
         refused.returncode != 0 and "train.cutmix pastes other images over the boxes" in refused.stdout + refused.stderr
     )
+
+
+def test_a_backbone_from_a_weights_file_trains_in_two_phases_through_dvc_repro(tmp_path):
+    from brainmri.models import application_backbone
+
+    repo = create_project(tmp_path / "repo")
+    weights = tmp_path / "mobilenet_v3_small.weights.h5"  # as Keras' own download would be, made here
+    keras.utils.set_random_seed(1)
+    start = application_backbone("mobilenet_v3_small", 32, None)
+    start.save_weights(weights)
+    train = {"model": "mobilenet_v3_small", "weights": str(weights), "epochs": 2}
+    update_params(repo / "params.yaml", {"train": {**train, "fine_tune": {"epochs": 1, "layers": 5, "lr": 1e-4}}})
+    run(["dvc", "repro", "train"], repo)
+
+    history = pd.read_csv(repo / "metrics" / "train_history.csv")
+    assert history["phase"].tolist() == [1, 1, 2]  # the head alone, then the top of the backbone too
+    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    assert (metrics["epochs_frozen"], metrics["epochs_fine_tuned"]) == (2, 1)
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    trained = client.search_runs(
+        [client.get_experiment_by_name("brain-mri").experiment_id], "tags.`brainmri.stage` = 'train'"
+    )[0]
+    assert [m.value for m in client.get_metric_history(trained.info.run_id, "phase")] == [1, 1, 2]
+    # The file's weights were loaded, and stayed where neither phase unfroze them (the bottom).
+    backbone = keras.saving.load_model(repo / "models" / "model.keras").get_layer("backbone")
+    first = next(layer for layer in backbone.layers if layer.get_weights())
+    np.testing.assert_array_equal(first.get_weights()[0], start.get_layer(first.name).get_weights()[0])
+    top = [layer for layer in backbone.layers[-5:] if layer.trainable_weights or layer.get_weights()]
+    assert any(
+        not np.array_equal(layer.get_weights()[0], start.get_layer(layer.name).get_weights()[0]) for layer in top
+    )  # phase 2 moved the top

@@ -64,7 +64,19 @@ def _supervision(params: Params, balance: dict, classes: list[str]) -> str:
     )
 
 
-def _details(params: Params, balance_description: str, supervision: str) -> list[str]:
+def _phases(params: Params, train: dict) -> str:
+    """The two phases of transfer learning, as they ran (metrics/train.json)."""
+    if "epochs_fine_tuned" not in train:
+        return ""
+    f = params.train.fine_tune
+    return (
+        f"; transfer learning in two phases: {_number(train['epochs_frozen'])} epochs with the backbone frozen, "
+        f"then {_number(train['epochs_fine_tuned'])} with its top {f.layers} layers unfrozen (batch norm frozen) "
+        f"at learning rate {f.lr:g}"
+    )
+
+
+def _details(params: Params, balance_description: str, supervision: str, phases: str) -> list[str]:
     t = params.train
     head = f"global {t.pooling} pooling, dropout {t.dropout}, softmax (sigmoid for two classes)"
     augment = [k if v is True else f"{k} {v:g}" for k, v in t.augment.model_dump().items() if v not in (0, 0.0, False)]
@@ -80,6 +92,7 @@ def _details(params: Params, balance_description: str, supervision: str) -> list
         f"epochs with early stopping (patience {t.early_stopping_patience}), label smoothing {t.label_smoothing}; "
         f"in-model augmentation: {', '.join(augment) or 'none'}"
         + (f", CutMix (factor {t.cutmix:g})" if t.cutmix else "")
+        + phases
         + f"; {balance_description}.",
         f"- **Localisation supervision:** {supervision}.",
         f"- **Registered as** `{params.tracking.registered_model}` in MLflow's model registry.",
@@ -295,7 +308,12 @@ def render_model_card(params: Params, metrics: dict[str, dict], layout: str) -> 
         "`dvc repro` rebuilds it with every figure in it.",
         "",
         *_intended_use(evaluate.get("review_threshold", params.evaluate.review_threshold)),
-        *_details(params, _balancing(split, balance, classes), _supervision(params, balance, classes)),
+        *_details(
+            params,
+            _balancing(split, balance, classes),
+            _supervision(params, balance, classes),
+            _phases(params, metrics.get("train", {})),
+        ),
         *_data(params, metrics.get("ingest", {}), metrics.get("dedup", {}), split, classes, layout),
         *_evaluation(evaluate, classes, metrics.get("train", {})),
         *_explanations(gradcam, classes),

@@ -391,6 +391,18 @@ class EpochTimer(keras.callbacks.Callback):
             logs["epoch_seconds"] = time.perf_counter() - self.start
 
 
+class PhaseLog(keras.callbacks.Callback):
+    """Adds `phase` to each epoch's logs: 1 with the backbone frozen, 2 while fine-tuning its top."""
+
+    def __init__(self, phase: int) -> None:
+        super().__init__()
+        self.phase = phase
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["phase"] = self.phase
+
+
 def callbacks(
     params: TrainParams,
     history_csv: Path,
