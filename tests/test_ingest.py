@@ -3,6 +3,7 @@ import os
 import shutil
 import threading
 
+import nibabel
 import numpy as np
 import pytest
 from PIL import Image
@@ -141,13 +142,34 @@ def test_classes_param_selects_and_checks_folders(dataset):
 
 
 def test_outliers_are_flagged_not_removed(dataset):
-    Image.new("L", (48, 48), 255).save(dataset / "glioma" / "white.png")
+    bright = np.full((48, 48), 250, np.uint8)
+    bright[10:20, 10:20] = 240
+    Image.fromarray(bright).save(dataset / "glioma" / "white.png")
     synthetic_image(0, 77, size=32).save(dataset / "glioma" / "small.png")
     result = scan(params(dataset, outliers={"min_side": 40}))
     flagged = dict(zip(result.images["path"].str.rsplit("/", n=1).str[-1], result.images["outlier"]))
     assert "brightness" in flagged["white.png"]
     assert "short side < 40px" in flagged["small.png"]
     assert flagged["glioma_000.jpg"] == ""
+
+
+def test_blank_images_and_slices_are_rejected_not_learnt(dataset):
+    Image.new("L", (48, 48), 255).save(dataset / "glioma" / "white.png")
+    Image.new("RGB", (48, 48), (255, 0, 0)).save(dataset / "glioma" / "red.png")
+    result = scan(params(dataset))
+    rejected = dict(zip(result.rejects["path"].str.rsplit("/", n=1).str[-1], result.rejects["reason"]))
+    blank = "blank: every pixel has the same value"
+    assert rejected["white.png"] == rejected["red.png"] == blank
+    assert not result.images["path"].str.contains("white|red").any()
+
+    volume = np.zeros((16, 16, 3), np.float32)
+    volume[..., 1] = np.nan  # a slice of NaN: blank once windowed, like the all-zero ones
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), dataset / "empty.nii.gz")
+    recorder = Recorder(str(dataset), ScannerOptions(), b"", dataset / "slices")
+    (dataset / "slices").mkdir()
+    rows = inspect(Candidate(str(dataset / "empty.nii.gz"), "glioma", scanner=True), LIMITS, recorder)
+    assert [(row["path"], row["reason"]) for row in rows] == [(f"empty.nii.gz#{i}", blank) for i in range(3)]
+    assert not list((dataset / "slices").iterdir())  # no pixels written for them
 
 
 def test_missing_source_and_short_classes_are_clear_errors(tmp_path, dataset):
@@ -176,7 +198,9 @@ def test_manifest_is_byte_identical_across_runs_and_worker_counts(dataset, tmp_p
 
 def test_data_report_has_the_charts_and_lists_outliers(dataset, tmp_path):
     (dataset / "notumor" / "broken.jpg").write_bytes(b"not a jpeg")
-    Image.new("L", (48, 48), 255).save(dataset / "glioma" / "white.png")
+    bright = np.full((48, 48), 250, np.uint8)
+    bright[10:20, 10:20] = 240
+    Image.fromarray(bright).save(dataset / "glioma" / "white.png")
     result = scan(params(dataset, outliers={"min_side": 16}))
     payload = write_data_report(result.images, result.rejects, result.layout, tmp_path / "report", dataset)
     assert (tmp_path / "report" / "counts.png").stat().st_size > 0

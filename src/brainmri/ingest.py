@@ -73,6 +73,9 @@ class Scan:
     layout: str
 
 
+BLANK = "blank: every pixel has the same value"
+
+
 def without_source_folder(reason: str, source: str | Path) -> str:
     """A reject reason with the source folder's own path taken out of any path a library quoted in it:
     what is recorded names files relative to the source, never one machine's folders."""
@@ -311,6 +314,10 @@ def inspect_scanner_file(candidate: Candidate, limits: DecodeLimits, recorder: R
     rows = []
     for found in slices:
         name = slice_path(recorded, found.index)
+        described = _describe(found.image)
+        if described["contrast"] == 0:  # e.g. a volume of zeros, NaN or inf: nothing to learn from
+            rows.append({**row, "path": name, "reason": BLANK})
+            continue
         target = recorder.pixels(name, found.image)
         rows.append(
             {
@@ -320,7 +327,7 @@ def inspect_scanner_file(candidate: Candidate, limits: DecodeLimits, recorder: R
                 "sha256": sha256_file(target),
                 "bytes": target.stat().st_size,
                 "mode": "L",
-                **_describe(found.image),
+                **described,
                 "boxes": "",
                 **found.keys,
             }
@@ -353,6 +360,8 @@ def inspect(candidate: Candidate, limits: DecodeLimits, recorder: Recorder) -> l
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return [{**row, "reason": f"cannot decode: {exc}"}]
     described = _describe(image.convert("L"))
+    if described["contrast"] == 0:
+        return [{**row, "reason": BLANK}]
     if recorder.hash_paths:  # the source path is not recorded, so the pixels travel under the hashed one
         recorder.pixels(row["path"], image)
     keys = dict.fromkeys(KEY_COLUMNS, "")
