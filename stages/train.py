@@ -26,6 +26,7 @@ from brainmri.box_supervision import energy_log, supervision_boxes, training_mod
 from brainmri.calibration import calibrate_model
 from brainmri.errors import DataError, run_entry_point
 from brainmri.images import sha256_file
+from brainmri.input_gate import fit_gate
 from brainmri.metrics import write_json
 from brainmri.models import (
     APPLICATIONS,
@@ -217,6 +218,7 @@ def save_and_log(
     hardware: Hardware,
     index: ShardIndex,
     example: np.ndarray,
+    input_gate: dict,
     run,
 ) -> None:
     """models/, the history and metrics/train.json; the same figures and the model to MLflow."""
@@ -230,6 +232,7 @@ def save_and_log(
         "trained_precision": hardware.precision,
         "trained_backend": hardware.backend,
         "temperature": calibration["temperature"],
+        "input_gate": input_gate,
         **validation,
     }
     save_model(model, MODELS, metadata)
@@ -293,7 +296,8 @@ def main() -> None:
         model, calibration, validation = finish(model, build, p, hardware, splits)
         if hardware.chief:
             example = (splits["val"] if len(splits["val"].labels) else splits["train"]).images[:2]
-            save_and_log(model, history, calibration, validation, params, hardware, index, example, run)
+            gate = fit_gate(splits["train"].images)  # what predict and serve compare their inputs with
+            save_and_log(model, history, calibration, validation, params, hardware, index, example, gate, run)
         else:
             print("train: done; the chief writes models/ and metrics/ and logs to MLflow")
 

@@ -79,6 +79,7 @@ def predict(args: argparse.Namespace) -> int:
         "predicted_class",
         "confidence",
         "needs_review",
+        "review_reason",
         *[f"p_{name}" for name in predictor.classes],
         "error",
         "notice",
@@ -106,7 +107,7 @@ def predict(args: argparse.Namespace) -> int:
             )
         if writer:
             writer.writerow(
-                {key: spreadsheet_safe(result.get(key, "")) for key in columns[:4] + ["error", "notice"]}
+                {key: spreadsheet_safe(result.get(key, "")) for key in columns[:5] + ["error", "notice"]}
                 | {f"p_{name}": p for name, p in result.get("probabilities", {}).items()}
             )
         else:

@@ -22,7 +22,7 @@ from brainmri.errors import ModelError
 if TYPE_CHECKING:
     import keras
 
-EXPORTED_METADATA = ("model", "temperature", "validation_confidence", "validation_correct")
+EXPORTED_METADATA = ("model", "temperature", "validation_confidence", "validation_correct", "input_gate")
 # Largest probability difference from the Keras model accepted per format.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15, "onnx": 1e-4}
 

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from brainmri.errors import DataError, ModelError
 from brainmri.exported import OnnxClassifier, TfliteClassifier, find_export, is_export, load_export
 from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, sha256_file, to_array
+from brainmri.input_gate import gate_reasons
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.review import review_threshold
 from brainmri.scanner import (
@@ -66,6 +67,7 @@ class Predictor:
     crop: str = "none"  # brainmri.images.content_box, as the model was trained
     scanner: ScannerOptions = ScannerOptions()  # how DICOM and NIfTI files become slices, as ingest reads them
     flip_tta: bool = False  # also classify each image's mirror image and average (predict.tta)
+    input_gate: dict | None = None  # brainmri.input_gate's ranges, fitted by the train stage
 
     @classmethod
     def load_ensemble(
@@ -109,6 +111,7 @@ class Predictor:
             first.review_threshold,
             first.crop,
             scanner,
+            input_gate=first.input_gate,
         )
 
     @classmethod
@@ -137,6 +140,7 @@ class Predictor:
             limits,
             review_threshold(review, target_accuracy, meta),
             meta.get("crop", "none"),
+            input_gate=meta.get("input_gate"),
         )
 
     @classmethod
@@ -154,6 +158,7 @@ class Predictor:
             limits,
             review_threshold(review, target_accuracy, meta),
             meta.get("crop", "none"),
+            input_gate=meta.get("input_gate"),
         )
 
     @property
@@ -180,7 +185,18 @@ class Predictor:
         meta = json.loads(Path(meta_path).read_text())
         threshold = review_threshold(review, target_accuracy, meta)
         crop = meta.get("crop", "none")
-        return cls([model], meta["classes"], meta["image_size"], meta["channels"], version, limits, threshold, crop)
+        gate = meta.get("input_gate")
+        return cls(
+            [model],
+            meta["classes"],
+            meta["image_size"],
+            meta["channels"],
+            version,
+            limits,
+            threshold,
+            crop,
+            input_gate=gate,
+        )
 
     def input_spec(self) -> dict[str, Any]:
         """What ensemble members must share: the classes and how an image becomes the model's input."""
@@ -209,14 +225,15 @@ class Predictor:
         else:
             probabilities = ensemble_probabilities(self.models, arrays)
         results = []
-        for row in probabilities:
+        for row, reason in zip(probabilities, gate_reasons(self.input_gate, arrays)):
             best = int(row.argmax())
             results.append(
                 {
                     "predicted_class": self.classes[best],
                     "confidence": round(float(row[best]), 6),
                     "probabilities": {name: round(float(p), 6) for name, p in zip(self.classes, row)},
-                    "needs_review": bool(row[best] < self.review_threshold),
+                    "needs_review": bool(row[best] < self.review_threshold or reason),
+                    **({"review_reason": reason} if reason else {}),
                     "notice": NOT_A_MEDICAL_DEVICE,
                 }
             )
