@@ -95,7 +95,7 @@ def find_export(source: str | Path) -> Export:
     if not report_path.is_file():
         raise ModelError(f"--model {source}: no {EXPORT_REPORT} beside it; run the export stage (dvc repro export)")
     report = json.loads(report_path.read_text())
-    variants = {entry["file"]: variant for variant, entry in report.items() if isinstance(entry, dict)}
+    variants = {entry["file"]: variant for variant, entry in report.items() if variant in PREFERENCE}
     if path.is_dir():
         chosen = next((variant for variant in PREFERENCE if variant in report), None)
         if chosen is None:
