@@ -26,7 +26,7 @@ from brainmri.box_supervision import energy_log, supervision_boxes, training_mod
 from brainmri.calibration import calibrate_model
 from brainmri.errors import DataError, run_entry_point
 from brainmri.images import sha256_file
-from brainmri.input_gate import fit_gate
+from brainmri.input_gate import fit_feature_gate, fit_gate
 from brainmri.metrics import write_json
 from brainmri.models import (
     APPLICATIONS,
@@ -35,9 +35,11 @@ from brainmri.models import (
     class_probabilities,
     float32_copy,
     model_from_params,
+    model_outputs,
     reestimate_batch_norm,
     save_model,
     set_backbone_trainable,
+    with_pooled_features,
 )
 from brainmri.multi_worker import average_batch_norm_statistics, check_workers_agree, weights_digest
 from brainmri.params import Params, TrainParams, flatten, load_params
@@ -151,6 +153,13 @@ def fit_phases(
         tuned = fit_model(trainer, hardware, train_data, val_data, last, phase_callbacks(2), weight_per_class, done)
         history = {key: history[key] + tuned.get(key, []) for key in history}
     return history
+
+
+def input_gate(model: keras.Model, train: Split, batch_size: int) -> dict:
+    """What predict and serve compare their inputs with: the training inputs' statistics, and
+    their place in the model's feature space (brainmri.input_gate)."""
+    features, _ = model_outputs(with_pooled_features(model), train.images, batch_size)
+    return {**fit_gate(train.images), "features": fit_feature_gate(np.asarray(features), train.labels)}
 
 
 def supervision_summary(boxes: dict[str, np.ndarray] | None, p: TrainParams) -> str:
@@ -296,7 +305,7 @@ def main() -> None:
         model, calibration, validation = finish(model, build, p, hardware, splits)
         if hardware.chief:
             example = (splits["val"] if len(splits["val"].labels) else splits["train"]).images[:2]
-            gate = fit_gate(splits["train"].images)  # what predict and serve compare their inputs with
+            gate = input_gate(model, splits["train"], p.batch_size)
             save_and_log(model, history, calibration, validation, params, hardware, index, example, gate, run)
         else:
             print("train: done; the chief writes models/ and metrics/ and logs to MLflow")

@@ -7,7 +7,7 @@ import numpy as np
 
 from brainmri.images import DecodeLimits
 from brainmri.inference import Predictor
-from brainmri.input_gate import fit_gate, gate_reasons
+from brainmri.input_gate import feature_distances, fit_feature_gate, fit_gate, gate_reasons
 
 from helpers import MeanBrightnessModel
 
@@ -66,3 +66,34 @@ def test_a_gated_input_needs_review_whatever_its_confidence_and_says_why():
     ungated = Predictor([MeanBrightnessModel()], ["dark", "bright"], SIZE, 1, "stand-in@1",
                         DecodeLimits(10**6, 4096, 20, 2**28), review_threshold=0.5)  # fmt: skip
     assert not ungated.predict_arrays(white[None])[0]["needs_review"]  # without a gate: confident nonsense
+
+
+def test_the_feature_gate_keeps_the_training_cloud_and_flags_what_lies_far_from_every_class():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 100)
+    features = rng.normal(0, 1, (400, 8)) + 6 * np.eye(8)[labels]  # four clusters
+    gate = fit_feature_gate(features, labels)
+    assert (feature_distances(gate, features) <= gate["threshold"]).mean() >= 0.99
+    unseen = rng.normal(0, 1, (200, 8)) + 6 * np.eye(8)[rng.integers(0, 4, 200)]
+    assert (feature_distances(gate, unseen) > gate["threshold"]).mean() <= 0.02
+    far = np.full((3, 8), 12.0)  # like no class
+    images = slices(3, 2)  # the statistics pass: only the features give these away
+    reasons = gate_reasons({**fit_gate(slices(200, 0)), "features": gate}, images, far)
+    assert all(reason and "feature distance" in reason for reason in reasons)
+    assert gate_reasons({**fit_gate(slices(200, 0)), "features": gate}, images, features[:3]) == [None] * 3
+
+
+def test_with_a_feature_gate_one_model_call_gives_the_same_probabilities_and_the_features():
+    from brainmri.models import build_model, model_outputs, with_pooled_features
+
+    model = build_model("compact_cnn", 4, SIZE, 1, width=4)
+    images = slices(16, 3)
+    features, _ = model_outputs(with_pooled_features(model), images)
+    gate = {**fit_gate(images), "features": fit_feature_gate(np.asarray(features), np.arange(16) % 4)}
+    limits = DecodeLimits(10**6, 4096, 20, 2**28)
+    plain = Predictor([model], ["a", "b", "c", "d"], SIZE, 1, "m@1", limits)
+    gated = Predictor([model], ["a", "b", "c", "d"], SIZE, 1, "m@1", limits, input_gate=gate)
+    probabilities, measured = gated.probabilities_and_features(images)
+    np.testing.assert_allclose(probabilities, plain.probabilities_and_features(images)[0], atol=1e-6)
+    np.testing.assert_allclose(measured, features, atol=1e-5)
+    assert plain.probabilities_and_features(images)[1] is None

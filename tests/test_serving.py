@@ -66,12 +66,13 @@ def test_predict_prints_one_json_object_per_image(repo):
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(rows) == len(list(folder.iterdir())) + 1 and rows[-1]["path"] == str(single)
     for row in rows:
-        assert set(row) == {"path", "predicted_class", "confidence", "probabilities", "needs_review", "notice"}
+        keys = {"path", "predicted_class", "confidence", "probabilities", "needs_review", "notice"}
+        assert set(row) in (keys, keys | {"review_reason"})  # a reason where the input gate flags the image
         assert "not a medical device" in row["notice"]
         assert row["predicted_class"] in CLASSES and set(row["probabilities"]) == set(CLASSES)
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert row["confidence"] == max(row["probabilities"].values())
-        assert row["needs_review"] == (row["confidence"] < 0.8)
+        assert row["needs_review"] == (row["confidence"] < 0.8 or "review_reason" in row)
     assert "100%" in result.stderr  # the progress bar, shown because a folder was given
     # The audit trail: one line per prediction, by the image's hash, without its path.
     audit = [json.loads(line) for line in (repo / "logs" / "predictions.jsonl").read_text().splitlines()]
@@ -349,7 +350,10 @@ def test_predict_and_serve_run_the_exports_as_the_keras_model_answers(repo, tmp_
         assert [row["path"] for row in exported] == [row["path"] for row in keras_rows]
         for ours, theirs in zip(exported, keras_rows):
             assert ours["probabilities"] == pytest.approx(theirs["probabilities"], abs=tolerance)
-            assert ours["needs_review"] == (ours["confidence"] < 0.8) and "not a medical device" in ours["notice"]
+            assert (
+                ours["needs_review"] == (ours["confidence"] < 0.8 or "review_reason" in ours)
+                and "not a medical device" in ours["notice"]
+            )
     audit = json.loads((repo / "logs" / "predictions.jsonl").read_text().splitlines()[-1])
     assert audit["model_version"].startswith("compact_cnn-int8@sha256:")
     rows("--model", str(repo / "exports"))  # the folder: its preferred file, ONNX

@@ -9,7 +9,7 @@ import json
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,14 @@ class Predictor:
     scanner: ScannerOptions = ScannerOptions()  # how DICOM and NIfTI files become slices, as ingest reads them
     flip_tta: bool = False  # also classify each image's mirror image and average (predict.tta)
     input_gate: dict | None = None  # brainmri.input_gate's ranges, fitted by the train stage
+    # The first model with its pooled features as a second output, when the gate measures them.
+    gated_model: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.input_gate and "features" in self.input_gate and self.explainable:
+            from brainmri.models import with_pooled_features
+
+            self.gated_model = with_pooled_features(self.models[0])
 
     @classmethod
     def load_ensemble(
@@ -204,9 +212,9 @@ class Predictor:
 
     def input_difference(self, spec: dict[str, Any]) -> tuple[str, Any, Any] | None:
         """The first (field, this model's value, `spec`'s value) that differs from `spec`, or None."""
-        for field, value in self.input_spec().items():
-            if value != spec[field]:
-                return field, value, spec[field]
+        for key, value in self.input_spec().items():
+            if value != spec[key]:
+                return key, value, spec[key]
         return None
 
     def array(self, image: Image.Image) -> np.ndarray:
@@ -216,16 +224,26 @@ class Predictor:
         """This predictor with flip test-time augmentation; its version says so (audit trail, answers)."""
         return replace(self, flip_tta=True, version=f"{self.version} + flip TTA")
 
-    def predict_arrays(self, arrays: np.ndarray) -> list[dict[str, Any]]:
-        from brainmri.models import ensemble_probabilities
+    def probabilities_and_features(self, arrays: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The (ensemble's) probabilities, and the first model's pooled features when the input gate
+        measures them (one model call for both), else None."""
+        from brainmri.models import class_probabilities, ensemble_probabilities, model_outputs, probabilities_of
 
+        if self.gated_model is None:
+            return ensemble_probabilities(self.models, arrays), None
+        features, raw = model_outputs(self.gated_model, arrays)
+        members = [probabilities_of(raw), *(class_probabilities(model, arrays) for model in self.models[1:])]
+        return np.mean(members, axis=0), np.asarray(features)
+
+    def predict_arrays(self, arrays: np.ndarray) -> list[dict[str, Any]]:
         if self.flip_tta:  # one call for both: the mirror images (width axis) after the originals
-            both = ensemble_probabilities(self.models, np.concatenate([arrays, arrays[:, :, ::-1, :]]))
+            both, features = self.probabilities_and_features(np.concatenate([arrays, arrays[:, :, ::-1, :]]))
             probabilities = (both[: len(arrays)] + both[len(arrays) :]) / 2
+            features = None if features is None else features[: len(arrays)]
         else:
-            probabilities = ensemble_probabilities(self.models, arrays)
+            probabilities, features = self.probabilities_and_features(arrays)
         results = []
-        for row, reason in zip(probabilities, gate_reasons(self.input_gate, arrays)):
+        for row, reason in zip(probabilities, gate_reasons(self.input_gate, arrays, features)):
             best = int(row.argmax())
             results.append(
                 {

@@ -4,9 +4,12 @@ often with high confidence; the gate sends them to review with a reason.
 
 The train stage fits the gate on its training images and saves it with the model (model.json's
 `input_gate`): for each statistic of the model input below, the range that holds all but a
-sliver of the training images, widened by a margin. An input outside any range, or blank, gets
-`needs_review: true` and `review_reason`. The statistics work on the uint8 model input, so the
-gate is the same for the Keras model and its exports.
+sliver of the training images, widened by a margin; and, in the model's own feature space (the
+pooled last feature map), each class's mean and a shared shrunk covariance, with the distance
+(Mahalanobis, to the nearest class mean) that all but a sliver of the training images stay
+within. An input outside any range or beyond that distance, or blank, gets `needs_review: true`
+and `review_reason`. The statistics work on the uint8 model input, so they hold for the exports
+too; the distance needs the Keras model's features.
 """
 
 from __future__ import annotations
@@ -41,13 +44,44 @@ def fit_gate(images: np.ndarray, batch: int = 512) -> dict[str, list[float]]:
     }
 
 
-def gate_reasons(gate: dict[str, list[float]] | None, images: np.ndarray) -> list[str | None]:
-    """Per image, why it does not look like a training slice, or None; no gate: all None."""
+SHRINKAGE = 0.1  # of the covariance towards its mean variance: 128 features, a few thousand images
+FEATURE_QUANTILE = 0.995
+
+
+def fit_feature_gate(features: np.ndarray, labels: np.ndarray) -> dict:
+    """Class means, the shared precision matrix and the distance threshold in feature space."""
+    features = features.astype(np.float64)
+    classes = sorted(set(labels.tolist()))
+    means = np.stack([features[labels == c].mean(axis=0) for c in classes])
+    covariance = np.cov((features - means[np.searchsorted(classes, labels)]).T)
+    covariance = (1 - SHRINKAGE) * covariance + SHRINKAGE * np.trace(covariance) / len(covariance) * np.eye(
+        len(covariance)
+    )
+    gate = {"means": means.round(6).tolist(), "precision": np.linalg.inv(covariance).round(8).tolist()}
+    distances = feature_distances(gate, features)
+    return {**gate, "threshold": round(float(np.quantile(distances, FEATURE_QUANTILE) * (1 + MARGIN)), 6)}
+
+
+def feature_distances(gate: dict, features: np.ndarray) -> np.ndarray:
+    """Each feature vector's Mahalanobis distance to the nearest class mean."""
+    means, precision = np.asarray(gate["means"]), np.asarray(gate["precision"])
+    offsets = features.astype(np.float64)[:, None, :] - means[None]
+    return np.sqrt(np.einsum("nci,ij,ncj->nc", offsets, precision, offsets).min(axis=1))
+
+
+def gate_reasons(gate: dict | None, images: np.ndarray, features: np.ndarray | None = None) -> list[str | None]:
+    """Per image, why it does not look like a training slice, or None; no gate: all None.
+    `features` (the model's pooled features of `images`) adds the feature-space check."""
     if not gate:
         return [None] * len(images)
+    distances = (
+        feature_distances(gate["features"], features)
+        if features is not None and "features" in gate
+        else np.zeros(len(images))
+    )
     values = statistics(images)
     reasons: list[str | None] = []
-    for row in values:
+    for row, distance in zip(values, distances):
         if row[STATISTICS.index("std")] < 1.0:
             reasons.append("blank: the image is one grey level, not an MRI slice")
             continue
@@ -56,5 +90,7 @@ def gate_reasons(gate: dict[str, list[float]] | None, images: np.ndarray) -> lis
             for name, value in zip(STATISTICS, row)
             if name in gate and not gate[name][0] <= value <= gate[name][1]
         ]
+        if "features" in gate and distance > gate["features"]["threshold"]:
+            outside.append(f"feature distance {distance:.3g} beyond {gate['features']['threshold']:.3g}")
         reasons.append("unlike the training slices: " + "; ".join(outside) if outside else None)
     return reasons

@@ -285,12 +285,26 @@ def set_backbone_trainable(model: keras.Model, trainable: bool, top_layers: int 
             layer.trainable = in_top and not isinstance(layer, layers.BatchNormalization)
 
 
+def with_pooled_features(model: keras.Model) -> keras.Model:
+    """The model with its pooled last feature map as a first output (what the input gate measures),
+    sharing its layers: one call gives both."""
+    return keras.Model(model.inputs, [model.get_layer("pool").output, model.output])
+
+
+def model_outputs(model: keras.Model, images, batch_size: int = 64):
+    """The model's raw output(s) for `images`."""
+    if len(images) <= batch_size:  # one batch: no input pipeline to build (a server answers a few at a time)
+        return model.predict_on_batch(np.asarray(images))
+    return model.predict(images, batch_size=batch_size, verbose=0)
+
+
 def class_probabilities(model: keras.Model, images, batch_size: int = 64):
     """(N, num_classes) probabilities, also for a one-unit sigmoid (binary) head."""
-    if len(images) <= batch_size:  # one batch: no input pipeline to build (a server answers a few at a time)
-        raw = model.predict_on_batch(np.asarray(images))
-    else:
-        raw = model.predict(images, batch_size=batch_size, verbose=0)
+    return probabilities_of(model_outputs(model, images, batch_size))
+
+
+def probabilities_of(raw) -> np.ndarray:
+    """A classifier's output as (N, num_classes) probabilities (a sigmoid unit expanded to two)."""
     scores = np.asarray(raw, dtype=np.float64)
     if scores.shape[1] == 1:
         return np.concatenate([1.0 - scores, scores], axis=1)
