@@ -1,10 +1,11 @@
-"""Benchmark: the input gate (brainmri.input_gate) fitted on a workspace's training shards, as the
-train stage fits it: the share of the workspace's own test images it flags, and the share of
-non-MRI and corrupted inputs it catches.
+"""Benchmark: the input gate (brainmri.input_gate) fitted on a workspace's training shards and
+model, as the train stage fits it: the share of the workspace's own test images it flags, and
+the share of non-MRI and corrupted inputs it catches; with the image statistics alone (what
+an export gets) and with the feature distance too (the Keras model).
 
     python benchmarks/input_gate.py WORKSPACE
 
-WORKSPACE is a project after `dvc repro balance` (its data/prepared shards). The hostile set is
+WORKSPACE is a project after `dvc repro train` (its data/prepared shards and models/). The hostile set is
 made here at the model's input size: blank images (black, white, a pure colour as predict turns
 it grey), uniform and Gaussian noise, a checkerboard, a smooth gradient, a bright page of text-like
 strokes, a test slice with its pixels shuffled, one turned into salt-and-pepper noise, one inverted,
@@ -27,7 +28,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from brainmri.images import to_array
-from brainmri.input_gate import fit_gate, gate_reasons
+from brainmri.input_gate import fit_feature_gate, fit_gate, gate_reasons
+from brainmri.models import load_model, model_outputs, with_pooled_features
 from brainmri.shards import ShardIndex
 
 NON_MR_DICOM = ("CT_small.dcm", "examples_ybr_color.dcm", "rtdose.dcm", "SC_rgb_rle_2frame.dcm")
@@ -80,29 +82,36 @@ def main() -> None:
     parser.add_argument("workspace", type=Path)
     args = parser.parse_args()
     index = ShardIndex.load(args.workspace / "data" / "prepared")
-    train, test = index.arrays("train").images, index.arrays("test").images
-    gate = fit_gate(train)
-    test_flags = [reason is not None for reason in gate_reasons(gate, test)]
+    train, test = index.arrays("train"), index.arrays("test").images
+    features_of = with_pooled_features(load_model(args.workspace / "models")[0])
+
+    def features(images: np.ndarray) -> np.ndarray:
+        return np.asarray(model_outputs(features_of, images, 128)[0])
+
+    statistics_gate = fit_gate(train.images)
+    gate = {**statistics_gate, "features": fit_feature_gate(features(train.images), train.labels)}
     hostile = {**generated(index.image_size, test, np.random.default_rng(0)), **dicom_inputs(index.image_size)}
-    reasons = dict(zip(hostile, gate_reasons(gate, np.stack(list(hostile.values())))))
-    missed = sorted(name for name, reason in reasons.items() if reason is None)
-    print(
-        json.dumps(
-            {
-                "workspace_train_images": len(train),
-                "test_images": len(test),
-                "test_flagged": int(sum(test_flags)),
-                "test_flagged_share": round(float(np.mean(test_flags)), 4),
-                "hostile_inputs": len(hostile),
-                "hostile_caught_share": round(1 - len(missed) / len(hostile), 4),
-                "hostile_missed": missed,
-                "gate": gate,
-                "date": date.today().isoformat(),
-                "cpus": os.cpu_count(),
-                "machine": platform.machine(),
-            }
-        )
-    )
+    inputs = np.stack(list(hostile.values()))
+    line = {"workspace_train_images": len(train.images), "test_images": len(test), "hostile_inputs": len(hostile)}
+    for name, used, test_features, hostile_features in (
+        ("statistics", statistics_gate, None, None),
+        ("statistics_and_features", gate, features(test), features(inputs)),
+    ):
+        flags = [reason is not None for reason in gate_reasons(used, test, test_features)]
+        missed = sorted(n for n, r in zip(hostile, gate_reasons(used, inputs, hostile_features)) if r is None)
+        line |= {
+            f"{name}.test_flagged": int(sum(flags)),
+            f"{name}.test_flagged_share": round(float(np.mean(flags)), 4),
+            f"{name}.hostile_caught_share": round(1 - len(missed) / len(hostile), 4),
+            f"{name}.hostile_missed": missed,
+        }
+    line |= {
+        "feature_threshold": gate["features"]["threshold"],
+        "date": date.today().isoformat(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":
