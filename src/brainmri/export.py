@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from brainmri.errors import ModelError
+from brainmri.exported import OnnxClassifier, TfliteClassifier
 
 if TYPE_CHECKING:
     import keras
@@ -27,29 +28,18 @@ EXPORTED_METADATA = ("model", "temperature", "validation_confidence", "validatio
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15, "onnx": 1e-4}
 
 
-def tflite_probabilities(model_bytes: bytes, images: np.ndarray) -> np.ndarray:
-    """Run a TFLite model image by image; (N, classes) probabilities (binary heads expanded)."""
-    import tensorflow as tf
+def tflite_probabilities(model: bytes | Path, images: np.ndarray) -> np.ndarray:
+    """A TFLite model's (N, classes) probabilities, run as predict and serve run it."""
+    from brainmri.models import probabilities_of
 
-    interpreter = tf.lite.Interpreter(model_content=model_bytes)
-    interpreter.allocate_tensors()
-    source, target = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    rows = []
-    for image in images:
-        interpreter.set_tensor(source["index"], image[None].astype(source["dtype"]))
-        interpreter.invoke()
-        rows.append(interpreter.get_tensor(target["index"])[0].astype(np.float64))
-    scores = np.array(rows)
-    return np.concatenate([1 - scores, scores], axis=1) if scores.shape[1] == 1 else scores
+    return probabilities_of(TfliteClassifier(model).predict(images))
 
 
 def onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
-    """Run an ONNX model with onnxruntime; (N, classes) probabilities (binary heads expanded)."""
-    import onnxruntime
+    """An ONNX model's (N, classes) probabilities, run as predict and serve run it."""
+    from brainmri.models import probabilities_of
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    scores = session.run(None, {session.get_inputs()[0].name: images})[0].astype(np.float64)
-    return np.concatenate([1 - scores, scores], axis=1) if scores.shape[1] == 1 else scores
+    return probabilities_of(OnnxClassifier(path).predict(images))
 
 
 def convert(saved_model: Path, variant: str, calibration: np.ndarray) -> bytes:

@@ -26,7 +26,19 @@ PREFERENCE = ("onnx", "float32", "float16", "int8")
 EXPORT_SUFFIXES = (".onnx", ".tflite")
 
 
-class OnnxClassifier:
+class BatchedClassifier:
+    """`predict` in batches over the `predict_on_batch` of a subclass."""
+
+    def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, images: np.ndarray, batch_size: int = 64, verbose: int = 0) -> np.ndarray:
+        return np.concatenate(
+            [self.predict_on_batch(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+        )
+
+
+class OnnxClassifier(BatchedClassifier):
     """An ONNX model run by onnxruntime on the CPU; thread-safe, as a session is."""
 
     def __init__(self, path: Path) -> None:
@@ -38,20 +50,18 @@ class OnnxClassifier:
     def predict_on_batch(self, images: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(images, np.uint8)})[0]
 
-    def predict(self, images: np.ndarray, batch_size: int = 64, verbose: int = 0) -> np.ndarray:
-        return np.concatenate(
-            [self.predict_on_batch(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
-        )
 
+class TfliteClassifier(BatchedClassifier):
+    """A TFLite model (a file, or its bytes) run by TensorFlow's interpreter, resized to each batch;
+    one call at a time, because an interpreter is not thread-safe."""
 
-class TfliteClassifier:
-    """A TFLite model run by TensorFlow's interpreter, resized to each batch; one call at a time,
-    because an interpreter is not thread-safe."""
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self, model: Path | bytes) -> None:
         import tensorflow as tf
 
-        self.interpreter = tf.lite.Interpreter(model_path=str(path))
+        if isinstance(model, bytes):
+            self.interpreter = tf.lite.Interpreter(model_content=model)
+        else:
+            self.interpreter = tf.lite.Interpreter(model_path=str(model))
         self.source = self.interpreter.get_input_details()[0]
         self.target = self.interpreter.get_output_details()[0]
         self.batch = 0
@@ -66,11 +76,6 @@ class TfliteClassifier:
             self.interpreter.set_tensor(self.source["index"], np.asarray(images).astype(self.source["dtype"]))
             self.interpreter.invoke()
             return self.interpreter.get_tensor(self.target["index"]).copy()
-
-    def predict(self, images: np.ndarray, batch_size: int = 64, verbose: int = 0) -> np.ndarray:
-        return np.concatenate(
-            [self.predict_on_batch(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
-        )
 
 
 @dataclass(frozen=True)

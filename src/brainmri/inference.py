@@ -139,30 +139,28 @@ class Predictor:
 
         model, meta = load_model(source)
         digest = sha256_file(Path(source) / MODEL_FILE)[:12]
-        return cls(
-            [model],
-            meta["classes"],
-            meta["image_size"],
-            meta["channels"],
-            f"{meta.get('model', 'model')}@sha256:{digest}",
-            limits,
-            review_threshold(review, target_accuracy, meta),
-            meta.get("crop", "none"),
-            input_gate=meta.get("input_gate"),
-        )
+        version = f"{meta.get('model', 'model')}@sha256:{digest}"
+        return cls._from_meta(model, meta, version, limits, review, target_accuracy)
 
     @classmethod
     def _from_export(cls, source: str, limits: DecodeLimits, review: float | str, target_accuracy: float) -> Predictor:
         """From an ONNX or TFLite file of the export stage, or the exports folder (its preferred file)."""
         export = find_export(source)
-        meta = export.report
         digest = sha256_file(export.path)[:12]
+        version = f"{export.report.get('model', 'model')}-{export.variant}@sha256:{digest}"
+        return cls._from_meta(load_export(export), export.report, version, limits, review, target_accuracy)
+
+    @classmethod
+    def _from_meta(
+        cls, model: Any, meta: dict, version: str, limits: DecodeLimits, review: float | str, target_accuracy: float
+    ) -> Predictor:
+        """One model and the metadata it travels with (model.json, or export.json for an export)."""
         return cls(
-            [load_export(export)],
+            [model],
             meta["classes"],
             meta["image_size"],
             meta["channels"],
-            f"{meta.get('model', 'model')}-{export.variant}@sha256:{digest}",
+            version,
             limits,
             review_threshold(review, target_accuracy, meta),
             meta.get("crop", "none"),
@@ -191,20 +189,7 @@ class Predictor:
         except Exception as error:  # MLflow raises several types for an unknown run, model or version
             raise ModelError(f"--model {uri}: cannot load it from MLflow at {tracking_uri()}: {error}") from None
         meta = json.loads(Path(meta_path).read_text())
-        threshold = review_threshold(review, target_accuracy, meta)
-        crop = meta.get("crop", "none")
-        gate = meta.get("input_gate")
-        return cls(
-            [model],
-            meta["classes"],
-            meta["image_size"],
-            meta["channels"],
-            version,
-            limits,
-            threshold,
-            crop,
-            input_gate=gate,
-        )
+        return cls._from_meta(model, meta, version, limits, review, target_accuracy)
 
     def input_spec(self) -> dict[str, Any]:
         """What ensemble members must share: the classes and how an image becomes the model's input."""
