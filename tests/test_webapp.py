@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import platform
 import subprocess
 import sys
 import threading
@@ -253,3 +254,36 @@ def test_a_multi_frame_dicom_or_a_nifti_volume_gets_a_result_per_slice(tmp_path)
     assert f"{slices} slices, more than serve.max_slices=5" in refused.get_json()["error"]
     broken = post(client, b"not a volume" * 40, "t1.nii")
     assert broken.status_code == 400 and "t1.nii: not a readable NIfTI volume" in broken.get_json()["error"]
+
+
+FRAGMENTATION = """
+import sys, threading
+import numpy as np
+from brainmri.webapp import return_large_blocks_to_the_system
+if sys.argv[1] == "fixed":
+    assert return_large_blocks_to_the_system()
+def rss_mb():
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))) // 1024
+large = np.ones(30 * 2**20, np.uint8)
+del large  # glibc's adaptive threshold rises past the blocks below
+before = rss_mb()
+def decode():  # a request thread holding an upload's blocks, then freeing them
+    blocks = [np.ones(16 * 2**20 - 4096, np.uint8) for _ in range(3)]
+    del blocks
+threads = [threading.Thread(target=decode) for _ in range(8)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+print(rss_mb() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the threshold is glibc's")
+def test_the_server_gives_freed_upload_memory_back_instead_of_keeping_it_per_thread():
+    def kept_mb(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", FRAGMENTATION, mode], capture_output=True, text=True, check=True)
+        return int(done.stdout)
+
+    assert kept_mb("adaptive") > 200  # what the server kept before: each thread's arena holds its blocks
+    assert kept_mb("fixed") < 50

@@ -4,6 +4,7 @@ and Grad-CAM see the same pixels for the same file."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +70,7 @@ def normalise_mode(image: Image.Image) -> Image.Image:
     if image.mode in ("L", "RGB"):
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return Image.fromarray(stretch_to_uint8(np.asarray(image)), mode="L")
+        return Image.fromarray(stretch_to_uint8(image))
     if image.mode in ("LA", "RGBA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent parts become the black MRI background, not white.
         rgba = image.convert("RGBA")
@@ -80,20 +81,39 @@ def normalise_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV
 
 
-def stretch_to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """A 16-bit, 32-bit or float scan's used range stretched linearly onto 0..255, without
-    full-size float64 copies: integer levels go through a look-up table of the levels used."""
-    low, high = pixels.min(), pixels.max()
+BAND_PIXELS = 1 << 20  # pixels of a wide scan converted at once: its working copies stay this small
+
+
+def row_bands(image: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, pixels) of horizontal bands of about BAND_PIXELS, each copied out when reached."""
+    width, height = image.size
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        yield top, np.asarray(image.crop((0, top, width, min(top + rows, height))))
+
+
+def stretch_to_uint8(image: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit or float scan's used range stretched linearly onto 0..255, a band of rows
+    at a time, so that no full-size copy of the wide pixels is made beside the decoded image:
+    integer levels go through a look-up table of the levels used."""
+    extremes = np.array([(band.min(), band.max()) for _, band in row_bands(image)])
+    low, high = extremes[:, 0].min(), extremes[:, 1].max()  # NaN anywhere gives NaN
+    out = np.zeros((image.height, image.width), dtype=np.uint8)
     if not high > low:  # flat, or not finite
-        return np.zeros(pixels.shape, dtype=np.uint8)
-    if pixels.dtype.kind in "iu" and int(high) - int(low) <= np.iinfo(np.uint16).max:
+        return out
+    integer = extremes.dtype.kind in "iu" and int(high) - int(low) <= np.iinfo(np.uint16).max
+    if integer:
         span = int(high) - int(low)
         table = np.round(np.arange(span + 1, dtype=np.float64) / span * 255.0).astype(np.uint8)
-        return table[pixels - low]
-    scaled = pixels.astype(np.float32)
-    scaled -= np.float32(low)
-    scaled *= np.float32(255.0 / (float(high) - float(low)))
-    return np.round(scaled, out=scaled).astype(np.uint8)
+    for top, band in row_bands(image):
+        if integer:
+            out[top : top + len(band)] = table[band - low]
+        else:
+            scaled = band.astype(np.float32)
+            scaled -= np.float32(low)
+            scaled *= np.float32(255.0 / (float(high) - float(low)))
+            out[top : top + len(band)] = np.round(scaled, out=scaled)
+    return out
 
 
 def fitted_size(width: int, height: int, size: int) -> tuple[int, int]:

@@ -332,10 +332,11 @@ def decode_bytes(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
     if not data:
         raise BadImage(f"{name}: empty file")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            limits.check(*image.size)
-            image.load()
-            return ImageOps.exif_transpose(image)
+        image = Image.open(io.BytesIO(data))  # no file to close: the decoded image is kept, not copied
+        limits.check(*image.size)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
     except UnidentifiedImageError:
         raise BadImage(f"{name}: not an image file") from None
     except ImageTooLarge as error:

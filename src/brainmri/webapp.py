@@ -9,6 +9,8 @@ and hand the images to one micro-batching thread that runs the model.
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import hashlib
 import re
 import threading
@@ -167,9 +169,28 @@ def create_app(
     return app
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+LARGE_BLOCK_BYTES = 4 * 2**20
+
+
+def return_large_blocks_to_the_system() -> bool:
+    """Fix glibc's mmap threshold, so that every block of LARGE_BLOCK_BYTES or more (a decoded
+    scan, an image's pixel blocks) is its own mapping, given back when freed. Left to adapt, the
+    threshold rises to 32 MB after the first large free, and each request thread's arena then
+    keeps the blocks of the largest upload it decoded (benchmarks/README.md, "Serving under
+    hostile load"). False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, TypeError, AttributeError):
+        return False
+    return mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1
+
+
 def run_server(app: Flask, host: str, port: int, settings: ServeParams) -> None:
     from waitress import serve
 
+    return_large_blocks_to_the_system()
     print(
         f"brainmri serve: http://{host}:{port}/ ({settings.threads} threads, "
         f"batches of up to {settings.max_batch} within {settings.max_wait_ms:g} ms)",
