@@ -19,6 +19,7 @@ import nibabel
 import numpy as np
 import pytest
 import requests
+from hostile import thin_png
 from nibabel.testing import data_path as nibabel_data
 from PIL import Image
 
@@ -204,13 +205,6 @@ def test_bad_uploads_get_a_clear_error_and_the_server_keeps_serving(server, file
     response = requests.post(f"{server}/predict", files=files, timeout=60)
     assert response.status_code == status and message in response.json()["error"]
     assert requests.post(f"{server}/predict", files={"file": ("ok.png", png_bytes())}, timeout=60).ok
-
-
-def thin_png(width: int) -> bytes:
-    """A 1-pixel-high PNG of a few hundred bytes whose square would need width x width pixels."""
-    buffer = io.BytesIO()
-    Image.new("L", (width, 1), 128).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def server_rss_mb(url: str) -> float:
