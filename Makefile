@@ -1,10 +1,11 @@
-# Two entry points on a fresh machine: `make repro` (the pipeline) and `make test`.
+# Two entry points on a fresh machine: `make repro` (the pipeline) and `make test`
+# (the fast tier; `make test-full` adds the end-to-end and real-server tests, as CI runs).
 # Both create .venv and install the pinned requirements first if needed.
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup repro lint test exp-show
+.PHONY: setup repro lint test test-full exp-show
 
 $(INSTALLED): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +24,9 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 
 test: lint
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -m "not slow and not pipeline"
+
+test-full: lint
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest
 
 # `dvc exp show` with the params that differ and the headline metrics only:

@@ -268,6 +268,7 @@ def check_cutmix(tmp_path):
     np.testing.assert_array_equal(again.numpy(), images)  # the same seed draws the same boxes
 
 
+@pytest.mark.pipeline
 def test_yolo_boxes_beside_the_images_supervise_training_end_to_end(tmp_path):
     repo = create_project(tmp_path / "repo")
     blob_centres = [(0.3, 0.3), (0.7, 0.3), (0.3, 0.7), (0.7, 0.7)]  # (x, y) of synthetic_image's blob per class
@@ -294,6 +295,7 @@ def test_yolo_boxes_beside_the_images_supervise_training_end_to_end(tmp_path):
     )
 
 
+@pytest.mark.pipeline
 def test_a_backbone_from_a_weights_file_trains_in_two_phases_through_dvc_repro(tmp_path):
     from brainmri.models import application_backbone
 
