@@ -8,8 +8,11 @@ file, else TensorFlow); `tensorflow` or `jax` sets it for the stage.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -52,3 +55,32 @@ def check_backend(wanted: str) -> str:
     if running not in BACKENDS:
         raise ModelError(f"Keras runs on {running}: the train and evaluate stages run on {' or '.join(BACKENDS)}")
     return running
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 2 to /dev/null for the duration; Python's
+    own `sys.stderr` and exceptions come back as soon as the block ends."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def start_tensorflow_quietly() -> None:
+    """Import TensorFlow and probe its devices with its native start-up lines (oneDNN, CUDA probing)
+    silenced: TensorFlow writes them through absl before any log level applies. For commands whose
+    output is their own; nothing happens where TensorFlow is absent or already loaded."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" or "tensorflow" in sys.modules:
+        return
+    if importlib.util.find_spec("tensorflow") is None:
+        return
+    with native_stderr_silenced():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()

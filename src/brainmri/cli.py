@@ -11,6 +11,7 @@ from pathlib import Path
 
 from brainmri import __version__
 from brainmri.audit import AuditLog
+from brainmri.backend import start_tensorflow_quietly
 from brainmri.errors import BrainMRIError, DataError, ModelError
 from brainmri.params import Params, check_folders, load_params
 
@@ -34,6 +35,7 @@ def audit_log(params: Params) -> AuditLog | None:
     return AuditLog(a.file, a.max_mb, a.backups) if a.file else None
 
 
+MODEL_COMMANDS = ("predict", "serve", "export")  # the ones that load Keras
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     export_parser.set_defaults(handler=export)
 
     args = parser.parse_args(argv)
+    if args.command in MODEL_COMMANDS:
+        start_tensorflow_quietly()
     try:
         return args.handler(args)
     except BrainMRIError as error:  # the library raises; here it becomes one line and an exit status
