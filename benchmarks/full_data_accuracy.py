@@ -57,6 +57,13 @@ REUSABLE_SECTIONS = ("train", "evaluate", "gradcam")
 CUT_GAP = 10
 
 
+def dataset_path(path: str | Path) -> str:
+    """A data folder as results files record it: its name under its parent's (e.g.
+    `brain-tumor-mri/Training`), never one machine's absolute path."""
+    resolved = Path(path).resolve()
+    return f"{resolved.parent.name}/{resolved.name}"
+
+
 def set_param(params: dict, assignment: str) -> None:
     key, _, value = assignment.partition("=")
     *sections, leaf = key.split(".")
@@ -183,9 +190,9 @@ def main() -> None:
             json.dumps(
                 {
                     "commit": commit,
-                    "source": args.source,
+                    "source": dataset_path(args.source),
                     "overrides": args.set,
-                    **({"scored_model": str(args.model)} if args.model else {}),
+                    **({"scored_model": Path(args.model).name} if args.model else {}),
                     **(
                         {"reused_data_commit": data_commit, "train_evaluate_gradcam_wall_s": round(wall)}
                         if args.reuse

@@ -31,6 +31,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from full_data_accuracy import dataset_path
+
 from brainmri.gradcam import METHODS, heatmaps_at_image_size, last_feature_map_layer
 from brainmri.localisation import (
     lesion_occlusion,
@@ -97,10 +99,10 @@ def main() -> None:
                     {
                         "date": date.today().isoformat(),
                         "label": args.label,
-                        "with": [str(project) for project in args.others],
+                        "averaged_with_models": len(args.others),
                         "method": method,
                         "layer": layer,
-                        "annotated": args.annotated,
+                        "annotated": dataset_path(args.annotated),
                         "annotated_accuracy": accuracy,
                         "flat_heatmaps": int(flat.sum()),
                         "test_macro_f1": test_split.get("macro_f1"),

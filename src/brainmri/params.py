@@ -254,7 +254,8 @@ class TrainParams(_Section):
     last_block_dilation: Literal[1, 2] = Field(
         1,
         description="compact_cnn: 2 drops block 3's pooling and dilates block 4's kernels, so the last feature "
-        "map (Grad-CAM's) is twice as fine over the same field of view; slower (benchmarks/README.md, R12)",
+        "map (Grad-CAM's) is twice as fine over the same field of view; slower, and no better at pointing "
+        "(benchmarks/README.md, 'Where Grad-CAM points with labels alone')",
     )
     dropout: float = Field(0.3, ge=0, lt=1)
     label_smoothing: float = Field(0.05, ge=0, lt=1)

@@ -170,8 +170,8 @@ def _configure_tensorflow(params: TrainParams) -> Hardware:
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
     if params.mixed_precision == "auto":
-        # On this project's 2-core reference CPU (AMX) bfloat16 trains the default model 1.26x
-        # faster (benchmarks/training_throughput.py).
+        # bfloat16 trains the default model faster where the CPU has it (benchmarks/README.md,
+        # "Accuracy and training time on 2 CPU cores").
         mixed = device == "gpu" or cpu_has_bfloat16()
     else:
         mixed = bool(params.mixed_precision)

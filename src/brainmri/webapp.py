@@ -177,8 +177,8 @@ def return_large_blocks_to_the_system() -> bool:
     """Fix glibc's mmap threshold, so that every block of LARGE_BLOCK_BYTES or more (a decoded
     scan, an image's pixel blocks) is its own mapping, given back when freed. Left to adapt, the
     threshold rises to 32 MB after the first large free, and each request thread's arena then
-    keeps the blocks of the largest upload it decoded (benchmarks/README.md, "Serving under
-    hostile load"). False where the C library is not glibc."""
+    keeps the blocks of the largest upload it decoded (benchmarks/README.md,
+    "Serving"). False where the C library is not glibc."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt
