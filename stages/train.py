@@ -271,10 +271,10 @@ def save_and_log(
     print(f"train: best epoch {best + 1}, val accuracy {summary['best_val_accuracy']:.3f}")
 
 
-def log_datasets(index: ShardIndex, splits: dict[str, Split], source: str, run) -> None:
+def log_datasets(index: ShardIndex, splits: dict[str, Split], run) -> None:
     """The training and validation images (path and label, from the shards) as MLflow dataset inputs,
-    named after the source folder."""
-    name = Path(source).name or "data"
+    named by the shards' content digest: the same data has one name wherever its folder lies."""
+    name = f"prepared-{index.content_digest()[:12]}"
     for part, context in (("train", "training"), ("val", "validation")):
         _, labels, paths = splits[part]
         rows = pd.DataFrame({"path": paths, "label": [index.classes[label] for label in labels]})
@@ -290,7 +290,7 @@ def main() -> None:
         keras.utils.set_random_seed(p.seed)
         index = load_shards(p, hardware)
         splits = read_splits(index)
-        log_datasets(index, splits, params.ingest.source, run)
+        log_datasets(index, splits, run)
         build = model_builder(p, len(index.classes))
         with hardware.strategy.scope():
             model = build(p.weights)

@@ -21,10 +21,14 @@ from mlflow.tracking import MlflowClient
 from nibabel.testing import data_path as nibabel_data
 from pydicom.data import get_testdata_file
 
+from brainmri.shards import ShardIndex
+
 from helpers import (
     CLASSES,
     PLANTED,
     create_project,
+    headless_chromium,
+    needs_chromium,
     run,
     stages_run,
     synthetic_image,
@@ -142,6 +146,17 @@ def test_manifests_are_byte_identical_when_rebuilt(repo):
     assert stages_run(run(["dvc", "repro"], repo).stdout) == []
 
 
+def test_the_same_images_under_another_path_rerun_ingest_only(repo, tmp_path):
+    moved = tmp_path / "elsewhere" / "sample"
+    shutil.copytree(repo / "data" / "sample", moved)
+    update_params(repo / "params.yaml", {"ingest": {"source": str(moved)}})
+    try:
+        assert stages_run(run(["dvc", "repro"], repo).stdout) == ["validate", "ingest"]
+        assert "up to date" in run(["dvc", "status"], repo).stdout
+    finally:
+        back_to_baseline(repo)
+
+
 def test_params_change_reruns_only_the_stages_that_read_it(repo):
     result = run(["dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1"], repo)
     assert stages_run(result.stdout) == DOWNSTREAM_OF_TRAIN
@@ -164,6 +179,26 @@ def test_plots_render_training_curves_and_the_confusion_matrix(repo):
     assert any(name.startswith("metrics/plots/precision_recall/") for name in rendered)
     confusion = rendered["confusion"]
     assert len(confusion[0]["content"]["data"]["values"]) == 8  # one point per test image
+
+
+EXTERNAL = re.compile(r"""(src|href)\s*=\s*["']?(https?:)?//""", re.IGNORECASE)
+
+
+@needs_chromium
+def test_plots_html_renders_with_the_network_blocked(repo, tmp_path):
+    shown = run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], repo)
+    page = tmp_path / "plots" / "index.html"
+    assert page.is_file(), shown.stdout
+    assert EXTERNAL.findall(page.read_text()) == []  # Vega, Vega-Lite and vega-embed are inlined
+    with headless_chromium(tmp_path / "profile", offline=True) as browser:
+        browser.get(page.as_uri())
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            drawn = browser.execute_script("return document.querySelectorAll('div[id] canvas, div[id] svg').length")
+            if drawn >= 5:
+                break
+            time.sleep(0.5)
+        assert drawn >= 5, browser.get_log("browser")
 
 
 def test_exp_show_lists_the_experiment_with_params_and_metrics(repo):
@@ -300,8 +335,9 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     # The split's training and validation rows as dataset inputs: the runs table's Dataset column.
     inputs = client.get_run(by_stage["train"].info.run_id).inputs.dataset_inputs
     datasets = {i.dataset.name: {t.key: t.value for t in i.tags} for i in inputs}
-    assert datasets.keys() == {"sample-train", "sample-val"}
-    assert datasets["sample-train"]["mlflow.data.context"] == "training"
+    digest = ShardIndex.load(repo / "data" / "prepared").content_digest()[:12]
+    assert datasets.keys() == {f"prepared-{digest}-train", f"prepared-{digest}-val"}  # not the folder's name
+    assert datasets[f"prepared-{digest}-train"]["mlflow.data.context"] == "training"
     assert all(len(i.dataset.digest) == 12 for i in inputs)
     history = client.get_metric_history(by_stage["train"].info.run_id, "val_loss")
     assert len(history) == 2  # one point per epoch

@@ -128,7 +128,7 @@ def _data(params: Params, ingest: dict, dedup: dict, split: dict, classes: list[
     lines = [
         "## Training data",
         "",
-        f"- **Source:** the folder `{Path(params.ingest.source).name}` (`ingest.source`), {labels}.",
+        f"- **Source:** the images under `ingest.source`, {labels}.",
         f"- **Images:** {_number(ingest.get('images'))} read, {_number(ingest.get('rejected'))} rejected; "
         f"{_number(dedup.get('exact_duplicates_removed'))} exact and "
         f"{_number(dedup.get('near_duplicates_removed'))} near copies removed, "

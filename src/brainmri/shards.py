@@ -8,6 +8,7 @@ decoding and the input pipeline stays far ahead of the training step."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from collections.abc import Iterator
@@ -185,6 +186,17 @@ class ShardIndex:
 
     def size(self, split: str) -> int:
         return sum(self.counts[split].values())
+
+    def content_digest(self) -> str:
+        """SHA-256 of the index and every shard file, in order: the same pixels, labels and boxes
+        give the same digest wherever the source folder lies."""
+        digest = hashlib.sha256((self.folder / INDEX_FILE).read_bytes())
+        for split in sorted(self.files):
+            for name in self.files[split]:
+                with open(self.folder / name, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+        return digest.hexdigest()
 
     def dataset(self, split: str, with_paths: bool = False, with_boxes: bool = False):
         """tf.data of (uint8 image, int label[, path][, box]) for one split, decoded in parallel."""
