@@ -134,6 +134,7 @@ def create_project(repo: Path) -> Path:
     (repo / ".dvc").mkdir()
     shutil.copy2(PROJECT / ".dvc" / "config", repo / ".dvc" / "config")
     shutil.copy2(PROJECT / ".dvc" / ".gitignore", repo / ".dvc" / ".gitignore")
+    shutil.copytree(PROJECT / ".dvc" / "plots_offline", repo / ".dvc" / "plots_offline")
     make_dataset(repo / "data" / "sample")
     update_params(repo / "params.yaml", TINY_PARAMS)
     run(["git", "init", "-q", "-b", "main"], repo)
@@ -272,3 +273,42 @@ def png(level: int) -> bytes:
 
 def post(client, data: bytes, name: str = "scan.png"):
     return client.post("/predict", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="Chromium and ChromeDriver are not installed (Debian: apt-get install chromium "
+    "chromium-driver; .ci/run installs them)",
+)
+
+
+@contextlib.contextmanager
+def headless_chromium(profile: Path, offline: bool = False) -> Iterator:
+    """Debian's Chromium driven through its own chromedriver (selenium's manager never runs);
+    `offline` makes every host name fail to resolve, so only local files and addresses load."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+    ]
+    if offline:
+        flags.append("--host-resolver-rules=MAP * ~NOTFOUND")
+    for flag in flags:
+        options.add_argument(flag)
+    browser = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        yield browser
+    finally:
+        browser.quit()

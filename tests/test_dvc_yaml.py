@@ -5,6 +5,7 @@ from pathlib import Path
 
 import yaml
 
+from brainmri.params import IngestParams
 from brainmri.paths import STAGE_OUTPUTS
 
 from helpers import PROJECT
@@ -12,6 +13,7 @@ from helpers import PROJECT
 STAGES = ["ingest", "dedup", "split", "boxes", "balance", "train", "evaluate", "gradcam", "model_card", "export"]
 # Stages with no params section of their own: they only read upstream ones.
 READERS = {"model_card"}
+INGEST_READERS = {"boxes", "evaluate", "gradcam"}
 # Stages whose own param is part of the training recipe: train.localisation.boxes.
 TRAIN_KEYED = {"boxes"}
 VALIDATED = "data/interim/params.validated"
@@ -79,3 +81,16 @@ def test_every_stage_writes_exactly_the_outputs_brainmri_paths_names():
     assert set(stages) == set(STAGE_OUTPUTS)
     for name, stage in stages.items():
         assert declared_outputs(stage) == {path.as_posix() for path in STAGE_OUTPUTS[name]}, name
+
+
+def test_only_ingest_depends_on_the_source_path_and_readers_declare_every_other_ingest_key():
+    stages = yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"]
+    other_keys = {f"ingest.{key}" for key in IngestParams.model_fields} - {"ingest.source"}
+    for name, stage in stages.items():
+        declared = {entry for entry in stage.get("params", []) if entry.split(".")[0] == "ingest"}
+        if name == "ingest":
+            continue
+        assert "ingest" not in declared and "ingest.source" not in declared, name  # moved data rebuilds nothing
+        assert declared <= other_keys, name
+        if name in INGEST_READERS:  # they read other folders with ingest's options
+            assert declared == other_keys, f"{name} lacks {sorted(other_keys - declared)}"

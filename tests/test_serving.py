@@ -30,6 +30,8 @@ from helpers import (
     PLANTED,
     create_project,
     free_port,
+    headless_chromium,
+    needs_chromium,
     project_env,
     run,
     running_server,
@@ -262,42 +264,18 @@ def test_the_page_shows_the_disclaimer(server):
     assert "not a medical device" in page and 'type="file"' in page
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
-@pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="Chromium and ChromeDriver are not installed (Debian: apt-get install chromium "
-    "chromium-driver; .ci/run installs them)",
-)
+@needs_chromium
 def test_upload_in_headless_chromium_shows_the_class(server, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        options.add_argument(flag)
     image = tmp_path / "slice.png"
     image.write_bytes(png_bytes(1, 800))
     expected = requests.post(f"{server}/predict", files={"file": ("slice.png", image.read_bytes())}, timeout=60).json()[
         "predicted_class"
     ]
-    browser = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
+    with headless_chromium(tmp_path / "profile") as browser:
         browser.get(server)
         assert "not a medical device" in browser.find_element(By.ID, "disclaimer").text
         browser.find_element(By.ID, "files").send_keys(str(image))
@@ -306,8 +284,6 @@ def test_upload_in_headless_chromium_shows_the_class(server, tmp_path):
         )
         assert shown.text == expected
         assert browser.find_element(By.CSS_SELECTOR, ".result img").get_attribute("src").startswith("data:image/png")
-    finally:
-        browser.quit()
 
 
 def test_export_stage_writes_tflite_and_onnx_files_that_match_keras(repo):
