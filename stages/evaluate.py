@@ -170,9 +170,12 @@ def main() -> None:
         EVALUATE_FIGURES.mkdir(parents=True)
         model, meta = load_model(MODELS)
         classes = meta["classes"]
-        images, labels, paths = ShardIndex.load(PREPARED).arrays("test")
+        index = ShardIndex.load(PREPARED)
+        images, labels, paths = index.arrays("test")
         if len(labels) == 0:
             raise DataError("the test split is empty: raise split.test or add images")
+        rows = pd.DataFrame({"path": paths, "label": [index.classes[label] for label in labels]})
+        run.log_dataset(rows, f"{index.dataset_name()}-test", PREPARED.as_posix(), "testing")
 
         threshold = review_threshold(p.review_threshold, p.target_accuracy, meta)
         probabilities = class_probabilities(model, images, p.batch_size)

@@ -274,7 +274,7 @@ def save_and_log(
 def log_datasets(index: ShardIndex, splits: dict[str, Split], run) -> None:
     """The training and validation images (path and label, from the shards) as MLflow dataset inputs,
     named by the shards' content digest: the same data has one name wherever its folder lies."""
-    name = f"prepared-{index.content_digest()[:12]}"
+    name = index.dataset_name()
     for part, context in (("train", "training"), ("val", "validation")):
         _, labels, paths = splits[part]
         rows = pd.DataFrame({"path": paths, "label": [index.classes[label] for label in labels]})

@@ -325,6 +325,10 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     assert (
         parent.info.run_name == f"pipeline {head[:7]}" and parent.data.tags["brainmri.pipeline_run"] == first_pipeline
     )
+    # The runs table shows the configuration and its headline figures on the collapsed row.
+    assert parent.data.params["train.epochs"] == "2" and parent.data.params["ingest.source"] == "data/sample"
+    assert parent.data.metrics["macro_f1"] == by_stage["evaluate"].data.metrics["macro_f1"]
+    assert {"macro_f1_ci_low", "macro_f1_ci_high", "final.best_val_accuracy"} <= set(parent.data.metrics)
     assert by_stage["ingest"].data.params["ingest.source"] == "data/sample"
     assert by_stage["ingest"].data.metrics["images"] == 32
     assert by_stage["train"].data.params["train.epochs"] == "2"
@@ -339,8 +343,13 @@ def test_mlflow_holds_every_stage_run_with_params_metrics_tags_and_artifacts(rep
     assert datasets.keys() == {f"prepared-{digest}-train", f"prepared-{digest}-val"}  # not the folder's name
     assert datasets[f"prepared-{digest}-train"]["mlflow.data.context"] == "training"
     assert all(len(i.dataset.digest) == 12 for i in inputs)
+    tested = client.get_run(by_stage["evaluate"].info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"]) for i in tested] == [
+        (f"prepared-{digest}-test", "testing")
+    ]
     history = client.get_metric_history(by_stage["train"].info.run_id, "val_loss")
     assert len(history) == 2  # one point per epoch
+    assert not [key for key in by_stage["train"].data.metrics if key.startswith("validation_")]  # each curve once
     evaluate_files = {a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id, "evaluate")}
     assert {
         f"evaluate/{name}"

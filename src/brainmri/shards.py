@@ -187,6 +187,10 @@ class ShardIndex:
     def size(self, split: str) -> int:
         return sum(self.counts[split].values())
 
+    def dataset_name(self) -> str:
+        """What MLflow's dataset inputs call these shards: `prepared-` and 12 digits of their digest."""
+        return f"prepared-{self.content_digest()[:12]}"
+
     def content_digest(self) -> str:
         """SHA-256 of the index and every shard file, in order: the same pixels, labels and boxes
         give the same digest wherever the source folder lies."""

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 try:
     import mlflow
+    from mlflow.entities import Metric, Param
 except ImportError:  # a machine set up only to train (a GPU host): stages run there with tracking.required false
     mlflow = None
 
@@ -97,12 +99,25 @@ def _experiment_id(name: str) -> str:
         return experiment.experiment_id
 
 
+# Copied onto the pipeline's parent run, so the runs table shows them without expanding a row.
+HEADLINE_METRICS = (
+    "macro_f1",
+    "macro_f1_ci_low",
+    "macro_f1_ci_high",
+    "accuracy",
+    "ece",
+    "annotated.pointing_game",
+    "final.best_val_accuracy",
+)
+
+
 class StageRun:
     """What a stage logs to MLflow. With tracking off (an unreachable server and
     `tracking.required: false`) every call is a no-op and the stage runs on."""
 
-    def __init__(self, active: bool) -> None:
+    def __init__(self, active: bool, parent_id: str | None = None) -> None:
         self.active = active
+        self.parent_id = parent_id
 
     @property
     def run_id(self) -> str | None:
@@ -113,6 +128,9 @@ class StageRun:
         defined = {k: v for k, v in values.items() if v is not None and v == v}
         if self.active and defined:
             mlflow.log_metrics(defined)
+            headline = {key: float(value) for key, value in defined.items() if key in HEADLINE_METRICS}
+            if headline and self.parent_id:
+                mlflow.MlflowClient().log_batch(self.parent_id, metrics=_metric_list(headline))
 
     def log_param(self, key: str, value: Any) -> None:
         if self.active:
@@ -143,12 +161,19 @@ class StageRun:
         mlflow.log_input(dataset, context=context)
 
     def keras_callbacks(self) -> list:
-        """Per-epoch metrics of `model.fit`, when tracking."""
+        """Per-epoch metrics of `model.fit` (`val_*` among them), when tracking."""
         if not self.active:
             return []
         import mlflow.keras  # imports Keras: only the stages that train pay for it
 
-        return [mlflow.keras.MlflowCallback()]
+        class EpochCurves(mlflow.keras.MlflowCallback):
+            """MLflow's callback without its step-less second copy of each validation figure
+            (`validation_*`, logged at every validation's end)."""
+
+            def on_test_end(self, logs=None) -> None:
+                return None
+
+        return [EpochCurves()]
 
     def log_keras_model(
         self, model: Any, example: Any, registered_name: str | None = None, digest: str | None = None
@@ -241,9 +266,12 @@ def stage_run(stage: str, tracking: TrackingParams, params: dict[str, Any], log:
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None  # `kill`: like Ctrl-C
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name=stage, tags=tags, parent_run_id=parent):
-            mlflow.log_params({key: "" if value is None else value for key, value in params.items()})
+            logged = {key: "" if value is None else value for key, value in params.items()}
+            mlflow.log_params(logged)
+            # The parent holds one configuration, so every stage's params agree on it.
+            mlflow.MlflowClient().log_batch(parent, params=[Param(key, str(value)) for key, value in logged.items()])
             try:
-                yield StageRun(active=True)
+                yield StageRun(active=True, parent_id=parent)
             except KeyboardInterrupt:
                 mlflow.end_run(status="KILLED")
                 raise
@@ -264,6 +292,11 @@ def pipeline_parent_run(experiment_id: str, pipeline: str, commit: str) -> str:
     run = client.create_run(experiment_id, run_name=experiment or f"pipeline {commit[:7]}", tags=tags)
     client.set_terminated(run.info.run_id)  # a container: its stages carry the status that matters
     return run.info.run_id
+
+
+def _metric_list(values: dict[str, float]) -> list:
+    now = int(time.time() * 1000)
+    return [Metric(key, value, now, 0) for key, value in values.items()]
 
 
 def _interrupt(signum: int, frame: Any) -> None:
