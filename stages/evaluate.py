@@ -34,7 +34,6 @@ from brainmri.ingest import decode_limits
 from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
 from brainmri.metrics import write_json
 from brainmri.models import (
-    MODEL_FILE,
     class_probabilities,
     ensemble_probabilities,
     flip_tta_probabilities,
@@ -46,6 +45,7 @@ from brainmri.paths import (
     CONFUSION_TABLE,
     EVALUATE_FIGURES,
     MANIFEST,
+    MODEL_FILE,
     MODELS,
     PLOTS,
     PREDICTIONS,

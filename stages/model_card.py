@@ -1,14 +1,32 @@
-"""model_card: render MODEL_CARD.md from this run's params and metrics."""
+"""model_card: render MODEL_CARD.md from this run's params, metrics and model."""
 
 import json
+from datetime import datetime, timezone
+
+import pandas as pd
 
 from brainmri.errors import run_entry_point
-from brainmri.model_card import render_model_card
-from brainmri.params import load_params
-from brainmri.paths import DATA_REPORT, MODEL_CARD, metrics_file
-from brainmri.tracking import stage_run
+from brainmri.evaluation import per_class_f1_intervals
+from brainmri.images import keras_model_version
+from brainmri.model_card import Provenance, render_model_card
+from brainmri.params import Params, load_params
+from brainmri.paths import DATA_REPORT, META_FILE, MODEL_CARD, MODELS, PREDICTIONS, metrics_file
+from brainmri.tracking import described_commit, stage_run
 
 SOURCES = ("ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam")
+
+
+def provenance(params: Params) -> Provenance:
+    """The model's version, the commit and date of this build, and per-class F1 intervals."""
+    meta = json.loads((MODELS / META_FILE).read_text())
+    predictions = pd.read_csv(PREDICTIONS)
+    actual, predicted = predictions["actual"].to_numpy(), predictions["predicted"].to_numpy()
+    return Provenance(
+        model_version=keras_model_version(MODELS, meta),
+        commit=described_commit(),
+        built_on=datetime.now(timezone.utc).date().isoformat(),
+        f1_intervals=per_class_f1_intervals(actual, predicted, meta["classes"], params.evaluate.seed),
+    )
 
 
 def main() -> None:
@@ -16,7 +34,7 @@ def main() -> None:
     with stage_run("model_card", params.tracking, {}) as run:
         metrics = {stage: json.loads(metrics_file(stage).read_text()) for stage in SOURCES}
         layout = json.loads((DATA_REPORT / "report.json").read_text())["layout"]
-        MODEL_CARD.write_text(render_model_card(params, metrics, layout))
+        MODEL_CARD.write_text(render_model_card(params, metrics, layout, provenance(params)))
         run.log_artifact(str(MODEL_CARD), "model_card")
         print(f"model_card: {MODEL_CARD} written")
 

@@ -30,7 +30,6 @@ from brainmri.input_gate import fit_feature_gate, fit_gate
 from brainmri.metrics import write_json
 from brainmri.models import (
     APPLICATIONS,
-    MODEL_FILE,
     PRECISE_BN_IMAGES,
     class_probabilities,
     float32_copy,
@@ -45,6 +44,7 @@ from brainmri.multi_worker import average_batch_norm_statistics, check_workers_a
 from brainmri.params import Params, TrainParams, flatten, load_params
 from brainmri.paths import (
     HISTORY_IN_PROGRESS,
+    MODEL_FILE,
     MODELS,
     PREPARED,
     TENSORBOARD_LOGS,

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainmri.compare import compare_predictions, report
+from brainmri.compare import compare_predictions, load_predictions, report
 from brainmri.errors import DataError
 from brainmri.stats import mcnemar_exact, paired_bootstrap_difference
 
@@ -62,3 +62,16 @@ def test_mcnemar_and_the_paired_interval_by_hand():
         truth, truth, truth, lambda t, p: float((t == p).mean()), resamples=200
     )
     assert (difference, low, high) == (0.0, 0.0, 0.0)
+
+
+def test_a_revision_whose_predictions_are_not_cached_says_how_to_get_them(monkeypatch, tmp_path):
+    import dvc.api
+    from dvc.exceptions import PathMissingError
+
+    def not_cached(path, rev):  # what dvc.api.open raises in a clone without the outputs
+        raise PathMissingError(path, "repo")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dvc.api, "open", not_cached)
+    with pytest.raises(DataError, match=r"'main': its reports/predictions.csv .*dvc pull.*dvc repro evaluate"):
+        load_predictions("main")

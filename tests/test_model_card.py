@@ -1,8 +1,15 @@
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
-from brainmri.model_card import render_model_card
+from brainmri.model_card import Provenance, render_model_card
 from brainmri.params import Params
 
 CLASSES = ["glioma", "pituitary"]
+PROVENANCE = Provenance(
+    "compact_cnn@sha256:0123456789ab", "abcdef1 + uncommitted changes", "2026-12-05", {"glioma": (0.8, 0.95)}
+)
+
+
+def render(params: Params, metrics: dict[str, dict], layout: str) -> str:
+    return render_model_card(params, metrics, layout, PROVENANCE)
 
 
 def run_metrics(**extra_evaluate) -> dict[str, dict]:
@@ -42,7 +49,7 @@ def run_metrics(**extra_evaluate) -> dict[str, dict]:
 
 def test_the_card_has_every_section_with_intervals_from_the_metrics():
     params = Params.model_validate({"ingest": {"source": "/somewhere/private/Training"}})
-    card = render_model_card(params, run_metrics(), "folder-per-class")
+    card = render(params, run_metrics(), "folder-per-class")
     for heading in ("## Intended use", "## Model details", "## Training data", "## Evaluation on the test split",
                     "## Explanations (Grad-CAM)", "## Limitations"):  # fmt: skip
         assert heading in card
@@ -55,7 +62,7 @@ def test_the_card_has_every_section_with_intervals_from_the_metrics():
     assert "0.400 [0.250, 0.550] of them (glioma 0.50)" in card
     assert "point at the tumour on only 0.40" in card  # the limitation follows the measurement
     assert "probability by 0.300 on average, a box of the same size elsewhere by 0.010: glioma 0.50" in card
-    assert "`Training`" in card and "/somewhere/private" not in card  # no machine path
+    assert "`Training`" not in card and "/somewhere/private" not in card  # no machine path, not even the folder
     assert "External test set" not in card
     assert "(from scratch)" in card and "rotation 10, shift 0.1, zoom 0.2, flip;" in card
     assert "one class per folder" in card and "set to 60 images per class, 20 augmented copies added." in card
@@ -67,26 +74,26 @@ def test_the_card_counts_the_boxed_images_that_trained_the_model():
     metrics = run_metrics()
     metrics["balance"].update({"train.boxed.glioma": 12, "train.boxed.pituitary": 30})
     params = Params.model_validate({"ingest": {"source": "data"}, "train": {"localisation": {"boxes": "/x/boxes"}}})
-    card = render_model_card(params, metrics, "folder-per-class")
+    card = render(params, metrics, "folder-per-class")
     assert (
         "energy loss on the class activation map (weight 1) for 42 training images with a tumour box "
         "(glioma 12, pituitary 30), boxes from the folder `boxes`." in card
     )
     unsupervised = Params.model_validate({"ingest": {"source": "data"}, "train": {"localisation": {"loss": "none"}}})
-    assert "labels only (no box supervision)" in render_model_card(unsupervised, metrics, "folder-per-class")
+    assert "labels only (no box supervision)" in render(unsupervised, metrics, "folder-per-class")
 
 
 def test_an_external_set_gets_its_own_line():
     metrics = run_metrics(**{"external.images": 8, "external.leaked_removed": 1, "external.accuracy": 0.75,
                              "external.macro_f1": 0.7, "external.macro_f1_ci_low": 0.5,
                              "external.macro_f1_ci_high": 0.9})  # fmt: skip
-    card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
+    card = render(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
     assert "**External test set** (8 images; 1 removed as copies" in card and "macro-F1 0.700 [0.500, 0.900]" in card
 
 
 def test_the_card_names_the_head_crop_cutmix_and_an_automatic_review_threshold():
     params = Params.model_validate({"ingest": {"source": "data"}, "train": {"crop": "head", "cutmix": 1.0}})
-    card = render_model_card(params, run_metrics(review_threshold=0.93, review_target_accuracy=0.99), "yolo")
+    card = render(params, run_metrics(review_threshold=0.93, review_target_accuracy=0.99), "yolo")
     assert "8-bit slices, cropped to the head, the longer side resized" in card
     assert "flip, CutMix (factor 1);" in card
     assert "flagged for review (under 0.930, chosen for 0.990 accuracy on the validation split)" in card
@@ -96,18 +103,28 @@ def test_the_card_says_how_labels_were_read_and_when_balance_undersamples():
     metrics = run_metrics()
     metrics["balance"] = {"train.glioma": 40, "train.pituitary": 40, "train.augmented": 0}
     params = Params.model_validate({"ingest": {"source": "data", "labels_csv": "labels.csv"}})
-    card = render_model_card(params, metrics, "labels-csv")
+    card = render(params, metrics, "labels-csv")
     assert "labels from the table `labels.csv` (`ingest.labels_csv`)" in card and "one class per folder" not in card
     assert "set to 40 images per class, glioma, pituitary undersampled (`balance.target`)." in card
     assert "augmented copies" not in card
-    yolo = render_model_card(params, metrics, "yolo")
+    yolo = render(params, metrics, "yolo")
     assert "YOLO images/ + labels/" in yolo and "one class per folder" not in yolo
 
 
 def test_the_card_warns_when_temperature_scaling_was_refused_or_made_the_test_ece_worse():
     metrics = run_metrics(**{"uncalibrated.ece": 0.103, "ece": 0.116})
-    card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
+    card = render(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
     assert "**raised the test ECE** (0.103 → 0.116)" in card
     metrics["train"].update(temperature=1.0, temperature_fitted=1.6, val_ece_uncalibrated=0.08)
-    card = render_model_card(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
+    card = render(Params.model_validate({"ingest": {"source": "data"}}), metrics, "folder-per-class")
     assert "not applied: T = 1.60 fitted on the validation split raised its ECE from 0.080" in card
+
+
+def test_the_card_names_the_model_version_and_says_when_a_model_is_below_the_quality_floor():
+    params = Params.model_validate({"ingest": {"source": "data"}})
+    card = render(params, run_metrics(), "folder-per-class")
+    assert "`compact_cnn@sha256:0123456789ab`, built on 2026-12-05 from commit `abcdef1 + uncommitted changes`" in card
+    assert "| glioma | n/a | 0.800 | 0.900 [0.800, 0.950] |" in card  # per-class interval
+    assert "**Not fit for use:** test macro-F1 0.880 is below the quality floor 0.900" in card
+    lenient = Params.model_validate({"ingest": {"source": "data"}, "evaluate": {"quality_floor": 0.85}})
+    assert "Not fit for use" not in render(lenient, run_metrics(), "folder-per-class")

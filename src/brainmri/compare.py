@@ -44,14 +44,20 @@ def load_predictions(ref: str) -> pd.DataFrame:
             raise DataError(f"'{ref}': no evaluate/{PREDICTIONS.name} in that MLflow run ({error})") from None
         return pd.read_csv(local)
     import dvc.api
+    from dvc.scm import RevError
 
     try:
         with dvc.api.open(PREDICTIONS.as_posix(), rev=ref) as handle:
             return pd.read_csv(handle)
-    except Exception as error:  # DVC raises several types for an unknown revision or a missing output
+    except RevError:
         raise DataError(
-            f"'{ref}' is not a predictions file, an MLflow run id, or a DVC revision or experiment "
-            f"with {PREDICTIONS} in the cache ({type(error).__name__}: {error})"
+            f"'{ref}' is not a predictions file, an MLflow run id, or a git revision or DVC experiment"
+        ) from None
+    except Exception as error:  # DVC raises several types for an output it cannot find
+        raise DataError(
+            f"'{ref}': its {PREDICTIONS} is in neither this DVC cache nor a reachable DVC remote "
+            f"({type(error).__name__}). Fetch it with `dvc pull` or `dvc exp pull origin {ref}` "
+            f"from the project's remote, or rebuild it: `git checkout {ref} && dvc repro evaluate`"
         ) from None
 
 

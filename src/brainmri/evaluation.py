@@ -13,6 +13,7 @@ from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
     confusion_matrix,
+    f1_score,
     log_loss,
     precision_recall_curve,
     precision_recall_fscore_support,
@@ -189,3 +190,15 @@ def classification_report_text(y_true: np.ndarray, y_pred: np.ndarray, classes: 
     return classification_report(
         y_true, y_pred, labels=list(range(len(classes))), target_names=classes, digits=3, zero_division=0
     )
+
+
+def per_class_f1_intervals(
+    actual: np.ndarray, predicted: np.ndarray, classes: list[str], seed: int = 0
+) -> dict[str, tuple[float, float]]:
+    """Each class's one-vs-rest F1 with its 95% percentile-bootstrap interval over the images,
+    from a predictions table's `actual` and `predicted` class names."""
+    intervals = {}
+    for name in classes:
+        f1 = partial(f1_score, pos_label=True, zero_division=0)
+        intervals[name] = stats.bootstrap_metric_interval(actual == name, predicted == name, f1, seed=seed)
+    return intervals

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from brainmri.paths import SLICES
+from brainmri.paths import MODEL_FILE, SLICES
 
 
 def sha256_file(path: str | Path) -> str:
@@ -20,6 +20,12 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def keras_model_version(folder: str | Path, meta: dict) -> str:
+    """`<model>@sha256:<12 digits of the model file>`: what predict, serve, the audit trail and the
+    model card call the Keras model of a model folder."""
+    return f"{meta.get('model', 'model')}@sha256:{sha256_file(Path(folder) / MODEL_FILE)[:12]}"
 
 
 class ImageTooLarge(ValueError):

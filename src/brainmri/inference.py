@@ -18,7 +18,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from brainmri.errors import DataError, ModelError
 from brainmri.exported import OnnxClassifier, TfliteClassifier, find_export, is_export, load_export
-from brainmri.images import DecodeLimits, ImageTooLarge, normalise_mode, open_image, sha256_file, to_array
+from brainmri.images import (
+    DecodeLimits,
+    ImageTooLarge,
+    keras_model_version,
+    normalise_mode,
+    open_image,
+    sha256_file,
+    to_array,
+)
 from brainmri.input_gate import gate_reasons
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.review import review_threshold
@@ -135,12 +143,10 @@ class Predictor:
             return cls._from_mlflow(source, limits, review, target_accuracy)
         if is_export(source):
             return cls._from_export(source, limits, review, target_accuracy)
-        from brainmri.models import MODEL_FILE, load_model
+        from brainmri.models import load_model
 
         model, meta = load_model(source)
-        digest = sha256_file(Path(source) / MODEL_FILE)[:12]
-        version = f"{meta.get('model', 'model')}@sha256:{digest}"
-        return cls._from_meta(model, meta, version, limits, review, target_accuracy)
+        return cls._from_meta(model, meta, keras_model_version(source, meta), limits, review, target_accuracy)
 
     @classmethod
     def _from_export(cls, source: str, limits: DecodeLimits, review: float | str, target_accuracy: float) -> Predictor:

@@ -8,6 +8,7 @@ run, so the card always matches the committed `dvc.lock`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,9 @@ def _kept_apart(split: dict) -> str:
     return "duplicate groups"
 
 
-def _evaluation(evaluate: dict, classes: list[str], train: dict) -> list[str]:
+def _evaluation(
+    evaluate: dict, classes: list[str], train: dict, f1_intervals: dict[str, tuple[float, float]]
+) -> list[str]:
     lines = [
         "## Evaluation on the test split",
         "",
@@ -188,11 +191,13 @@ def _evaluation(evaluate: dict, classes: list[str], train: dict) -> list[str]:
     lines += _calibration_warnings(evaluate, train)
     if "tta.macro_f1" in evaluate:
         lines.append(f"| macro-F1 with flip test-time augmentation | {_with_interval(evaluate, 'tta.macro_f1')} |")
-    lines += ["", "| class | precision | recall | F1 | ROC AUC | images |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| class | precision | recall | F1 [95% CI] | ROC AUC | images |", "|" + " --- |" * 6]
     for c in classes:
+        low, high = f1_intervals.get(c, (None, None))
+        interval = f" [{_number(low)}, {_number(high)}]" if low is not None else ""
         lines.append(
             f"| {c} | {_number(evaluate.get(f'precision.{c}'))} | {_number(evaluate.get(f'recall.{c}'))} | "
-            f"{_number(evaluate.get(f'f1.{c}'))} | {_number(evaluate.get(f'roc_auc.{c}'))} | "
+            f"{_number(evaluate.get(f'f1.{c}'))}{interval} | {_number(evaluate.get(f'roc_auc.{c}'))} | "
             f"{_number(evaluate.get(f'support.{c}'))} |"
         )
     if "external.images" in evaluate:
@@ -294,7 +299,31 @@ def _limitations(gradcam: dict, split: dict) -> list[str]:
     return [*lines, ""]
 
 
-def render_model_card(params: Params, metrics: dict[str, dict], layout: str) -> str:
+@dataclass(frozen=True)
+class Provenance:
+    """What the model_card stage finds beside the metrics: which model, built when and from what."""
+
+    model_version: str  # as predict, serve and the audit trail name it
+    commit: str  # the git commit the run started from, "+ uncommitted changes" where the tree differed
+    built_on: str  # UTC date
+    f1_intervals: dict[str, tuple[float, float]]  # per class, 95% bootstrap over the test images
+
+
+def _provenance(provenance: Provenance, evaluate: dict, floor: float) -> list[str]:
+    lines = [
+        f"- **Version:** `{provenance.model_version}`, built on {provenance.built_on} from commit "
+        f"`{provenance.commit}`.",
+    ]
+    macro_f1 = evaluate.get("macro_f1")
+    if macro_f1 is not None and macro_f1 < floor:
+        lines.append(
+            f"- **Not fit for use:** test macro-F1 {_number(macro_f1)} is below the quality floor {_number(floor)} "
+            "(`evaluate.quality_floor`). This model shows the pipeline working; it is not a model to use."
+        )
+    return [*lines, ""]
+
+
+def render_model_card(params: Params, metrics: dict[str, dict], layout: str, provenance: Provenance) -> str:
     """The card as Markdown; `metrics` maps a stage name to its metrics/<stage>.json contents, and
     `layout` is the source layout ingest found (reports/data/report.json)."""
     evaluate, gradcam, split = metrics["evaluate"], metrics.get("gradcam", {}), metrics.get("split", {})
@@ -307,6 +336,7 @@ def render_model_card(params: Params, metrics: dict[str, dict], layout: str) -> 
         f"({', '.join(classes)}). Written by the `model_card` stage from this run's params and metrics; "
         "`dvc repro` rebuilds it with every figure in it.",
         "",
+        *_provenance(provenance, evaluate, params.evaluate.quality_floor),
         *_intended_use(evaluate.get("review_threshold", params.evaluate.review_threshold)),
         *_details(
             params,
@@ -315,7 +345,7 @@ def render_model_card(params: Params, metrics: dict[str, dict], layout: str) -> 
             _phases(params, metrics.get("train", {})),
         ),
         *_data(params, metrics.get("ingest", {}), metrics.get("dedup", {}), split, classes, layout),
-        *_evaluation(evaluate, classes, metrics.get("train", {})),
+        *_evaluation(evaluate, classes, metrics.get("train", {}), provenance.f1_intervals),
         *_explanations(gradcam, classes),
         *_limitations(gradcam, split),
     ]

@@ -18,9 +18,8 @@ from keras import layers
 
 from brainmri.errors import ModelError
 from brainmri.params import MODEL_NAMES, TrainParams
+from brainmri.paths import META_FILE, MODEL_FILE
 
-MODEL_FILE = "model.keras"
-META_FILE = "model.json"
 PRECISE_BN_IMAGES = 2048  # batch-norm re-estimation: enough batches for stable means, seconds on a CPU
 
 

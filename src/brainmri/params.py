@@ -326,6 +326,9 @@ class EvaluateParams(_Section):
     target_accuracy: float = Field(
         0.99, gt=0, le=1, description="auto review threshold: the accuracy its accepted validation images reach"
     )
+    quality_floor: float = Field(
+        0.9, ge=0, le=1, description="test macro-F1 below which the model card says the model is not fit for use"
+    )
     calibration_bins: int = Field(15, ge=2, le=100)
     tta: bool = Field(True, description="also report horizontal-flip test-time augmentation")
     external: str | None = Field(None, description="an extra labelled test folder, checked and scored too")

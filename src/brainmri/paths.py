@@ -32,6 +32,8 @@ TRAIN_ADDED = Path("data/interim/train_added.csv")
 PREPARED = Path("data/prepared")
 
 MODELS = Path("models")
+MODEL_FILE = "model.keras"  # inside a model folder: the Keras model
+META_FILE = "model.json"  # and what it travels with (classes, input, calibration, gate)
 TRAIN_HISTORY = Path("metrics/train_history.csv")
 # Scratch space, not a DVC output: the history while
 # training runs (moved to TRAIN_HISTORY when training ends, so a killed run

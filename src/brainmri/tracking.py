@@ -68,6 +68,16 @@ def git_commit() -> str:
     return out.stdout.strip()
 
 
+def described_commit() -> str:
+    """`git_commit()` shortened, with "+ uncommitted changes" when the working tree differs from it."""
+    commit = git_commit()
+    try:
+        changes = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return commit[:7]
+    return commit[:7] + (" + uncommitted changes" if changes.strip() else "")
+
+
 def pipeline_id(params_path: str | Path = "params.yaml") -> str:
     """Shared by all stages of one pipeline configuration: commit + params + experiment.
 
