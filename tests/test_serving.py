@@ -264,26 +264,50 @@ def test_the_page_shows_the_disclaimer(server):
     assert "not a medical device" in page and 'type="file"' in page
 
 
+# Records that the file chooser would open, without opening it.
+OPENED_FLAG = (
+    "document.getElementById('files').addEventListener("
+    "'click', e => { e.preventDefault(); window.chooserOpened = true; })"
+)
+
+
 @needs_chromium
-def test_upload_in_headless_chromium_shows_the_class(server, tmp_path):
+@pytest.mark.parametrize("width", [360, 1280])
+def test_the_page_shows_slice_overlay_scale_and_caveat_without_overflow(server, tmp_path, width):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    image = tmp_path / "slice.png"
+    image = tmp_path / "a-long-file-name-that-a-phone-must-wrap-rather-than-scroll-sideways.png"
     image.write_bytes(png_bytes(1, 800))
     expected = requests.post(f"{server}/predict", files={"file": ("slice.png", image.read_bytes())}, timeout=60).json()[
         "predicted_class"
     ]
     with headless_chromium(tmp_path / "profile") as browser:
+        browser.set_window_size(width, 900)
         browser.get(server)
         assert "not a medical device" in browser.find_element(By.ID, "disclaimer").text
+        # The drop zone is a control the keyboard reaches and opens the file chooser with.
+        browser.execute_script(OPENED_FLAG)
+        for _ in range(5):
+            if browser.switch_to.active_element.get_attribute("id") == "drop":
+                break
+            browser.switch_to.active_element.send_keys(Keys.TAB)
+        assert browser.switch_to.active_element.get_attribute("id") == "drop"
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
+        assert browser.execute_script("return window.chooserOpened === true")
+
         browser.find_element(By.ID, "files").send_keys(str(image))
         shown = WebDriverWait(browser, 60).until(
             expected_conditions.visibility_of_element_located((By.CSS_SELECTOR, "h2.predicted"))
         )
         assert shown.text == expected
-        assert browser.find_element(By.CSS_SELECTOR, ".result img").get_attribute("src").startswith("data:image/png")
+        for selector in ("img.original", "img.overlay"):
+            assert browser.find_element(By.CSS_SELECTOR, selector).get_attribute("src").startswith("data:image/png")
+        assert f"evidence for {expected}" in browser.find_element(By.CSS_SELECTOR, ".scale").text
+        assert "not an outline of a tumour" in browser.find_element(By.ID, "caveat").text
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 
 
 def test_export_stage_writes_tflite_and_onnx_files_that_match_keras(repo):

@@ -25,7 +25,7 @@ from brainmri.audit import AuditLog
 from brainmri.batching import MicroBatcher
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.params import ServeParams
-from brainmri.webapp import create_app, server_limits
+from brainmri.webapp import create_app, measured_localisation, server_limits
 
 from helpers import png, post, predictor
 
@@ -287,3 +287,14 @@ def test_the_server_gives_freed_upload_memory_back_instead_of_keeping_it_per_thr
 
     assert kept_mb("adaptive") > 200  # what the server kept before: each thread's arena holds its blocks
     assert kept_mb("fixed") < 50
+
+
+def test_the_heatmap_caveat_quotes_the_served_models_own_localisation_figure(tmp_path):
+    metrics = tmp_path / "gradcam.json"
+    assert measured_localisation(None, metrics) is None  # not measured: the page says so
+    metrics.write_text(json.dumps({"images": 36, "annotated.pointing_game": 0.47, "annotated.images": 385}))
+    measured = {"pointing_game": 0.47, "images": 385}
+    assert measured_localisation(None, metrics) == measured == measured_localisation(["models"], metrics)
+    assert measured_localisation(["models:/brain-mri-classifier@champion"], metrics) is None  # another model's
+    client = create_app(predictor(), ServeParams(), localisation=measured).test_client()
+    assert client.get("/health").get_json()["localisation"] == measured

@@ -126,11 +126,13 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from brainmri.webapp import create_app, run_server
+    from brainmri.paths import metrics_file
+    from brainmri.webapp import create_app, measured_localisation, run_server
 
     params = project_params(args.params)
     predictor = load_predictor(args.model, params)
-    app = create_app(predictor, params.serve, audit_log(params), bind_host=args.host)
+    localisation = measured_localisation(args.model, metrics_file("gradcam"))
+    app = create_app(predictor, params.serve, audit_log(params), bind_host=args.host, localisation=localisation)
     run_server(app, args.host, args.port, params.serve)
     return 0
 

@@ -327,10 +327,14 @@ class Predictor:
             ],
             axis=0,
         )
-        picture = overlay(array, heatmap, alpha)
-        buffer = io.BytesIO()
-        Image.fromarray((picture * 255).round().astype(np.uint8)).save(buffer, format="PNG")
-        return buffer.getvalue()
+        return png_bytes((overlay(array, heatmap, alpha) * 255).round().astype(np.uint8))
+
+
+def png_bytes(picture: np.ndarray) -> bytes:
+    """A uint8 (height, width[, 1 or 3]) picture, such as a model input or an overlay, as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(picture[..., 0] if picture.ndim == 3 and picture.shape[-1] == 1 else picture).save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def decode_bytes(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:

@@ -12,11 +12,13 @@ import base64
 import ctypes
 import ctypes.util
 import hashlib
+import json
 import re
 import threading
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from importlib.resources import files
+from pathlib import Path
 
 import numpy as np
 from flask import Flask, jsonify, request
@@ -24,7 +26,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from brainmri.audit import AuditLog
 from brainmri.batching import MicroBatcher
-from brainmri.inference import BadImage, Predictor
+from brainmri.inference import BadImage, Predictor, png_bytes
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.params import ServeParams
 
@@ -53,12 +55,18 @@ def host_name(host: str) -> str:
 
 
 def create_app(
-    predictor: Predictor, settings: ServeParams, audit: AuditLog | None = None, bind_host: str | None = None
+    predictor: Predictor,
+    settings: ServeParams,
+    audit: AuditLog | None = None,
+    bind_host: str | None = None,
+    localisation: dict | None = None,
 ) -> Flask:
     """The page and API. Requests must name this server in their Host header (loopback names, the
     bind address, serve.allowed_hosts): a page on another domain that resolves to this machine
     (DNS rebinding) gets 400. A POST from a page of another origin than the server's own (or one
-    of serve.allowed_origins) gets 403, so no web page can use the model behind its user's back."""
+    of serve.allowed_origins) gets 403, so no web page can use the model behind its user's back.
+    `localisation` ({"pointing_game", "images"}, `measured_localisation`) is what the page's
+    heatmap caveat quotes; None: not measured for this model."""
     app = Flask(__name__)
     trusted_hosts = {*LOOPBACK_NAMES, *(name.lower() for name in settings.allowed_hosts)}
     if bind_host and bind_host not in ("0.0.0.0", "::"):
@@ -109,7 +117,13 @@ def create_app(
             return jsonify(status="unavailable", model_loaded=False, error="the model did not answer in time"), 503
         except Exception as error:  # whatever the model raised: the server stays up and says so
             return jsonify(status="unavailable", model_loaded=False, error=f"the model failed: {error}"), 503
-        return jsonify(status="ok", model_loaded=True, model_version=predictor.version, classes=predictor.classes)
+        return jsonify(
+            status="ok",
+            model_loaded=True,
+            model_version=predictor.version,
+            classes=predictor.classes,
+            localisation=localisation,
+        )
 
     def busy(what: str):
         return jsonify(error=f"server busy: {what} within serve.timeout_s={settings.timeout_s:g} s, retry later"), 503
@@ -152,6 +166,7 @@ def create_app(
         if request.args.get("gradcam", "").lower() in ("1", "true", "yes") and predictor.explainable:
             png = predictor.gradcam_png(inputs[0][1], predictor.classes.index(result["predicted_class"]))
             result["gradcam_png"] = base64.b64encode(png).decode()
+            result["input_png"] = base64.b64encode(png_bytes(inputs[0][1])).decode()  # shown beside the overlay
         return jsonify(result)
 
     @app.errorhandler(RequestEntityTooLarge)
@@ -167,6 +182,18 @@ def create_app(
         return jsonify(error=error.description), error.code
 
     return app
+
+
+def measured_localisation(models: list[str] | None, metrics_path: Path) -> dict | None:
+    """How often the project's own model's Grad-CAM peaked inside a tumour on box-annotated slices
+    (the gradcam stage's `annotated.pointing_game`), when serving that model (`models/`) and the
+    figure was measured; None otherwise."""
+    if models not in (None, ["models"]) or not metrics_path.is_file():
+        return None
+    measured = json.loads(metrics_path.read_text())
+    if measured.get("annotated.pointing_game") is None:
+        return None
+    return {"pointing_game": measured["annotated.pointing_game"], "images": measured.get("annotated.images")}
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
