@@ -137,7 +137,7 @@ def write_predictions(paths, labels, probabilities, classes: list[str], threshol
     return table
 
 
-def write_plots(labels, probabilities, classes: list[str], p: EvaluateParams, matrix: dict, ece: float) -> None:
+def write_plots(labels, probabilities, classes: list[str], p: EvaluateParams, matrix: dict, metrics: dict) -> None:
     """Plot data for `dvc plots`, and the same figures as PNGs for MLflow."""
     shutil.rmtree(PLOTS, ignore_errors=True)
     roc = {n: pts for i, n in enumerate(classes) if (pts := roc_points(labels, probabilities, i)) is not None}
@@ -153,10 +153,13 @@ def write_plots(labels, probabilities, classes: list[str], p: EvaluateParams, ma
 
     figures = EVALUATE_FIGURES
     confusion_png(matrix["normalized"], matrix["counts"], figures / "confusion_matrix.png")
-    curves_png(roc, "fpr", "tpr", "ROC, one vs rest", figures / "roc.png", diagonal=True)
+    aucs = {name: metrics.get(f"roc_auc.{name}") for name in roc}
+    with_auc = {f"{n} (AUC {aucs[n]:.3f})" if aucs[n] is not None else n: points for n, points in roc.items()}
+    curves_png(with_auc, "fpr", "tpr", "ROC, one vs rest", figures / "roc.png", diagonal=True)
     curves_png(pr, "recall", "precision", "Precision-recall, one vs rest", figures / "precision_recall.png")
-    title = f"Reliability (ECE {ece:.3f})"
-    curves_png({"model": reliability.dropna()}, "confidence", "accuracy", title, figures / "reliability.png", True)
+    title = f"Reliability (ECE {metrics['ece']:.3f}), images per bin"
+    bins = {"model": reliability.dropna()}
+    curves_png(bins, "confidence", "accuracy", title, figures / "reliability.png", True, point_labels="count")
     curves_png({"model": coverage}, "coverage", "risk", "Risk-coverage", figures / "risk_coverage.png")
 
 
@@ -209,7 +212,7 @@ def main() -> None:
         matrix = confusion(labels, predicted, classes)
         CONFUSION_MATRIX.write_text(json.dumps(matrix, indent=2) + "\n")
         write_predictions(paths, labels, probabilities, classes, threshold)
-        write_plots(labels, probabilities, classes, p, matrix, metrics["ece"])
+        write_plots(labels, probabilities, classes, p, matrix, metrics)
         report = classification_report_text(labels, predicted, classes)
         (EVALUATE_FIGURES / "classification_report.txt").write_text(report)
 
@@ -219,8 +222,12 @@ def main() -> None:
         champion = None
         if run.run_id:
             digest = sha256_file(MODELS / MODEL_FILE)
+            headline = (
+                f"test macro-F1 {metrics['macro_f1']:.3f} [{metrics['macro_f1_ci_low']:.3f}, "
+                f"{metrics['macro_f1_ci_high']:.3f}] on {len(labels)} images"
+            )
             champion = update_champion(
-                MlflowClient(), params.tracking.registered_model, digest, pd.read_csv(PREDICTIONS), run.run_id
+                MlflowClient(), params.tracking.registered_model, digest, pd.read_csv(PREDICTIONS), run.run_id, headline
             )
         print(report)
         print(

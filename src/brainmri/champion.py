@@ -57,12 +57,14 @@ def _predictions_of(client, version) -> pd.DataFrame | None:
     return pd.read_csv(client.download_artifacts(run_id, f"evaluate/{PREDICTIONS.name}"))
 
 
-def update_champion(client, name: str, digest: str, predictions: pd.DataFrame, evaluate_run: str) -> str:
-    """Tag the version with its evaluate run and move the alias when it has earned it; says what happened."""
+def update_champion(client, name: str, digest: str, predictions: pd.DataFrame, evaluate_run: str, headline: str) -> str:
+    """Tag the version with its evaluate run, describe it by its `headline` test figures, and move
+    the alias when it has earned it; says what happened."""
     version = registered_version(client, name, digest)
     if version is None:
         return f"{name}: this model is not a registered version (trained without tracking?); champion unchanged"
     client.set_model_version_tag(name, version.version, EVALUATE_RUN_TAG, evaluate_run)
+    client.update_model_version(name, version.version, description=f"{headline} (evaluate run {evaluate_run})")
     current = _champion(client, name)
     if current is None:
         client.set_registered_model_alias(name, CHAMPION, version.version)

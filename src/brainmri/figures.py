@@ -50,11 +50,25 @@ def confusion_png(normalized: dict[str, dict[str, float]], counts: dict[str, dic
     save(figure, path)
 
 
-def curves_png(curves: dict[str, pd.DataFrame], x: str, y: str, title: str, path: Path, diagonal: bool = False) -> None:
+def curves_png(
+    curves: dict[str, pd.DataFrame],
+    x: str,
+    y: str,
+    title: str,
+    path: Path,
+    diagonal: bool = False,
+    point_labels: str | None = None,
+) -> None:
+    """Curves of `y` against `x`; `point_labels` names a column written beside each point (e.g. a
+    reliability bin's image count)."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 4))
     for name, points in curves.items():
-        axis.plot(points[x], points[y], label=name)
+        axis.plot(points[x], points[y], label=name, marker="o" if point_labels else None)
+        if point_labels:
+            for _, point in points.iterrows():
+                axis.annotate(f"{point[point_labels]:g}", (point[x], point[y]), fontsize=7, xytext=(3, -9),
+                              textcoords="offset points")  # fmt: skip
     if diagonal:
         axis.plot([0, 1], [0, 1], color="grey", linestyle=":")
     axis.set_xlabel(x)
