@@ -177,8 +177,7 @@ def main() -> None:
         images, labels, paths = index.arrays("test")
         if len(labels) == 0:
             raise DataError("the test split is empty: raise split.test or add images")
-        rows = pd.DataFrame({"path": paths, "label": [index.classes[label] for label in labels]})
-        run.log_dataset(rows, f"{index.dataset_name()}-test", PREPARED.as_posix(), "testing")
+        run.log_split(index, "test", labels, paths, "testing")
 
         threshold = review_threshold(p.review_threshold, p.target_accuracy, meta)
         probabilities = class_probabilities(model, images, p.batch_size)

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import pandas as pd
 
 from brainmri.box_supervision import energy_log, supervision_boxes, training_model
 from brainmri.calibration import calibrate_model
@@ -272,13 +271,11 @@ def save_and_log(
 
 
 def log_datasets(index: ShardIndex, splits: dict[str, Split], run) -> None:
-    """The training and validation images (path and label, from the shards) as MLflow dataset inputs,
-    named by the shards' content digest: the same data has one name wherever its folder lies."""
-    name = index.dataset_name()
+    """The training and validation images as MLflow dataset inputs: the same data has one name
+    wherever its folder lies."""
     for part, context in (("train", "training"), ("val", "validation")):
         _, labels, paths = splits[part]
-        rows = pd.DataFrame({"path": paths, "label": [index.classes[label] for label in labels]})
-        run.log_dataset(rows, f"{name}-{part}", PREPARED.as_posix(), context)
+        run.log_split(index, part, labels, paths, context)
 
 
 def main() -> None:

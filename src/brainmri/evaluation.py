@@ -197,8 +197,5 @@ def per_class_f1_intervals(
 ) -> dict[str, tuple[float, float]]:
     """Each class's one-vs-rest F1 with its 95% percentile-bootstrap interval over the images,
     from a predictions table's `actual` and `predicted` class names."""
-    intervals = {}
-    for name in classes:
-        f1 = partial(f1_score, pos_label=True, zero_division=0)
-        intervals[name] = stats.bootstrap_metric_interval(actual == name, predicted == name, f1, seed=seed)
-    return intervals
+    f1 = partial(f1_score, pos_label=True, zero_division=0)
+    return {name: stats.bootstrap_metric_interval(actual == name, predicted == name, f1, seed=seed) for name in classes}

@@ -22,6 +22,7 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from brainmri.errors import DataError
+from brainmri.images import sha256_file
 
 INDEX_FILE = "index.json"
 _PROTO_PACKAGE = "brainmri.tfexample"
@@ -194,13 +195,8 @@ class ShardIndex:
     def content_digest(self) -> str:
         """SHA-256 of the index and every shard file, in order: the same pixels, labels and boxes
         give the same digest wherever the source folder lies."""
-        digest = hashlib.sha256((self.folder / INDEX_FILE).read_bytes())
-        for split in sorted(self.files):
-            for name in self.files[split]:
-                with open(self.folder / name, "rb") as handle:
-                    for block in iter(lambda: handle.read(1 << 20), b""):
-                        digest.update(block)
-        return digest.hexdigest()
+        names = [INDEX_FILE, *(name for split in sorted(self.files) for name in self.files[split])]
+        return hashlib.sha256("".join(sha256_file(self.folder / name) for name in names).encode()).hexdigest()
 
     def dataset(self, split: str, with_paths: bool = False, with_boxes: bool = False):
         """tf.data of (uint8 image, int label[, path][, box]) for one split, decoded in parallel."""

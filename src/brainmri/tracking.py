@@ -158,16 +158,22 @@ class StageRun:
         if self.active:
             mlflow.log_artifacts(str(directory), artifact_path=folder)
 
-    def log_dataset(self, frame: Any, name: str, source: str, context: str) -> None:
-        """`frame` (rows of a manifest: path, label, ...) as an MLflow dataset input of this run: its
-        name, a digest of its rows, the manifest file as source and its schema, not its pixels.
+    def log_split(self, index: Any, part: str, labels: Any, paths: Any, context: str) -> None:
+        """One split of the prepared shards (`index`, a ShardIndex; each image's path and label, never
+        its pixels) as an MLflow dataset input of this run: named by the shards' content digest
+        (`prepared-<digits>-<part>`), with a digest of its rows and the shards' folder as source.
         The runs table's Dataset column shows it."""
         if not self.active:
             return
         import mlflow.data
+        import pandas as pd
 
+        frame = pd.DataFrame({"path": paths, "label": [index.classes[label] for label in labels]})
         digest = hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()[:12]
-        dataset = mlflow.data.from_pandas(frame, source=source, targets="label", name=name, digest=digest)
+        name = f"{index.dataset_name()}-{part}"
+        dataset = mlflow.data.from_pandas(
+            frame, source=index.folder.as_posix(), targets="label", name=name, digest=digest
+        )
         mlflow.log_input(dataset, context=context)
 
     def keras_callbacks(self) -> list:

@@ -29,6 +29,7 @@ from brainmri.batching import MicroBatcher
 from brainmri.inference import BadImage, Predictor, png_bytes
 from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.params import ServeParams
+from brainmri.paths import MODELS
 
 
 def content_security_policy(page: str) -> str:
@@ -188,7 +189,7 @@ def measured_localisation(models: list[str] | None, metrics_path: Path) -> dict 
     """How often the project's own model's Grad-CAM peaked inside a tumour on box-annotated slices
     (the gradcam stage's `annotated.pointing_game`), when serving that model (`models/`) and the
     figure was measured; None otherwise."""
-    if models not in (None, ["models"]) or not metrics_path.is_file():
+    if models not in (None, [MODELS.as_posix()]) or not metrics_path.is_file():
         return None
     measured = json.loads(metrics_path.read_text())
     if measured.get("annotated.pointing_game") is None:
