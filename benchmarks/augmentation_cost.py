@@ -4,7 +4,7 @@
     KERAS_BACKEND=tensorflow python benchmarks/augmentation_cost.py
 
 The default model (params.yaml's train section) is trained on random uint8
-images in memory behind `brainmri.random_transforms` (as the train stage trains
+images in memory behind `brainmri.model.random_transforms` (as the train stage trains
 it), first with every transform off, then with each of the defaults alone, then
 with all of them: milliseconds per step of `batch_size` images after a warm-up
 fit (which compiles). Prints one JSON line per variant.
@@ -29,10 +29,10 @@ def main() -> None:
 
     import keras
 
-    from brainmri.models import model_from_params
-    from brainmri.params import AugmentParams, load_params
-    from brainmri.random_transforms import with_random_transforms
-    from brainmri.training import compile_model
+    from brainmri.core.params import AugmentParams, load_params
+    from brainmri.model.models import model_from_params
+    from brainmri.model.random_transforms import with_random_transforms
+    from brainmri.model.training import compile_model
 
     p = load_params().train
     nothing = {"rotation": 0.0, "shift": 0.0, "zoom": 0.0, "flip": False, "brightness": 0.0, "contrast": 0.0}

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from brainmri.shards import ShardIndex
+from brainmri.core.shards import ShardIndex
 
 
 def probe_model(size: int, channels: int, classes: int, conv_norm: str, head_batch_norm: bool) -> keras.Model:

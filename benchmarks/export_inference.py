@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmri.inference import Predictor, image_files
-from brainmri.ingest import decode_limits
-from brainmri.params import load_params
+from brainmri.core.params import load_params
+from brainmri.data.ingest import decode_limits
+from brainmri.serve.inference import Predictor, image_files
 
 MODELS = ("models", "exports/model.onnx", "exports/model_int8.tflite", "exports/model_float32.tflite")
 

@@ -3,12 +3,12 @@
     KERAS_BACKEND=jax python benchmarks/gpu_training.py OUT [--phases smoke throughput] [--budget-s S]
 
 - `smoke`: the default model on the hardware the train stage would pick
-  (`brainmri.training.configure_hardware`), one compiled training step timed
+  (`brainmri.model.training.configure_hardware`), one compiled training step timed
   phase by phase; run it first on a machine you have not used.
 - `throughput`: training images/s of `model.fit` fed by the train stage's own
-  loader (`brainmri.loader.ShardBatches`, in-memory uint8 batches): the compact
+  loader (`brainmri.model.loader.ShardBatches`, in-memory uint8 batches): the compact
   CNN (128×128×1) with no augmentation and with train.augment's random
-  transforms in the compiled training step (`brainmri.random_transforms`, as the
+  transforms in the compiled training step (`brainmri.model.random_transforms`, as the
   train stage trains); ResNet-50 (224×224×3, random weights). Each at batch
   64 and 256, in float32 and in the mixed precision the train stage picks for
   the device. Images are random: speed does not depend
@@ -68,10 +68,10 @@ def model_and_data(name: str, batch: int, augmentation: str, precision: str, tra
     """A compiled model of the train stage and its loader over random images."""
     import keras
 
-    from brainmri.loader import ShardBatches
-    from brainmri.models import build_model
-    from brainmri.random_transforms import with_random_transforms
-    from brainmri.training import compile_model
+    from brainmri.model.loader import ShardBatches
+    from brainmri.model.models import build_model
+    from brainmri.model.random_transforms import with_random_transforms
+    from brainmri.model.training import compile_model
 
     keras.mixed_precision.set_global_policy(precision)
     size, channels = (128, 1) if name == "compact_cnn" else (224, 3)
@@ -177,8 +177,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from brainmri.params import TrainParams
-    from brainmri.training import configure_hardware
+    from brainmri.core.params import TrainParams
+    from brainmri.model.training import configure_hardware
 
     phase("importing Keras and starting the backend")
     train_params = TrainParams()

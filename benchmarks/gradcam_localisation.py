@@ -33,16 +33,16 @@ from pathlib import Path
 
 from full_data_accuracy import dataset_path
 
-from brainmri.gradcam import METHODS, heatmaps_at_image_size, last_feature_map_layer
-from brainmri.localisation import (
+from brainmri.core.params import IngestParams
+from brainmri.explain.gradcam import METHODS, heatmaps_at_image_size, last_feature_map_layer
+from brainmri.explain.localisation import (
     lesion_occlusion,
     load_annotated_set,
     score_against_boxes,
     summarise_box_scores,
     summarise_occlusion,
 )
-from brainmri.models import class_probabilities, load_model
-from brainmri.params import IngestParams
+from brainmri.model.models import class_probabilities, load_model
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ import os
 import platform
 import time
 
-from brainmri.dedup import Dedup, find_duplicates
-from brainmri.ingest import Scan, scan
-from brainmri.params import Params, load_params
+from brainmri.core.params import Params, load_params
+from brainmri.data.dedup import Dedup, find_duplicates
+from brainmri.data.ingest import Scan, scan
 
 
 def ingest_and_dedup(params: Params, source: str) -> tuple[Scan, Dedup, dict[str, float]]:

@@ -1,4 +1,4 @@
-"""Benchmark: the input gate (brainmri.input_gate) fitted on a workspace's training shards and
+"""Benchmark: the input gate (brainmri.data.input_gate) fitted on a workspace's training shards and
 model, as the train stage fits it: the share of the workspace's own test images it flags, and
 the share of non-MRI and corrupted inputs it catches; with the image statistics alone (what
 an export gets) and with the feature distance too (the Keras model).
@@ -27,10 +27,10 @@ import pydicom
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from brainmri.images import to_array
-from brainmri.input_gate import fit_feature_gate, fit_gate, gate_reasons
-from brainmri.models import load_model, model_outputs, with_pooled_features
-from brainmri.shards import ShardIndex
+from brainmri.core.images import to_array
+from brainmri.core.shards import ShardIndex
+from brainmri.data.input_gate import fit_feature_gate, fit_gate, gate_reasons
+from brainmri.model.models import load_model, model_outputs, with_pooled_features
 
 NON_MR_DICOM = ("CT_small.dcm", "examples_ybr_color.dcm", "rtdose.dcm", "SC_rgb_rle_2frame.dcm")
 

@@ -49,9 +49,9 @@ RECIPES: dict[str, dict] = {
 
 
 def export(project: str, annotated_folder: str, target: str) -> None:
-    from brainmri.localisation import load_annotated_set
-    from brainmri.params import IngestParams
-    from brainmri.shards import ShardIndex
+    from brainmri.core.params import IngestParams
+    from brainmri.core.shards import ShardIndex
+    from brainmri.explain.localisation import load_annotated_set
 
     index = ShardIndex.load(Path(project) / "data" / "prepared")
     arrays = {"classes": np.array(index.classes)}
@@ -68,11 +68,11 @@ def export(project: str, annotated_folder: str, target: str) -> None:
 
 
 def crop_heads(images: np.ndarray, masks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """Each (already square) image, and its box mask, cropped to `brainmri.images.content_box`'s head
+    """Each (already square) image, and its box mask, cropped to `brainmri.core.images.content_box`'s head
     and resized back, as `train.crop: head` would have prepared it from the original file."""
     from PIL import Image
 
-    from brainmri.images import content_box, to_array
+    from brainmri.core.images import content_box, to_array
 
     out_images = np.empty_like(images)
     out_masks = None if masks is None else np.empty_like(masks)
@@ -130,17 +130,17 @@ def main() -> None:
     started = time.perf_counter()
     import keras
 
-    from brainmri.gradcam import heatmaps_at_image_size, last_feature_map_layer
-    from brainmri.localisation import (
+    from brainmri.core.params import AugmentParams, load_params
+    from brainmri.core.stats import macro_f1
+    from brainmri.explain.gradcam import heatmaps_at_image_size, last_feature_map_layer
+    from brainmri.explain.localisation import (
         lesion_occlusion,
         score_against_boxes,
         summarise_box_scores,
         summarise_occlusion,
     )
-    from brainmri.models import class_probabilities, model_from_params, reestimate_batch_norm
-    from brainmri.params import AugmentParams, load_params
-    from brainmri.stats import macro_f1
-    from brainmri.training import EpochTimer, compile_model
+    from brainmri.model.models import class_probabilities, model_from_params, reestimate_batch_norm
+    from brainmri.model.training import EpochTimer, compile_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from brainmri.dedup import near_duplicate_pairs, thumbnails
-from brainmri.ingest import scan
-from brainmri.params import load_params
+from brainmri.core.params import load_params
+from brainmri.data.dedup import near_duplicate_pairs, thumbnails
+from brainmri.data.ingest import scan
 
 
 def main() -> None:

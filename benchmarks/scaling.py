@@ -31,8 +31,8 @@ import numpy as np
 from ingest_dedup import ingest_and_dedup  # the benchmark beside this one
 from PIL import Image, ImageFilter
 
-from brainmri.dedup import candidate_pairs, hash_values
-from brainmri.params import load_params
+from brainmri.core.params import load_params
+from brainmri.data.dedup import candidate_pairs, hash_values
 
 
 def derive(job: tuple[str, str, int]) -> None:

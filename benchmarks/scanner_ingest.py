@@ -34,8 +34,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from brainmri.ingest import scan
-from brainmri.params import IngestParams
+from brainmri.core.params import IngestParams
+from brainmri.data.ingest import scan
 
 SERIES_SLICES = 20
 VOLUME_SLICES = 25

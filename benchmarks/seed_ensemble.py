@@ -95,13 +95,13 @@ def main() -> None:
     import numpy as np
     import pandas as pd
 
-    from brainmri.calibration import apply_temperature
-    from brainmri.compare import compare_predictions
-    from brainmri.evaluation import calibration, score_predictions
-    from brainmri.models import class_probabilities, load_model
-    from brainmri.params import load_params
-    from brainmri.review import threshold_for_accuracy
-    from brainmri.shards import ShardIndex
+    from brainmri.core.params import load_params
+    from brainmri.core.shards import ShardIndex
+    from brainmri.model.calibration import apply_temperature
+    from brainmri.model.compare import compare_predictions
+    from brainmri.model.evaluation import calibration, score_predictions
+    from brainmri.model.models import class_probabilities, load_model
+    from brainmri.model.review import threshold_for_accuracy
 
     params = load_params()
     members = workspace / "members"

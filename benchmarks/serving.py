@@ -22,7 +22,7 @@ import time
 import numpy as np
 import requests
 
-from brainmri.inference import image_files
+from brainmri.serve.inference import image_files
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import requests
 import yaml
 
-from brainmri.inference import image_files
+from brainmri.serve.inference import image_files
 
 
 def free_port() -> int:

@@ -40,7 +40,7 @@ import yaml
 from PIL import Image
 from serving_load import free_port, peak_memory_mb, start_server
 
-from brainmri.inference import image_files
+from brainmri.serve.inference import image_files
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from hostile import deflated_dicom, nifti_bomb_bytes, sixteen_bit_png, thin_png, with_bad_number  # noqa: E402

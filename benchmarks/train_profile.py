@@ -82,12 +82,12 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "src"))
     import keras
 
-    from brainmri.calibration import calibrate_model
-    from brainmri.models import model_from_params, reestimate_batch_norm
-    from brainmri.params import Params
-    from brainmri.random_transforms import with_random_transforms
-    from brainmri.shards import ShardIndex
-    from brainmri.training import (
+    from brainmri.core.params import Params
+    from brainmri.core.shards import ShardIndex
+    from brainmri.model.calibration import calibrate_model
+    from brainmri.model.models import model_from_params, reestimate_batch_norm
+    from brainmri.model.random_transforms import with_random_transforms
+    from brainmri.model.training import (
         compile_model,
         configure_hardware,
         steps_per_epoch,

@@ -69,11 +69,11 @@ def main() -> None:
     import keras
     import tensorflow as tf
 
-    from brainmri.images import load_array
-    from brainmri.models import model_from_params
-    from brainmri.params import load_params
-    from brainmri.shards import Record, ShardIndex, write_split
-    from brainmri.training import compile_model, configure_hardware, labelled_batches
+    from brainmri.core.images import load_array
+    from brainmri.core.params import load_params
+    from brainmri.core.shards import Record, ShardIndex, write_split
+    from brainmri.model.models import model_from_params
+    from brainmri.model.training import compile_model, configure_hardware, labelled_batches
 
     p = load_params().train
     precision = configure_hardware(p).precision  # as the train stage: bfloat16 where the CPU has it

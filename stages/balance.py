@@ -3,15 +3,15 @@ training-ready TFRecord shards for train, val and test."""
 
 import shutil
 
-from brainmri.balance import balanced_training_records, plain_records, with_added_images, with_attached_boxes
-from brainmri.errors import run_entry_point
-from brainmri.manifest import MANIFEST_COLUMNS, read_manifest
-from brainmri.metrics import write_json
-from brainmri.params import flatten, load_params
-from brainmri.paths import PREPARED, SPLIT, TRAIN_ADDED, TRAIN_BOXES, metrics_file
-from brainmri.shards import ShardIndex, has_box, write_split
-from brainmri.split import SPLITS
-from brainmri.tracking import stage_run
+from brainmri.core.errors import run_entry_point
+from brainmri.core.manifest import MANIFEST_COLUMNS, read_manifest
+from brainmri.core.metrics import write_json
+from brainmri.core.params import flatten, load_params
+from brainmri.core.paths import PREPARED, SPLIT, TRAIN_ADDED, TRAIN_BOXES, metrics_file
+from brainmri.core.shards import ShardIndex, has_box, write_split
+from brainmri.core.tracking import stage_run
+from brainmri.data.balance import balanced_training_records, plain_records, with_added_images, with_attached_boxes
+from brainmri.data.split import SPLITS
 
 
 def main() -> None:

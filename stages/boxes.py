@@ -2,13 +2,13 @@
 images) to the training split's own copies of those images, for balance to carry
 into the shards. Copies of validation or test images get none."""
 
-from brainmri.box_annotations import BOX_COLUMNS, attach_boxes, copy_added_images, no_boxes
-from brainmri.errors import run_entry_point
-from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
-from brainmri.metrics import write_json
-from brainmri.params import load_params
-from brainmri.paths import ADDED_IMAGES, SPLIT, TRAIN_ADDED, TRAIN_BOXES, metrics_file
-from brainmri.tracking import stage_run
+from brainmri.core.errors import run_entry_point
+from brainmri.core.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
+from brainmri.core.metrics import write_json
+from brainmri.core.params import load_params
+from brainmri.core.paths import ADDED_IMAGES, SPLIT, TRAIN_ADDED, TRAIN_BOXES, metrics_file
+from brainmri.core.tracking import stage_run
+from brainmri.data.box_annotations import BOX_COLUMNS, attach_boxes, copy_added_images, no_boxes
 
 
 def main() -> None:

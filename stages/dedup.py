@@ -1,12 +1,12 @@
 """dedup: group exact and near-duplicate images; keep one per group, drop groups with conflicting labels."""
 
-from brainmri.dedup import find_duplicates
-from brainmri.errors import run_entry_point
-from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
-from brainmri.metrics import write_json
-from brainmri.params import flatten, load_params
-from brainmri.paths import DEDUP, DUPLICATE_GROUPS, MANIFEST, metrics_file
-from brainmri.tracking import stage_run
+from brainmri.core.errors import run_entry_point
+from brainmri.core.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
+from brainmri.core.metrics import write_json
+from brainmri.core.params import flatten, load_params
+from brainmri.core.paths import DEDUP, DUPLICATE_GROUPS, MANIFEST, metrics_file
+from brainmri.core.tracking import stage_run
+from brainmri.data.dedup import find_duplicates
 
 
 def main() -> None:

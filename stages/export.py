@@ -1,15 +1,15 @@
 """export: TFLite files of the trained model for deployment, each checked against the Keras model."""
 
-from brainmri.backend import use_keras_backend
+from brainmri.core.backend import use_keras_backend
 
 use_keras_backend("tensorflow")  # TFLite and ONNX conversion run on TensorFlow, whichever backend trained the model
 
-from brainmri.errors import run_entry_point
-from brainmri.export import export_all
-from brainmri.metrics import write_json
-from brainmri.params import flatten, load_params
-from brainmri.paths import EXPORTS, MODELS, PREPARED, metrics_file
-from brainmri.tracking import stage_run
+from brainmri.core.errors import run_entry_point
+from brainmri.core.metrics import write_json
+from brainmri.core.params import flatten, load_params
+from brainmri.core.paths import EXPORTS, MODELS, PREPARED, metrics_file
+from brainmri.core.tracking import stage_run
+from brainmri.model.export import export_all
 
 
 def main() -> None:

@@ -1,14 +1,14 @@
 """ingest: decode every image (and every slice of a scanner file) under ingest.source into a manifest;
 bad files go to rejects."""
 
-from brainmri.errors import run_entry_point
-from brainmri.ingest import scan
-from brainmri.manifest import write_manifest
-from brainmri.metrics import write_json
-from brainmri.params import flatten, load_params
-from brainmri.paths import DATA_REPORT, MANIFEST, REJECTS, SLICES, metrics_file
-from brainmri.report import write_data_report
-from brainmri.tracking import stage_run
+from brainmri.core.errors import run_entry_point
+from brainmri.core.manifest import write_manifest
+from brainmri.core.metrics import write_json
+from brainmri.core.params import flatten, load_params
+from brainmri.core.paths import DATA_REPORT, MANIFEST, REJECTS, SLICES, metrics_file
+from brainmri.core.tracking import stage_run
+from brainmri.data.ingest import scan
+from brainmri.data.report import write_data_report
 
 
 def main() -> None:

@@ -5,13 +5,13 @@ from datetime import datetime, timezone
 
 import pandas as pd
 
-from brainmri.errors import run_entry_point
-from brainmri.evaluation import per_class_f1_intervals
-from brainmri.images import keras_model_version
-from brainmri.model_card import Provenance, render_model_card
-from brainmri.params import Params, load_params
-from brainmri.paths import DATA_REPORT, META_FILE, MODEL_CARD, MODELS, PREDICTIONS, metrics_file
-from brainmri.tracking import described_commit, stage_run
+from brainmri.core.errors import run_entry_point
+from brainmri.core.images import keras_model_version
+from brainmri.core.params import Params, load_params
+from brainmri.core.paths import DATA_REPORT, META_FILE, MODEL_CARD, MODELS, PREDICTIONS, metrics_file
+from brainmri.core.tracking import described_commit, stage_run
+from brainmri.model.evaluation import per_class_f1_intervals
+from brainmri.model.model_card import Provenance, render_model_card
 
 SOURCES = ("ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam")
 

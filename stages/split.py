@@ -2,13 +2,13 @@
 
 import sys
 
-from brainmri.errors import DataError, run_entry_point
-from brainmri.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
-from brainmri.metrics import write_json
-from brainmri.params import flatten, load_params
-from brainmri.paths import DEDUP, LEAKAGE, SPLIT, metrics_file
-from brainmri.split import SPLITS, empty_splits, patients_in_several_splits, patients_per_split, split_images
-from brainmri.tracking import stage_run
+from brainmri.core.errors import DataError, run_entry_point
+from brainmri.core.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
+from brainmri.core.metrics import write_json
+from brainmri.core.params import flatten, load_params
+from brainmri.core.paths import DEDUP, LEAKAGE, SPLIT, metrics_file
+from brainmri.core.tracking import stage_run
+from brainmri.data.split import SPLITS, empty_splits, patients_in_several_splits, patients_per_split, split_images
 
 
 def main() -> None:

@@ -7,9 +7,9 @@ other stage depends on this one's output, so a typo or a missing folder stops
 place. The output's content never changes, so passing the check reruns
 nothing downstream by itself."""
 
-from brainmri.errors import run_entry_point
-from brainmri.params import check_folders, load_params
-from brainmri.paths import VALIDATED
+from brainmri.core.errors import run_entry_point
+from brainmri.core.params import check_folders, load_params
+from brainmri.core.paths import VALIDATED
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ import requests
 import yaml
 from PIL import Image
 
-from brainmri.images import DecodeLimits
-from brainmri.inference import Predictor
-from brainmri.shards import NO_BOX, Box, Record, ShardIndex, write_split
+from brainmri.core.images import DecodeLimits
+from brainmri.core.shards import NO_BOX, Box, Record, ShardIndex, write_split
+from brainmri.serve.inference import Predictor
 
 PROJECT = Path(__file__).resolve().parents[1]
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]

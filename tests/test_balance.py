@@ -2,13 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainmri.augment import _forward_matrix, augment, augment_with_box, moved_box
-from brainmri.balance import balanced_training_records, plain_records
-from brainmri.images import load_array
-from brainmri.ingest import scan
-from brainmri.params import AugmentParams, IngestParams
-from brainmri.shards import NO_BOX, ShardIndex, has_box, write_split
-from brainmri.split import stratified_split
+from brainmri.core.images import load_array
+from brainmri.core.params import AugmentParams, IngestParams
+from brainmri.core.shards import NO_BOX, ShardIndex, has_box, write_split
+from brainmri.data.augment import _forward_matrix, augment, augment_with_box, moved_box
+from brainmri.data.balance import balanced_training_records, plain_records
+from brainmri.data.ingest import scan
+from brainmri.data.split import stratified_split
 
 from helpers import CLASSES, make_dataset
 

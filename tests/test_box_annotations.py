@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from brainmri.balance import balanced_training_records, with_added_images, with_attached_boxes
-from brainmri.box_annotations import attach_boxes, copy_added_images
-from brainmri.errors import DataError
-from brainmri.ingest import scan
-from brainmri.params import AugmentParams, IngestParams, Params
-from brainmri.shards import has_box
+from brainmri.core.errors import DataError
+from brainmri.core.params import AugmentParams, IngestParams, Params
+from brainmri.core.shards import has_box
+from brainmri.data.balance import balanced_training_records, with_added_images, with_attached_boxes
+from brainmri.data.box_annotations import attach_boxes, copy_added_images
+from brainmri.data.ingest import scan
 
 from helpers import synthetic_image
 

@@ -1,4 +1,4 @@
-"""Boxes as supervision (brainmri.box_supervision): the box masks on the feature map, a term that
+"""Boxes as supervision (brainmri.model.box_supervision): the box masks on the feature map, a term that
 is zero without boxes, and a tiny task with a shortcut where the term moves the evidence onto the
 object; on TensorFlow here and on JAX in a subprocess."""
 
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from keras import ops
 
-from brainmri.box_supervision import box_cell_mask, energy_in_box, mean_energy, supervision_boxes, training_model
-from brainmri.errors import DataError
-from brainmri.models import build_model, class_probabilities
-from brainmri.params import AugmentParams, LocalisationParams, TrainParams
-from brainmri.training import compile_model
+from brainmri.core.errors import DataError
+from brainmri.core.params import AugmentParams, LocalisationParams, TrainParams
+from brainmri.model.box_supervision import box_cell_mask, energy_in_box, mean_energy, supervision_boxes, training_model
+from brainmri.model.models import build_model, class_probabilities
+from brainmri.model.training import compile_model
 
 from helpers import write_prepared_data
 
@@ -123,10 +123,10 @@ def test_with_a_shortcut_the_energy_loss_moves_the_evidence_onto_the_object_and_
 
 JAX_STEP = """
 import numpy as np
-from brainmri.box_supervision import training_model
-from brainmri.models import build_model
-from brainmri.params import LocalisationParams, TrainParams
-from brainmri.training import compile_model
+from brainmri.model.box_supervision import training_model
+from brainmri.model.models import build_model
+from brainmri.core.params import LocalisationParams, TrainParams
+from brainmri.model.training import compile_model
 model = build_model("compact_cnn", 4, 32, 1, width=4)
 params = TrainParams(image_size=32, localisation=LocalisationParams(loss="energy", weight=1.0))
 trainer = training_model(model, params, {"train": np.ones((1, 4), np.float32)})

@@ -2,9 +2,9 @@ import keras
 import numpy as np
 import pytest
 
-from brainmri.calibration import apply_temperature, calibrate_model, fit_temperature, fold_temperature
-from brainmri.evaluation import calibration
-from brainmri.models import build_model, class_probabilities
+from brainmri.model.calibration import apply_temperature, calibrate_model, fit_temperature, fold_temperature
+from brainmri.model.evaluation import calibration
+from brainmri.model.models import build_model, class_probabilities
 
 
 def overconfident(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +63,7 @@ def test_calibrate_model_reports_the_figures_before_and_after():
 
 
 def test_a_temperature_that_worsens_the_calibration_error_is_not_kept(monkeypatch):
-    from brainmri import calibration
+    from brainmri.model import calibration
 
     keras.utils.set_random_seed(0)
     model = build_model("compact_cnn", 3, 32, 1, width=4)

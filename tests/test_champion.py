@@ -1,8 +1,8 @@
 import pandas as pd
 from mlflow import MlflowClient
 
-from brainmri.champion import CHAMPION, beats, update_champion
-from brainmri.tracking import MODEL_DIGEST_TAG
+from brainmri.core.tracking import MODEL_DIGEST_TAG
+from brainmri.model.champion import CHAMPION, beats, update_champion
 
 
 def predictions(wrong: range) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from brainmri.models import build_model, save_model
+from brainmri.model.models import build_model, save_model
 
 from helpers import synthetic_image
 

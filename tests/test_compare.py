@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainmri.compare import compare_predictions, load_predictions, report
-from brainmri.errors import DataError
-from brainmri.stats import mcnemar_exact, paired_bootstrap_difference
+from brainmri.core.errors import DataError
+from brainmri.core.stats import mcnemar_exact, paired_bootstrap_difference
+from brainmri.model.compare import compare_predictions, load_predictions, report
 
 
 def predictions(actual: list[str], predicted: list[str]) -> pd.DataFrame:

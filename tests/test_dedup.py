@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from brainmri.dedup import candidate_pairs, find_duplicates
-from brainmri.ingest import scan
-from brainmri.params import DedupParams, IngestParams
+from brainmri.core.params import DedupParams, IngestParams
+from brainmri.data.dedup import candidate_pairs, find_duplicates
+from brainmri.data.ingest import scan
 
 from helpers import synthetic_image
 
@@ -88,7 +88,7 @@ def test_one_copy_is_kept_in_each_subset_for_the_split_to_judge(tmp_path):
 
 
 def test_copies_of_known_images_are_found_among_new_ones(dataset, tmp_path):
-    from brainmri.dedup import copies_of_known_images
+    from brainmri.data.dedup import copies_of_known_images
 
     known = scan(IngestParams(source=str(dataset), workers=1)).images
     external = tmp_path / "external"
@@ -105,8 +105,8 @@ def test_copies_of_known_images_are_found_among_new_ones(dataset, tmp_path):
 
 
 def test_an_external_folder_is_stripped_of_copies_and_named_as_ingest_names_files(dataset, tmp_path):
-    from brainmri.external import external_test_set
-    from brainmri.params import Params
+    from brainmri.core.params import Params
+    from brainmri.data.external import external_test_set
 
     known = scan(IngestParams(source=str(dataset), workers=1)).images
     external = tmp_path / "external"
@@ -127,7 +127,7 @@ def test_an_external_folder_is_stripped_of_copies_and_named_as_ingest_names_file
 
 
 def test_candidate_search_in_row_blocks_finds_the_same_pairs(monkeypatch):
-    from brainmri import dedup
+    from brainmri.data import dedup
 
     rng = np.random.default_rng(0)
     hashes = rng.integers(0, 2**63, 3000, dtype=np.uint64)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from brainmri.params import IngestParams
-from brainmri.paths import STAGE_OUTPUTS
+from brainmri.core.params import IngestParams
+from brainmri.core.paths import STAGE_OUTPUTS
 
 from helpers import PROJECT
 

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from brainmri.evaluation import (
+from brainmri.core.metrics import write_json
+from brainmri.model.evaluation import (
     brier_score,
     calibration,
     classification_metrics,
@@ -14,7 +15,6 @@ from brainmri.evaluation import (
     score_predictions,
     selective_prediction,
 )
-from brainmri.metrics import write_json
 
 CLASSES = ["a", "b", "c"]
 Y_TRUE = np.array([0, 0, 1, 1, 2, 2])

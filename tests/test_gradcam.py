@@ -2,17 +2,17 @@ import keras
 import numpy as np
 import pytest
 
-from brainmri.errors import ModelError
-from brainmri.gradcam import (
+from brainmri.core.errors import ModelError
+from brainmri.core.params import TrainParams
+from brainmri.explain.gradcam import (
     class_balanced_sample,
     gradcam_heatmaps,
     heatmaps_at_image_size,
     last_feature_map_layer,
     overlay_panel,
 )
-from brainmri.models import build_model, class_probabilities
-from brainmri.params import TrainParams
-from brainmri.training import compile_model
+from brainmri.model.models import build_model, class_probabilities
+from brainmri.model.training import compile_model
 
 SIZE = 48
 

@@ -16,12 +16,12 @@ from hostile import deflated_dicom, nifti_bomb, with_bad_number
 from pydicom.data import get_testdata_file
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from brainmri.images import DecodeLimits
-from brainmri.inference import Predictor
-from brainmri.ingest import decode_limits, scan
-from brainmri.params import IngestParams, ServeParams
-from brainmri.scanner import ScannerFileError, ScannerOptions, read_dicom_bytes, read_scanner_file
-from brainmri.webapp import create_app
+from brainmri.core.images import DecodeLimits
+from brainmri.core.params import IngestParams, ServeParams
+from brainmri.data.ingest import decode_limits, scan
+from brainmri.data.scanner import ScannerFileError, ScannerOptions, read_dicom_bytes, read_scanner_file
+from brainmri.serve.inference import Predictor
+from brainmri.serve.webapp import create_app
 
 from helpers import mr_template, post, predictor
 

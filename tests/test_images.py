@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainmri.images import (
+from brainmri.core.images import (
     DecodeLimits,
     ImageTooLarge,
     content_box,
@@ -16,7 +16,7 @@ from brainmri.images import (
     otsu_level,
     to_array,
 )
-from brainmri.inference import decode_bytes
+from brainmri.serve.inference import decode_bytes
 
 
 def test_every_mode_becomes_8_bit_grey_or_rgb():
@@ -85,7 +85,7 @@ def test_a_long_thin_image_is_resized_before_it_is_padded():
     # Padding first would build a 60000 x 60000 square (3.6 GB) before shrinking it.
     # The peak resident memory of a fresh process (VmHWM; ru_maxrss would carry pytest's over the exec).
     code = (
-        "import re; from PIL import Image; from brainmri.images import to_array; "
+        "import re; from PIL import Image; from brainmri.core.images import to_array; "
         "a = to_array(Image.new('L', (60000, 1), 200), 128, 1); "
         "peak = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1); "
         "print(a.shape, a[63, :, 0].min(), a[0, 0, 0], peak)"

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainmri.errors import DataError
-from brainmri.images import DecodeLimits
-from brainmri.ingest import Candidate, Recorder, inspect, scan
-from brainmri.manifest import write_manifest
-from brainmri.params import IngestParams
-from brainmri.report import write_data_report
-from brainmri.scanner import ScannerOptions
+from brainmri.core.errors import DataError
+from brainmri.core.images import DecodeLimits
+from brainmri.core.manifest import write_manifest
+from brainmri.core.params import IngestParams
+from brainmri.data.ingest import Candidate, Recorder, inspect, scan
+from brainmri.data.report import write_data_report
+from brainmri.data.scanner import ScannerOptions
 
 from helpers import CLASSES, make_dataset, synthetic_image
 

@@ -1,13 +1,13 @@
-"""The input gate (brainmri.input_gate): fitted on training slices, it passes slices like them
+"""The input gate (brainmri.data.input_gate): fitted on training slices, it passes slices like them
 and sends blank, noise and other non-MRI inputs to review with a reason."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from brainmri.images import DecodeLimits
-from brainmri.inference import Predictor
-from brainmri.input_gate import feature_distances, fit_feature_gate, fit_gate, gate_reasons
+from brainmri.core.images import DecodeLimits
+from brainmri.data.input_gate import feature_distances, fit_feature_gate, fit_gate, gate_reasons
+from brainmri.serve.inference import Predictor
 
 from helpers import MeanBrightnessModel
 
@@ -84,7 +84,7 @@ def test_the_feature_gate_keeps_the_training_cloud_and_flags_what_lies_far_from_
 
 
 def test_with_a_feature_gate_one_model_call_gives_the_same_probabilities_and_the_features():
-    from brainmri.models import build_model, model_outputs, with_pooled_features
+    from brainmri.model.models import build_model, model_outputs, with_pooled_features
 
     model = build_model("compact_cnn", 4, SIZE, 1, width=4)
     images = slices(16, 3)

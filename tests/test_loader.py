@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from brainmri.loader import ShardBatches, one_hot_targets
+from brainmri.model.loader import ShardBatches, one_hot_targets
 
 from helpers import synthetic_image
 

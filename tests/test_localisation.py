@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainmri.errors import DataError
-from brainmri.images import box_rectangles, rectangles_mask
-from brainmri.ingest import scan
-from brainmri.localisation import (
+from brainmri.core.errors import DataError
+from brainmri.core.images import box_rectangles, rectangles_mask
+from brainmri.core.params import IngestParams
+from brainmri.data.ingest import scan
+from brainmri.explain.localisation import (
     baseline_heatmap,
     deletion_insertion,
     energy_inside,
@@ -18,8 +19,7 @@ from brainmri.localisation import (
     summarise_box_scores,
     summarise_occlusion,
 )
-from brainmri.models import class_probabilities
-from brainmri.params import IngestParams
+from brainmri.model.models import class_probabilities
 
 from helpers import make_dataset
 

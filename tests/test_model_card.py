@@ -1,6 +1,6 @@
-from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
-from brainmri.model_card import Provenance, render_model_card
-from brainmri.params import Params
+from brainmri.core.intended_use import NOT_A_MEDICAL_DEVICE
+from brainmri.core.params import Params
+from brainmri.model.model_card import Provenance, render_model_card
 
 CLASSES = ["glioma", "pituitary"]
 PROVENANCE = Provenance(

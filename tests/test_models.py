@@ -4,8 +4,9 @@ import keras
 import numpy as np
 import pytest
 
-from brainmri.errors import ModelError
-from brainmri.models import (
+from brainmri.core.errors import ModelError
+from brainmri.core.params import AugmentParams, TrainParams
+from brainmri.model.models import (
     APPLICATIONS,
     BACKBONE_LAYER,
     MODELS,
@@ -18,9 +19,8 @@ from brainmri.models import (
     save_model,
     set_backbone_trainable,
 )
-from brainmri.params import AugmentParams, TrainParams
-from brainmri.random_transforms import with_random_transforms
-from brainmri.training import compile_model
+from brainmri.model.random_transforms import with_random_transforms
+from brainmri.model.training import compile_model
 
 
 def tiny_batch(num_classes: int, channels: int = 1, count: int = 8):
@@ -262,8 +262,8 @@ def test_the_head_pools_the_feature_map_as_asked(pooling, layer_type):
 
 def test_loading_a_missing_model_raises_for_the_caller_to_handle(tmp_path):
     # The web server loads through the same path: a library error, never the process's end.
-    from brainmri.images import DecodeLimits
-    from brainmri.inference import Predictor
+    from brainmri.core.images import DecodeLimits
+    from brainmri.serve.inference import Predictor
 
     with pytest.raises(ModelError, match="no trained model in"):
         Predictor.load(tmp_path, DecodeLimits(1000, 100, 4, 2**20))

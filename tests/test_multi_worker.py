@@ -18,9 +18,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from brainmri.errors import ModelError
-from brainmri.params import TrainParams
-from brainmri.training import configure_hardware
+from brainmri.core.errors import ModelError
+from brainmri.core.params import TrainParams
+from brainmri.model.training import configure_hardware
 
 from helpers import PROJECT, TINY_PARAMS, free_port, project_env, write_prepared_data
 

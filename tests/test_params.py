@@ -5,7 +5,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from brainmri.params import Params, ParamsError, check_folders, flatten, load_params, unhashable_files
+from brainmri.core.params import Params, ParamsError, check_folders, flatten, load_params, unhashable_files
 
 from helpers import PROJECT
 

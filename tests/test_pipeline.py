@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from nibabel.testing import data_path as nibabel_data
 from pydicom.data import get_testdata_file
 
-from brainmri.shards import ShardIndex
+from brainmri.core.shards import ShardIndex
 
 from helpers import (
     CLASSES,
@@ -557,8 +557,8 @@ def test_tracking_outage_stops_the_stage_or_with_the_switch_off_warns_and_comple
 PREDICT_UNDER_JAX = """
 import sys
 import numpy as np
-from brainmri.models import class_probabilities, load_model
-from brainmri.shards import ShardIndex
+from brainmri.model.models import class_probabilities, load_model
+from brainmri.core.shards import ShardIndex
 model, _ = load_model("models")
 images, _, _ = ShardIndex.load("data/prepared").arrays("test")
 np.save(sys.argv[1], class_probabilities(model, images))
@@ -598,8 +598,8 @@ def test_keras_backend_jax_trains_and_evaluates_and_the_model_predicts_the_same_
     run([sys.executable, "-c", PREDICT_UNDER_JAX, str(under_jax)], repo, env=jax)
     blocked = run([sys.executable, "-c", "import tensorflow"], repo, check=False, env=jax)
     assert "TensorFlow is not installed here" in blocked.stderr  # so none of the above used it
-    from brainmri.models import class_probabilities, load_model
-    from brainmri.shards import ShardIndex
+    from brainmri.core.shards import ShardIndex
+    from brainmri.model.models import class_probabilities, load_model
 
     model, _ = load_model(repo / "models")  # this process runs TensorFlow
     assert not any(layer.name.startswith("random_") for layer in model.layers)

@@ -1,4 +1,4 @@
-"""The training step's random transforms (brainmri.random_transforms): points land where a known
+"""The training step's random transforms (brainmri.model.random_transforms): points land where a known
 flip, rotation, zoom and shift put them; contrast, brightness and erasing do what they say; the
 draws follow train.augment's ranges; and TensorFlow and JAX agree on all of it."""
 
@@ -70,7 +70,7 @@ def report() -> dict:
     import keras
     from keras import ops
 
-    from brainmri.random_transforms import RandomTransforms, identity_draws, transform_batch, transform_boxes
+    from brainmri.model.random_transforms import RandomTransforms, identity_draws, transform_batch, transform_boxes
 
     out: dict = {"backend": keras.backend.backend(), "positions": {}, "boxes": {}}
     for name, (flip, angle, scale, shift_x, shift_y, vertical_flip, shear) in KNOWN.items():

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brainmri.errors import ModelError
-from brainmri.images import DecodeLimits, to_array
-from brainmri.inference import Predictor
-from brainmri.models import build_model, save_model
-from brainmri.review import review_threshold, threshold_for_accuracy
+from brainmri.core.errors import ModelError
+from brainmri.core.images import DecodeLimits, to_array
+from brainmri.model.models import build_model, save_model
+from brainmri.model.review import review_threshold, threshold_for_accuracy
+from brainmri.serve.inference import Predictor
 
 # Confidences, most confident first, and whether each prediction was right.
 CONFIDENCE = np.array([0.99, 0.95, 0.90, 0.90, 0.80, 0.60, 0.55])
@@ -110,7 +110,7 @@ def test_flip_tta_averages_each_image_with_its_mirror_image_and_says_so():
 
 def test_predict_tta_in_params_turns_it_on_for_predict_and_serve(monkeypatch):
     from brainmri import cli
-    from brainmri.params import Params
+    from brainmri.core.params import Params
 
     stand_in = Predictor([LeftHalfModel()], ["no", "yes"], 8, 1, "stand-in@1", DecodeLimits(10**6, 4096, 20, 2**28))
     monkeypatch.setattr(Predictor, "load_ensemble", classmethod(lambda cls, *args, **kwargs: stand_in))

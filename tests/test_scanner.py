@@ -15,12 +15,12 @@ from nibabel.testing import data_path as nibabel_data
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
 
-from brainmri import scanner
-from brainmri.errors import DataError
-from brainmri.images import DecodeLimits, source_file
-from brainmri.ingest import scan
-from brainmri.params import IngestParams
-from brainmri.scanner import (
+from brainmri.core.errors import DataError
+from brainmri.core.images import DecodeLimits, source_file
+from brainmri.core.params import IngestParams
+from brainmri.data import scanner
+from brainmri.data.ingest import scan
+from brainmri.data.scanner import (
     ScannerFileError,
     ScannerOptions,
     hashed_key,

@@ -23,7 +23,7 @@ from hostile import thin_png
 from nibabel.testing import data_path as nibabel_data
 from PIL import Image
 
-from brainmri.images import DecodeLimits, sha256_file
+from brainmri.core.images import DecodeLimits, sha256_file
 
 from helpers import (
     CLASSES,
@@ -318,9 +318,9 @@ def test_export_stage_writes_tflite_and_onnx_files_that_match_keras(repo):
     # Independently of the stage's own check: other images, compared here.
     import keras
 
-    from brainmri.export import onnx_probabilities, tflite_probabilities
-    from brainmri.models import class_probabilities
-    from brainmri.shards import ShardIndex
+    from brainmri.core.shards import ShardIndex
+    from brainmri.model.export import onnx_probabilities, tflite_probabilities
+    from brainmri.model.models import class_probabilities
 
     images = ShardIndex.load(repo / "data" / "prepared").arrays("test")[0]
     expected = class_probabilities(keras.saving.load_model(repo / "models" / "model.keras"), images)
@@ -363,9 +363,9 @@ def test_predict_and_serve_run_the_exports_as_the_keras_model_answers(repo, tmp_
     refused = brainmri(repo, "predict", folder, "--model", str(unchecked / "retrained.onnx"), check=False)
     assert refused.returncode != 0 and "its parity with the Keras model was never checked" in refused.stderr
 
-    from brainmri.inference import Predictor
-    from brainmri.params import ServeParams
-    from brainmri.webapp import create_app
+    from brainmri.core.params import ServeParams
+    from brainmri.serve.inference import Predictor
+    from brainmri.serve.webapp import create_app
 
     predictor = Predictor.load(repo / "exports" / "model.onnx", DecodeLimits(10**7, 4096, 20, 2**28), review=0.8)
     client = create_app(predictor, ServeParams()).test_client()
@@ -378,8 +378,8 @@ def test_predict_and_serve_run_the_exports_as_the_keras_model_answers(repo, tmp_
 
 
 def test_an_export_beyond_its_tolerance_writes_no_file_and_names_the_format(repo, tmp_path, monkeypatch):
-    from brainmri import export
-    from brainmri.errors import ModelError
+    from brainmri.core.errors import ModelError
+    from brainmri.model import export
 
     monkeypatch.setitem(export.TOLERANCE, "float16", 0.0)  # float16 weights always move the probabilities a little
     out = tmp_path / "exports"

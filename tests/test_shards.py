@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from brainmri.errors import DataError
-from brainmri.shards import ShardIndex, parse_record, tfrecord_payloads
+from brainmri.core.errors import DataError
+from brainmri.core.shards import ShardIndex, parse_record, tfrecord_payloads
 
 from helpers import write_prepared_data
 

@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from brainmri.errors import DataError
-from brainmri.split import (
+from brainmri.core.errors import DataError
+from brainmri.data.split import (
     empty_splits,
     patients_in_several_splits,
     patients_per_split,

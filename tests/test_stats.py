@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from brainmri.stats import accuracy, balanced_accuracy, bootstrap_interval, bootstrap_metric_interval, macro_f1
+from brainmri.core.stats import accuracy, balanced_accuracy, bootstrap_interval, bootstrap_metric_interval, macro_f1
 
 
 def test_bootstrap_interval_of_the_mean():

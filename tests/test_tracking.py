@@ -10,9 +10,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from brainmri import tracking
-from brainmri.errors import TrackingError
-from brainmri.params import TrackingParams
+from brainmri.core import tracking
+from brainmri.core.errors import TrackingError
+from brainmri.core.params import TrackingParams
 
 
 def closed_port() -> int:
@@ -127,9 +127,9 @@ def test_without_the_mlflow_package_a_stage_runs_untracked_only_when_tracking_is
 
 STAGE_THAT_WAITS = """
 import time
-from brainmri.errors import run_entry_point
-from brainmri.params import TrackingParams
-from brainmri.tracking import stage_run
+from brainmri.core.errors import run_entry_point
+from brainmri.core.params import TrackingParams
+from brainmri.core.tracking import stage_run
 
 def main():
     with stage_run("train", TrackingParams(experiment="unit"), {}):

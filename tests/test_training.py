@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from brainmri.errors import ModelError
-from brainmri.models import build_model, float32_copy
-from brainmri.params import TrainParams
-from brainmri.shards import ShardIndex
-from brainmri.training import (
+from brainmri.core.errors import ModelError
+from brainmri.core.params import TrainParams
+from brainmri.core.shards import ShardIndex
+from brainmri.model.models import build_model, float32_copy
+from brainmri.model.training import (
     callbacks,
     class_weights,
     compile_model,
@@ -50,7 +50,7 @@ def test_a_gpu_request_without_a_gpu_is_a_clear_error():
     ],
 )
 def test_cpu_precision_follows_the_processor(monkeypatch, native_bfloat16, setting, expected):
-    monkeypatch.setattr("brainmri.training.cpu_has_bfloat16", lambda: native_bfloat16)
+    monkeypatch.setattr("brainmri.model.training.cpu_has_bfloat16", lambda: native_bfloat16)
     hardware = configure_hardware(TrainParams(device="cpu", mixed_precision=setting))
     try:
         assert hardware.describe() == {
@@ -81,7 +81,7 @@ def test_a_backend_other_than_the_one_keras_runs_on_is_a_clear_error():
 
 
 SHOW_BACKEND = (
-    "from brainmri.backend import select_keras_backend; select_keras_backend(); "
+    "from brainmri.core.backend import select_keras_backend; select_keras_backend(); "
     "import keras; print(keras.backend.backend())"
 )
 
@@ -297,7 +297,7 @@ def test_yolo_boxes_beside_the_images_supervise_training_end_to_end(tmp_path):
 
 @pytest.mark.pipeline
 def test_a_backbone_from_a_weights_file_trains_in_two_phases_through_dvc_repro(tmp_path):
-    from brainmri.models import application_backbone
+    from brainmri.model.models import application_backbone
 
     repo = create_project(tmp_path / "repo")
     weights = tmp_path / "mobilenet_v3_small.weights.h5"  # as Keras' own download would be, made here

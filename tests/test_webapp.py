@@ -21,11 +21,11 @@ import pytest
 from nibabel.testing import data_path as nibabel_data
 from pydicom.data import get_testdata_file
 
-from brainmri.audit import AuditLog
-from brainmri.batching import MicroBatcher
-from brainmri.intended_use import NOT_A_MEDICAL_DEVICE
-from brainmri.params import ServeParams
-from brainmri.webapp import create_app, measured_localisation, server_limits
+from brainmri.core.intended_use import NOT_A_MEDICAL_DEVICE
+from brainmri.core.params import ServeParams
+from brainmri.serve.audit import AuditLog
+from brainmri.serve.batching import MicroBatcher
+from brainmri.serve.webapp import create_app, measured_localisation, server_limits
 
 from helpers import png, post, predictor
 
@@ -202,7 +202,7 @@ def test_the_wsgi_server_bounds_bodies_headers_and_slow_connections():
 
 WRITER = """
 import sys
-from brainmri.audit import AuditLog
+from brainmri.serve.audit import AuditLog
 audit = AuditLog(sys.argv[1], max_mb=0.01, backups=1000)
 result = {"predicted_class": "a", "confidence": 0.9, "probabilities": {"a": 0.9, "b": 0.1}, "needs_review": False}
 for number in range(int(sys.argv[3])):
@@ -259,7 +259,7 @@ def test_a_multi_frame_dicom_or_a_nifti_volume_gets_a_result_per_slice(tmp_path)
 FRAGMENTATION = """
 import sys, threading
 import numpy as np
-from brainmri.webapp import return_large_blocks_to_the_system
+from brainmri.serve.webapp import return_large_blocks_to_the_system
 if sys.argv[1] == "fixed":
     assert return_large_blocks_to_the_system()
 def rss_mb():

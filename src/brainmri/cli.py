@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from brainmri import __version__
-from brainmri.audit import AuditLog
-from brainmri.backend import start_tensorflow_quietly
-from brainmri.errors import BrainMRIError, DataError, ModelError
-from brainmri.params import Params, check_folders, load_params
+from brainmri.core.backend import start_tensorflow_quietly
+from brainmri.core.errors import BrainMRIError, DataError, ModelError
+from brainmri.core.params import Params, check_folders, load_params
+from brainmri.serve.audit import AuditLog
 
 
 def check(args: argparse.Namespace) -> int:
@@ -41,8 +41,8 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 def load_predictor(models: list[str] | None, params: Params):
     """The --model models (default: models/) as the project's params read them; predict.tta adds flips."""
-    from brainmri.inference import Predictor
-    from brainmri.ingest import decode_limits, scanner_options
+    from brainmri.data.ingest import decode_limits, scanner_options
+    from brainmri.serve.inference import Predictor
 
     predictor = Predictor.load_ensemble(
         models or ["models"],
@@ -63,9 +63,9 @@ def spreadsheet_safe(value):
 def predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from brainmri.images import sha256_file
-    from brainmri.inference import image_files
-    from brainmri.scanner import split_slice_path
+    from brainmri.core.images import sha256_file
+    from brainmri.data.scanner import split_slice_path
+    from brainmri.serve.inference import image_files
 
     params = project_params(args.params)
     files = image_files(args.paths)
@@ -126,8 +126,8 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from brainmri.paths import metrics_file
-    from brainmri.webapp import create_app, measured_localisation, run_server
+    from brainmri.core.paths import metrics_file
+    from brainmri.serve.webapp import create_app, measured_localisation, run_server
 
     params = project_params(args.params)
     predictor = load_predictor(args.model, params)
@@ -138,14 +138,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def compare(args: argparse.Namespace) -> int:
-    from brainmri.compare import compare_refs
+    from brainmri.model.compare import compare_refs
 
     print(compare_refs(args.a, args.b, markdown=args.md), end="")
     return 0
 
 
 def export(args: argparse.Namespace) -> int:
-    from brainmri.export import export_all
+    from brainmri.model.export import export_all
 
     p = project_params(args.params).export
     for summary in export_all(args.model, args.out, args.data, p.formats, p.calibration_images).values():
