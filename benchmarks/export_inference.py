@@ -1,5 +1,6 @@
 """Benchmark: `brainmri predict`'s path over the same images with the Keras model and with the
-export stage's files (ONNX, TFLite int8 and float32): images/s and top-1 agreement with Keras.
+export stage's files (ONNX float32 and int8, TFLite int8 and float32): images/s and top-1
+agreement with Keras.
 
     python benchmarks/export_inference.py IMAGES [--project .] [--images 1000] [--batch-size 64]
 
@@ -25,7 +26,13 @@ from brainmri.core.params import load_params
 from brainmri.data.ingest import decode_limits
 from brainmri.serve.inference import Predictor, image_files
 
-MODELS = ("models", "exports/model.onnx", "exports/model_int8.tflite", "exports/model_float32.tflite")
+MODELS = (
+    "models",
+    "exports/model.onnx",
+    "exports/model_int8.onnx",
+    "exports/model_int8.tflite",
+    "exports/model_float32.tflite",
+)
 
 
 def decoded(predictor: Predictor, files: list[Path]) -> tuple[np.ndarray, float]:

@@ -313,7 +313,7 @@ def test_the_page_shows_slice_overlay_scale_and_caveat_without_overflow(server, 
 def test_export_stage_writes_tflite_and_onnx_files_that_match_keras(repo):
     run(["dvc", "repro", "export"], repo)
     metrics = json.loads((repo / "metrics" / "export.json").read_text())
-    for variant in ("float32", "float16", "int8", "onnx"):
+    for variant in ("float32", "float16", "int8", "onnx", "onnx_int8"):
         assert metrics[f"{variant}.max_abs_difference"] <= metrics[f"{variant}.tolerance"]
     # Independently of the stage's own check: other images, compared here.
     import keras
@@ -329,6 +329,7 @@ def test_export_stage_writes_tflite_and_onnx_files_that_match_keras(repo):
     int8 = tflite_probabilities((repo / "exports" / "model_int8.tflite").read_bytes(), images)
     assert np.abs(int8 - expected).max() < 0.15
     np.testing.assert_allclose(onnx_probabilities(repo / "exports" / "model.onnx", images), expected, atol=1e-4)
+    assert np.abs(onnx_probabilities(repo / "exports" / "model_int8.onnx", images) - expected).max() < 0.15
 
 
 def test_predict_and_serve_run_the_exports_as_the_keras_model_answers(repo, tmp_path):
@@ -339,7 +340,12 @@ def test_predict_and_serve_run_the_exports_as_the_keras_model_answers(repo, tmp_
         return [json.loads(line) for line in brainmri(repo, "predict", folder, *model).stdout.splitlines()]
 
     keras_rows = rows()
-    for export, tolerance in (("model.onnx", 1e-4), ("model_float32.tflite", 1e-4), ("model_int8.tflite", 0.15)):
+    for export, tolerance in (
+        ("model.onnx", 1e-4),
+        ("model_int8.onnx", 0.15),
+        ("model_float32.tflite", 1e-4),
+        ("model_int8.tflite", 0.15),
+    ):
         exported = rows("--model", str(repo / "exports" / export))
         assert [row["path"] for row in exported] == [row["path"] for row in keras_rows]
         for ours, theirs in zip(exported, keras_rows):

@@ -150,7 +150,7 @@ def export(args: argparse.Namespace) -> int:
     p = project_params(args.params).export
     for summary in export_all(args.model, args.out, args.data, p.formats, p.calibration_images).values():
         print(
-            f"{Path(args.out) / summary['file']}: {summary['bytes']:,} bytes, max |TFLite - Keras| "
+            f"{Path(args.out) / summary['file']}: {summary['bytes']:,} bytes, max |export - Keras| "
             f"{summary['max_abs_difference']:.2g} on {summary['checked_images']} images"
         )
     return 0
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     compare_parser.add_argument("--md", action="store_true", help="Markdown, to paste into a pull request")
     compare_parser.set_defaults(handler=compare)
 
-    export_parser = commands.add_parser("export", help="TFLite (float32, float16, int8) and ONNX files")
+    export_parser = commands.add_parser("export", help="TFLite (float32, float16, int8) and ONNX (float32, int8) files")
     export_parser.add_argument("--model", default="models", help="model folder")
     export_parser.add_argument("--out", default="exports")
     export_parser.add_argument("--data", default="data/prepared", help="shards: int8 calibration images")

@@ -353,8 +353,10 @@ class GradcamParams(_Section):
 
 
 class ExportParams(_Section):
-    formats: list[Literal["float32", "float16", "int8", "onnx"]] = Field(
-        ["float32", "float16", "int8", "onnx"], min_length=1, description="TFLite variants and ONNX"
+    formats: list[Literal["float32", "float16", "int8", "onnx", "onnx_int8"]] = Field(
+        ["float32", "float16", "int8", "onnx", "onnx_int8"],
+        min_length=1,
+        description="TFLite variants, ONNX, and ONNX with int8 convolutions",
     )
     calibration_images: int = Field(128, ge=1, description="int8: representative images, also the parity check set")
 

@@ -1,6 +1,7 @@
 """Deployment exports of the trained model: TFLite in float32, float16 and int8
-(calibrated on real images from the shards) and ONNX, each checked against the
-Keras model on the same images before it is kept.
+(calibrated on real images from the shards) and ONNX in float32 and with int8
+convolutions, each checked against the Keras model on the same images before it
+is kept.
 
 TFLite goes through a TensorFlow SavedModel (`model.export`), the route
 TensorFlow's converter supports for Keras 3 models; ONNX through Keras' own
@@ -25,7 +26,12 @@ if TYPE_CHECKING:
 
 EXPORTED_METADATA = ("model", "temperature", "validation_confidence", "validation_correct", "input_gate")
 # Largest probability difference from the Keras model accepted per format.
-TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15, "onnx": 1e-4}
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "int8": 0.15, "onnx": 1e-4, "onnx_int8": 0.15}
+FILE_NAMES = {"onnx": "model.onnx", "onnx_int8": "model_int8.onnx"}
+
+
+def export_file_name(variant: str) -> str:
+    return FILE_NAMES.get(variant, f"model_{variant}.tflite")
 
 
 def tflite_probabilities(model: bytes | Path, images: np.ndarray) -> np.ndarray:
@@ -40,6 +46,42 @@ def onnx_probabilities(path: Path, images: np.ndarray) -> np.ndarray:
     from brainmri.model.models import probabilities_of
 
     return probabilities_of(OnnxClassifier(path).predict(images))
+
+
+def quantize_onnx(source: Path, target: Path, calibration: np.ndarray) -> None:
+    """ONNX Runtime's static int8 quantization of the convolutions (QDQ, weights per channel,
+    activations from their range on the calibration images). The first convolution, which reads
+    the standardised pixels, and everything after the last pooling stay float32: quantized too,
+    they moved probabilities far past the tolerance (benchmarks/README.md, "Exports in `brainmri
+    predict`")."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = target.with_suffix(".prepared.onnx")
+    quant_pre_process(str(source), str(prepared))
+    graph = onnx.load(str(prepared)).graph
+    name = graph.input[0].name
+    first_conv = next(node.name for node in graph.node if node.op_type == "Conv")
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: calibration[start : start + 16]} for start in range(0, len(calibration), 16)])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    quantize_static(
+        str(prepared),
+        str(target),
+        Batches(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "MaxPool"],
+        nodes_to_exclude=[first_conv],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        activation_type=QuantType.QInt8,
+    )
 
 
 def convert(saved_model: Path, variant: str, calibration: np.ndarray) -> bytes:
@@ -66,10 +108,14 @@ def check_variant(
 ) -> tuple[bytes, dict[str, Any]]:
     """One variant's file and its parity with the Keras probabilities on `split`'s images;
     ModelError beyond its tolerance."""
-    if variant == "onnx":
-        inference.export(str(scratch / "model.onnx"), format="onnx", verbose=False)
-        data = (scratch / "model.onnx").read_bytes()
-        got = onnx_probabilities(scratch / "model.onnx", images)
+    if variant in FILE_NAMES:
+        onnx_file = scratch / FILE_NAMES["onnx"]
+        if not onnx_file.is_file():
+            inference.export(str(onnx_file), format="onnx", verbose=False)
+        if variant == "onnx_int8":
+            quantize_onnx(onnx_file, scratch / FILE_NAMES[variant], images)
+        data = (scratch / FILE_NAMES[variant]).read_bytes()
+        got = onnx_probabilities(scratch / FILE_NAMES[variant], images)
     else:
         data = convert(saved_model, variant, images)
         got = tflite_probabilities(data, images)
@@ -121,7 +167,7 @@ def export_all(
         }
         out.mkdir(parents=True, exist_ok=True)
         for variant, (data, values) in checked.items():
-            path = out / ("model.onnx" if variant == "onnx" else f"model_{variant}.tflite")
+            path = out / export_file_name(variant)
             path.write_bytes(data)
             report[variant] = {"file": path.name, "bytes": len(data), **values}
     finally:

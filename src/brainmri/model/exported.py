@@ -20,9 +20,10 @@ import numpy as np
 from brainmri.core.errors import ModelError
 
 EXPORT_REPORT = "export.json"
-# What a folder of exports serves from, first match: ONNX Runtime, then TFLite from the most to
-# the least precise (each already passed its parity check).
-PREFERENCE = ("onnx", "float32", "float16", "int8")
+# What a folder of exports serves from, first match: the most precise first, ONNX Runtime before
+# TFLite (each already passed its parity check). The int8 files are faster; name one to use it.
+PREFERENCE = ("onnx", "float32", "float16", "onnx_int8", "int8")
+ONNX_VARIANTS = ("onnx", "onnx_int8")
 EXPORT_SUFFIXES = (".onnx", ".tflite")
 
 
@@ -81,7 +82,7 @@ class TfliteClassifier(BatchedClassifier):
 @dataclass(frozen=True)
 class Export:
     path: Path
-    variant: str  # onnx, float32, float16 or int8
+    variant: str  # onnx, onnx_int8, float32, float16 or int8
     report: dict[str, Any]  # export.json: the classes, the input, and each variant's parity
 
 
@@ -119,4 +120,4 @@ def find_export(source: str | Path) -> Export:
 
 
 def load_export(export: Export) -> OnnxClassifier | TfliteClassifier:
-    return OnnxClassifier(export.path) if export.variant == "onnx" else TfliteClassifier(export.path)
+    return OnnxClassifier(export.path) if export.variant in ONNX_VARIANTS else TfliteClassifier(export.path)
