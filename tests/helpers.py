@@ -287,7 +287,7 @@ needs_chromium = pytest.mark.skipif(
 @contextlib.contextmanager
 def headless_chromium(profile: Path, offline: bool = False) -> Iterator:
     """Debian's Chromium driven through its own chromedriver (selenium's manager never runs);
-    `offline` makes every host name fail to resolve, so only local files and addresses load."""
+    `offline` makes every host name but 127.0.0.1 fail to resolve, so only local files and servers load."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -304,7 +304,7 @@ def headless_chromium(profile: Path, offline: bool = False) -> Iterator:
         f"--user-data-dir={profile}",
     ]
     if offline:
-        flags.append("--host-resolver-rules=MAP * ~NOTFOUND")
+        flags.append("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
     for flag in flags:
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
