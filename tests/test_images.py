@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -70,7 +71,7 @@ def test_exif_orientation_is_applied(tmp_path):
     path = tmp_path / "rotated.jpg"
     image.save(path, exif=exif, quality=100)
     assert open_image(path).size == (10, 20)
-    uploaded = decode_bytes(path.read_bytes(), "rotated.jpg", DecodeLimits(10**6, 1000, 10, 10**6))
+    uploaded = decode_bytes(path.read_bytes(), DecodeLimits(10**6, 1000, 10, 10**6))
     assert uploaded.size == (10, 20)  # turned where it was decoded, not on a copy
 
 
@@ -100,9 +101,15 @@ def test_a_long_thin_image_is_resized_before_it_is_padded():
 def test_limits_name_what_a_header_declares_too_much_of():
     limits = DecodeLimits(max_pixels=1000, max_side=100, max_aspect=4, max_decoded_bytes=2**20)
     limits.check(40, 10)  # within every limit
-    for size, named in [((40, 40), "max_pixels=1000"), ((101, 5), "max_side=100"), ((41, 10), "max_aspect=4")]:
-        with pytest.raises(ImageTooLarge, match=f"{size[0]}x{size[1]} exceeds ingest.{named}"):
+    refused = {
+        (40, 40): "more than the 1,000 pixels allowed (ingest.max_pixels)",
+        (101, 5): "a side longer than the 100 allowed (ingest.max_side)",
+        (41, 10): "more elongated than the 4 to 1 allowed (ingest.max_aspect)",
+    }
+    for size, reason in refused.items():
+        with pytest.raises(ImageTooLarge, match=re.escape(f"{size[0]}x{size[1]} pixels: {reason}")) as raised:
             limits.check(*size)
+        assert "ingest." not in raised.value.plain  # the words the web page shows
 
 
 def test_grey_and_rgb_files_load_to_the_requested_channels(dataset):

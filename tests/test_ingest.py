@@ -70,8 +70,8 @@ def test_every_kind_of_bad_file_is_rejected_with_its_reason_never_a_crash(datase
     assert reasons["empty.jpg"] == "empty file"
     assert reasons["notes.jpg"].startswith("cannot decode")
     assert reasons["truncated.jpg"].startswith("cannot decode")
-    assert reasons["huge.png"] == "300x300 exceeds ingest.max_pixels=40000"
-    assert reasons["thin.png"] == "30000x1 exceeds ingest.max_side=16384"
+    assert reasons["huge.png"] == "300x300 pixels: more than the 40,000 pixels allowed (ingest.max_pixels)"
+    assert reasons["thin.png"] == "30000x1 pixels: a side longer than the 16,384 allowed (ingest.max_side)"
     assert reasons["scan.gif"] == "extension '.gif' is not in ingest.extensions"
     assert reasons["readme.txt"] == "extension '.txt' is not in ingest.extensions"
     assert reasons["dangling.jpg"] == "cannot read: No such file or directory"

@@ -130,7 +130,7 @@ def test_bad_scanner_files_are_refused_with_the_reason(tmp_path):
         get_testdata_file("MR_truncated.dcm"): "cannot decode the pixel data",
         tmp_path / "nopixels.dcm": "without pixel data",
         tmp_path / "htj2k.dcm": "pylibjpeg-openjpeg",
-        get_testdata_file("CT_small.dcm"): "modality 'CT' is not in ingest.dicom.modalities",
+        get_testdata_file("CT_small.dcm"): r"modality 'CT': only MR is read \(ingest.dicom.modalities\)",
         corrupt_nifti(tmp_path): "not a readable NIfTI volume",
         flat: "a 2D image: a 3D volume",
     }

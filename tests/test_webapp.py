@@ -47,7 +47,7 @@ def test_concurrent_requests_share_model_calls_and_each_gets_its_own_answer(tmp_
 def test_a_request_not_answered_in_time_gets_503_and_the_server_goes_on():
     app = create_app(predictor(delay=1.0), ServeParams(timeout_s=0.2))
     response = post(app.test_client(), png(0))
-    assert response.status_code == 503 and "not answered within serve.timeout_s=0.2 s" in response.get_json()["error"]
+    assert response.status_code == 503 and "not answered within 0.2 s" in response.get_json()["error"]
     time.sleep(1.0)
     fast = create_app(predictor(), ServeParams(timeout_s=5))
     assert post(fast.test_client(), png(0)).status_code == 200
@@ -160,13 +160,15 @@ def test_an_mr_dicom_upload_is_read_and_others_are_named():
     mr = Path(get_testdata_file("MR_small.dcm")).read_bytes()
     single = post(client, mr, "IM0001")
     assert single.status_code == 200 and "predicted_class" in single.get_json()  # one slice: one result
-    refused = {
-        "ct.dcm": (Path(get_testdata_file("CT_small.dcm")).read_bytes(), "modality 'CT'"),
-        "cut.dcm": (mr[:300], "cut.dcm"),
+    refused = {  # file names as a scanner export may write them: the answer never repeats one
+        "DOE^JOHN_CT.dcm": (Path(get_testdata_file("CT_small.dcm")).read_bytes(), "a DICOM file of modality 'CT'"),
+        "DOE^JOHN_cut.dcm": (mr[:300], "not a DICOM file"),
     }
     for name, (data, message) in refused.items():
         response = post(client, data, name)
-        assert response.status_code == 400 and message in response.get_json()["error"], (name, response.get_json())
+        error = response.get_json()["error"]
+        assert response.status_code == 400 and error.startswith(message), (name, error)
+        assert "DOE" not in error and "ingest." not in error, error
 
 
 def test_a_page_of_another_origin_cannot_post_and_foreign_host_names_are_refused():
@@ -251,9 +253,9 @@ def test_a_multi_frame_dicom_or_a_nifti_volume_gets_a_result_per_slice(tmp_path)
     capped = create_app(predictor(), ServeParams(max_slices=5)).test_client()
     refused = post(capped, volume.read_bytes(), "t1.nii")
     assert refused.status_code == 400
-    assert f"{slices} slices, more than serve.max_slices=5" in refused.get_json()["error"]
+    assert f"{slices} slices, more than the 5 one upload may hold" in refused.get_json()["error"]
     broken = post(client, b"not a volume" * 40, "t1.nii")
-    assert broken.status_code == 400 and "t1.nii: not a readable NIfTI volume" in broken.get_json()["error"]
+    assert broken.status_code == 400 and broken.get_json()["error"].startswith("not a readable NIfTI volume")
 
 
 FRAGMENTATION = """

@@ -15,6 +15,16 @@ class BrainMRIError(Exception):
     """A problem the user can fix; the message names the key, file or folder at fault."""
 
 
+class InputRejected(ValueError):
+    """An input file refused by a limit or a setting. `plain` says why in plain words (what the web
+    page shows); `setting` names the params.yaml key that decides it, added to the message that
+    ingest and `brainmri predict` report."""
+
+    def __init__(self, plain: str, setting: str | None = None) -> None:
+        self.plain, self.setting = plain, setting
+        super().__init__(f"{plain} ({setting})" if setting else plain)
+
+
 class ParamsError(BrainMRIError):
     """A bad ``params.yaml``: an unknown or misspelt key, a wrong type or value."""
 

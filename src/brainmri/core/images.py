@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from brainmri.core.errors import InputRejected
 from brainmri.core.paths import MODEL_FILE, SLICES
 
 
@@ -28,7 +29,7 @@ def keras_model_version(folder: str | Path, meta: dict) -> str:
     return f"{meta.get('model', 'model')}@sha256:{sha256_file(Path(folder) / MODEL_FILE)[:12]}"
 
 
-class ImageTooLarge(ValueError):
+class ImageTooLarge(InputRejected):
     """An image whose header declares dimensions past the limits; it is never decoded."""
 
 
@@ -44,19 +45,23 @@ class DecodeLimits:
 
     def check(self, width: int, height: int) -> None:
         """Raise ImageTooLarge naming the limit that width x height exceeds."""
+        size = f"{width}x{height} pixels"
         if width * height > self.max_pixels:
-            raise ImageTooLarge(f"{width}x{height} exceeds ingest.max_pixels={self.max_pixels}")
+            raise ImageTooLarge(f"{size}: more than the {self.max_pixels:,} pixels allowed", "ingest.max_pixels")
         if max(width, height) > self.max_side:
-            raise ImageTooLarge(f"{width}x{height} exceeds ingest.max_side={self.max_side}")
+            raise ImageTooLarge(f"{size}: a side longer than the {self.max_side:,} allowed", "ingest.max_side")
         if max(width, height) > self.max_aspect * max(min(width, height), 1):
-            raise ImageTooLarge(f"{width}x{height} exceeds ingest.max_aspect={self.max_aspect:g}")
+            raise ImageTooLarge(
+                f"{size}: more elongated than the {self.max_aspect:g} to 1 allowed", "ingest.max_aspect"
+            )
 
     def check_bytes(self, decoded: int, what: str) -> None:
         """Raise ImageTooLarge when `decoded` bytes (what a header declares, described by `what`)
         exceed the budget."""
         if decoded > self.max_decoded_bytes:
             raise ImageTooLarge(
-                f"{what} decode to {decoded:,} bytes, over ingest.max_decoded_bytes={self.max_decoded_bytes:,}"
+                f"{what} decode to {decoded:,} bytes, more than the {self.max_decoded_bytes:,} allowed",
+                "ingest.max_decoded_bytes",
             )
 
 

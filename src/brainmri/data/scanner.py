@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from PIL import Image
 
+from brainmri.core.errors import InputRejected
 from brainmri.core.images import DecodeLimits, ImageTooLarge
 
 DICOM_MAGIC = b"DICM"  # after the 128-byte preamble of a DICOM Part 10 file
@@ -42,7 +43,7 @@ PIXEL_DATA_TAGS = {0x7FE00010, 0x7FE00009, 0x7FE00008}  # Pixel Data, Double and
 FOREGROUND_LEVEL = 10  # 8-bit grey level above which a pixel counts as tissue, as in ingest
 
 
-class ScannerFileError(ValueError):
+class ScannerFileError(InputRejected):
     """A scanner file that cannot be used; the message says why (it becomes the reject reason)."""
 
 
@@ -158,7 +159,7 @@ def dicom_window(dataset, values: np.ndarray, options: ScannerOptions) -> tuple[
     when asked for or present, else robust percentiles of the slice."""
     has_window = "WindowCenter" in dataset and "WindowWidth" in dataset
     if options.window == "file" and not has_window:
-        raise ScannerFileError("no Window Center/Width in the file (ingest.dicom.window: file)")
+        raise ScannerFileError("no Window Center/Width in the file", "ingest.dicom.window: file")
     if options.window != "percentile" and has_window:
         centre, width = tag_number(dataset, "WindowCenter"), tag_number(dataset, "WindowWidth")
         return centre - 0.5 - (width - 1) / 2, centre - 0.5 + (width - 1) / 2
@@ -186,7 +187,7 @@ def _declared_bytes(header, limits: DecodeLimits) -> int:
         limits.check(columns, rows)
         limits.check_bytes(declared, f"{frames} frame(s) of {columns}x{rows}")
     except ImageTooLarge as error:
-        raise ScannerFileError(str(error)) from None
+        raise ScannerFileError(error.plain, error.setting) from None
     return declared
 
 
@@ -268,7 +269,9 @@ def read_dicom(source, options: ScannerOptions, limits: DecodeLimits, salt: byte
         modality = str(header.get("Modality", ""))
         if modality not in options.modalities:
             allowed = ", ".join(options.modalities)
-            raise ScannerFileError(f"modality '{modality or 'missing'}' is not in ingest.dicom.modalities ({allowed})")
+            raise ScannerFileError(
+                f"a DICOM file of modality '{modality or 'missing'}': only {allowed} is read", "ingest.dicom.modalities"
+            )
         photometric = str(header.get("PhotometricInterpretation", ""))
         if photometric not in ("MONOCHROME1", "MONOCHROME2"):
             raise ScannerFileError(f"photometric interpretation '{photometric}': only greyscale (MONOCHROME) is read")
@@ -329,7 +332,8 @@ def read_nifti(
         limits.check_bytes(declared, "x".join(map(str, shape)) + " voxels")
         if len(shape) == 4:
             if not 0 <= options.volume < shape[3]:
-                raise ScannerFileError(f"ingest.nifti.volume={options.volume}, but the file holds {shape[3]} volumes")
+                asked = f"volume {options.volume} asked for, but the file holds {shape[3]} volumes (from 0)"
+                raise ScannerFileError(asked, "ingest.nifti.volume")
             image = image.slicer[..., options.volume]
         elif len(shape) != 3:
             raise ScannerFileError(f"a {len(shape)}D image: a 3D volume (or 4D series) is expected")
@@ -340,7 +344,7 @@ def read_nifti(
     except ScannerFileError:
         raise
     except ImageTooLarge as error:
-        raise ScannerFileError(str(error)) from None
+        raise ScannerFileError(error.plain, error.setting) from None
     except Exception as error:  # nibabel raises several types for a corrupt header or data
         message = str(error).replace(str(path), Path(path).name)  # no folder of this machine in a reason
         raise ScannerFileError(f"not a readable NIfTI volume: {message}".replace("\n", " ")) from None

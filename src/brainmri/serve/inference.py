@@ -46,7 +46,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 class BadImage(ValueError):
-    """An input that is not a readable image; the message says why."""
+    """An upload that is not a readable image; the message says why in plain words, without the
+    file's name (it can name a patient) or params.yaml keys."""
 
 
 def pinned_model_uri(uri: str) -> tuple[str, str]:
@@ -256,14 +257,14 @@ class Predictor:
             try:
                 slices = read_dicom_bytes(data, self.scanner, self.limits)
             except ScannerFileError as error:
-                raise BadImage(f"{name}: {error}") from None
+                raise BadImage(error.plain) from None
         elif name.lower().endswith(NIFTI_SUFFIXES):
             slices = read_nifti_bytes(data, name, self.scanner, self.limits)
         else:
-            return [(None, decode_bytes(data, name, self.limits))]
+            return [(None, decode_bytes(data, self.limits))]
         if len(slices) > max_slices:
             raise BadImage(
-                f"{name}: {len(slices)} slices, more than serve.max_slices={max_slices}; "
+                f"{len(slices)} slices, more than the {max_slices} one upload may hold; "
                 "brainmri predict reads a whole volume"
             )
         return [(found.index, found.image) for found in slices]
@@ -337,10 +338,10 @@ def png_bytes(picture: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def decode_bytes(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
+def decode_bytes(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Fully decode uploaded bytes (after checking the header against `limits`); BadImage says what is wrong."""
     if not data:
-        raise BadImage(f"{name}: empty file")
+        raise BadImage("empty file")
     try:
         image = Image.open(io.BytesIO(data))  # no file to close: the decoded image is kept, not copied
         limits.check(*image.size)
@@ -348,11 +349,11 @@ def decode_bytes(data: bytes, name: str, limits: DecodeLimits) -> Image.Image:
         ImageOps.exif_transpose(image, in_place=True)
         return image
     except UnidentifiedImageError:
-        raise BadImage(f"{name}: not an image file") from None
+        raise BadImage("not an image file") from None
     except ImageTooLarge as error:
-        raise BadImage(f"{name}: {error}") from None
+        raise BadImage(error.plain) from None
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise BadImage(f"{name}: corrupt or truncated image ({error})") from None
+        raise BadImage(f"corrupt or truncated image ({error})") from None
 
 
 def read_nifti_bytes(data: bytes, name: str, options: ScannerOptions, limits: DecodeLimits) -> list:
@@ -365,7 +366,7 @@ def read_nifti_bytes(data: bytes, name: str, options: ScannerOptions, limits: De
         try:
             return read_scanner_file(path, options, limits, b"", "upload")
         except ScannerFileError as error:
-            raise BadImage(f"{name}: {error}") from None
+            raise BadImage(error.plain) from None
 
 
 def image_files(inputs: Iterable[str | Path]) -> list[Path]:

@@ -132,7 +132,7 @@ def create_app(
         )
 
     def busy(what: str):
-        return jsonify(error=f"server busy: {what} within serve.timeout_s={settings.timeout_s:g} s, retry later"), 503
+        return jsonify(error=f"the server is busy: {what} within {settings.timeout_s:g} s; try again shortly"), 503
 
     @app.post("/predict")
     def predict():
@@ -181,7 +181,7 @@ def create_app(
             # Werkzeug raises the same error for a small body cut into too many parts.
             parts = app.config.get("MAX_FORM_PARTS") or 1000
             return jsonify(error=f"more than {parts} form parts: send one image in field 'file'"), 413
-        return jsonify(error=f"upload larger than {settings.max_upload_mb:g} MB (serve.max_upload_mb)"), 413
+        return jsonify(error=f"the file is larger than the {settings.max_upload_mb:g} MB this server accepts"), 413
 
     @app.errorhandler(HTTPException)
     def http_error(error):
@@ -234,7 +234,7 @@ def run_server(app: Flask, host: str, port: int, settings: ServeParams) -> None:
 
 def server_limits(settings: ServeParams) -> dict[str, int | float]:
     """waitress' own limits: a body over four uploads is refused unread (Flask answers anything
-    over one with a JSON 413 naming serve.max_upload_mb), headers stay small, silent connections
+    over one with a JSON 413 giving the limit), headers stay small, silent connections
     close, and slow ones cannot take every slot.
     A client that trickles bytes just often enough is held off only by a reverse proxy in front
     (docs/serving.md)."""
