@@ -19,6 +19,7 @@ from brainmri.core.manifest import write_manifest
 from brainmri.core.metrics import write_json
 from brainmri.core.params import Params, flatten, load_params
 from brainmri.core.paths import (
+    CHAMPION_STANDING,
     CONFUSION_MATRIX,
     CONFUSION_TABLE,
     EVALUATE_FIGURES,
@@ -33,7 +34,7 @@ from brainmri.core.paths import (
 from brainmri.core.shards import ShardIndex
 from brainmri.core.tracking import stage_run
 from brainmri.data.ingest import decode_limits
-from brainmri.model.champion import update_champion
+from brainmri.model.champion import untracked_standing, update_champion
 from brainmri.model.evaluation import classification_report_text, confusion
 from brainmri.model.models import class_probabilities, ensemble_probabilities, flip_tta_probabilities, load_model
 from brainmri.model.review import review_threshold
@@ -107,21 +108,20 @@ def main() -> None:
         run.log_metrics(metrics)
         run.log_artifact(str(PREDICTIONS), "evaluate")
         run.log_artifacts(str(EVALUATE_FIGURES), "evaluate")
-        champion = None
+        standing = untracked_standing(params.tracking.registered_model)
         if run.run_id:
-            digest = sha256_file(MODELS / MODEL_FILE)
-            champion = update_champion(
+            standing = update_champion(
                 MlflowClient(),
-                params.tracking.registered_model,
-                digest,
+                standing.registered_model,
+                sha256_file(MODELS / MODEL_FILE),
                 pd.read_csv(PREDICTIONS),
                 run.run_id,
                 headline(metrics, len(labels)),
             )
+        write_json(standing.as_dict(), CHAMPION_STANDING)  # for the model card
         print(report)
         print(f"evaluate: {summary_line(metrics, len(labels), threshold)}")
-        if champion:
-            print(f"evaluate: {champion}")
+        print(f"evaluate: {standing.message}")
 
 
 if __name__ == "__main__":

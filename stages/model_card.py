@@ -8,7 +8,15 @@ import pandas as pd
 from brainmri.core.errors import run_entry_point
 from brainmri.core.images import keras_model_version
 from brainmri.core.params import Params, load_params
-from brainmri.core.paths import DATA_REPORT, META_FILE, MODEL_CARD, MODELS, PREDICTIONS, metrics_file
+from brainmri.core.paths import (
+    CHAMPION_STANDING,
+    DATA_REPORT,
+    META_FILE,
+    MODEL_CARD,
+    MODELS,
+    PREDICTIONS,
+    metrics_file,
+)
 from brainmri.core.tracking import described_commit, stage_run
 from brainmri.model.evaluation import per_class_f1_intervals
 from brainmri.model.model_card import Provenance, render_model_card
@@ -17,7 +25,8 @@ SOURCES = ("ingest", "dedup", "split", "balance", "train", "evaluate", "gradcam"
 
 
 def provenance(params: Params) -> Provenance:
-    """The model's version, the commit and date of this build, and per-class F1 intervals."""
+    """The model's version, the commit and date of this build, per-class F1 intervals, and where
+    the model stands against @champion."""
     meta = json.loads((MODELS / META_FILE).read_text())
     predictions = pd.read_csv(PREDICTIONS)
     actual, predicted = predictions["actual"].to_numpy(), predictions["predicted"].to_numpy()
@@ -26,6 +35,7 @@ def provenance(params: Params) -> Provenance:
         commit=described_commit(),
         built_on=datetime.now(timezone.utc).date().isoformat(),
         f1_intervals=per_class_f1_intervals(actual, predicted, meta["classes"], params.evaluate.seed),
+        standing=json.loads(CHAMPION_STANDING.read_text()),
     )
 
 

@@ -37,11 +37,15 @@ def test_the_champion_alias_moves_only_on_a_significant_improvement(tmp_path):
         client.log_artifact(evaluate, str(tmp_path / "predictions.csv"), "evaluate")
         return update_champion(client, "classifier", digest, table, evaluate, "test macro-F1 0.9 [0.8, 1.0]")
 
-    assert scored("a", predictions(range(40))) == "classifier: version 1 is the first champion"
+    first = scored("a", predictions(range(40)))
+    assert first.message == "classifier: version 1 is the first champion" and first.is_champion
     assert client.get_model_version("classifier", "1").description.startswith("test macro-F1 0.9 [0.8, 1.0] (evaluate")
-    assert "does not beat it" in scored("b", predictions(range(38)))
+    challenger = scored("b", predictions(range(38)))
+    assert "does not beat it" in challenger.message and (challenger.version, challenger.champion_version) == ("2", "1")
+    assert not challenger.is_champion
     assert str(client.get_model_version_by_alias("classifier", CHAMPION).version) == "1"
-    assert "is the champion now" in scored("c", predictions(range(10)))
+    better = scored("c", predictions(range(10)))
+    assert "is the champion now" in better.message and better.is_champion
     assert str(client.get_model_version_by_alias("classifier", CHAMPION).version) == "3"
     unknown = update_champion(client, "classifier", "never-registered", predictions(range(0)), "run", "")
-    assert "not a registered version" in unknown
+    assert "not a registered version" in unknown.message and unknown.version is None and not unknown.is_champion

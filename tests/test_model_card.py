@@ -1,15 +1,21 @@
 from brainmri.core.intended_use import NOT_A_MEDICAL_DEVICE
 from brainmri.core.params import Params
+from brainmri.model.champion import Standing, untracked_standing
 from brainmri.model.model_card import Provenance, render_model_card
 
 CLASSES = ["glioma", "pituitary"]
-PROVENANCE = Provenance(
-    "compact_cnn@sha256:0123456789ab", "abcdef1 + uncommitted changes", "2026-12-05", {"glioma": (0.8, 0.95)}
-)
+CHAMPION = Standing("brain-mri-classifier", "3", "3", "brain-mri-classifier: version 3 is the champion")
 
 
-def render(params: Params, metrics: dict[str, dict], layout: str) -> str:
-    return render_model_card(params, metrics, layout, PROVENANCE)
+def render(params: Params, metrics: dict[str, dict], layout: str, standing: Standing = CHAMPION) -> str:
+    provenance = Provenance(
+        "compact_cnn@sha256:0123456789ab",
+        "abcdef1 + uncommitted changes",
+        "2026-12-05",
+        {"glioma": (0.8, 0.95)},
+        standing.as_dict(),
+    )
+    return render_model_card(params, metrics, layout, provenance)
 
 
 def run_metrics(**extra_evaluate) -> dict[str, dict]:
@@ -128,3 +134,17 @@ def test_the_card_names_the_model_version_and_says_when_a_model_is_below_the_qua
     assert "**Not fit for use:** test macro-F1 0.880 is below the quality floor 0.900" in card
     lenient = Params.model_validate({"ingest": {"source": "data"}, "evaluate": {"quality_floor": 0.85}})
     assert "Not fit for use" not in render(lenient, run_metrics(), "folder-per-class")
+
+
+def test_the_card_says_plainly_whether_the_model_is_the_champion():
+    params = Params.model_validate({"ingest": {"source": "data"}})
+    champion = render(params, run_metrics(), "folder-per-class")
+    assert "**Champion:** version 3 of `brain-mri-classifier`, served as `models:/brain-mri-classifier@champion`" in (
+        champion
+    )
+    why = "brain-mri-classifier: version 4 does not beat it: macro-F1 +0.004 [-0.010, +0.020] on 723 images"
+    challenger = render(params, run_metrics(), "folder-per-class", Standing("brain-mri-classifier", "4", "3", why))
+    assert "**Not the champion:** this is version 4 of `brain-mri-classifier`; `@champion` is version 3" in challenger
+    assert "Champion:**" not in challenger and "+0.004 [-0.010, +0.020]" in challenger
+    untracked = render(params, run_metrics(), "folder-per-class", untracked_standing("brain-mri-classifier"))
+    assert "**Not registered:** not registered (tracking was off)" in untracked

@@ -43,6 +43,7 @@ TENSORBOARD_LOGS = Path("logs/tensorboard")  # one folder per training run, unde
 
 PREDICTIONS = Path("reports/predictions.csv")
 EVALUATE_FIGURES = Path("reports/evaluate")
+CHAMPION_STANDING = EVALUATE_FIGURES / "champion.json"  # the evaluated model against @champion
 CONFUSION_TABLE = Path("metrics/confusion.csv")
 CONFUSION_MATRIX = Path("metrics/confusion_matrix.json")
 PLOTS = Path("metrics/plots")

@@ -13,6 +13,8 @@ names the best model so far in predict and serve.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import pandas as pd
 
 from brainmri.core.errors import DataError
@@ -22,6 +24,28 @@ from brainmri.model.compare import compare_predictions
 
 CHAMPION = "champion"
 EVALUATE_RUN_TAG = "brainmri.evaluate_run"
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Where the evaluated model stands against `@champion`, for the log and the model card."""
+
+    registered_model: str
+    version: str | None  # None: not a registered version (trained without tracking)
+    champion_version: str | None  # the version `@champion` names after the evaluation
+    message: str
+
+    @property
+    def is_champion(self) -> bool:
+        return self.version is not None and self.version == self.champion_version
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "is_champion": self.is_champion}
+
+
+def untracked_standing(name: str) -> Standing:
+    """The standing of a model evaluated without MLflow tracking: never compared."""
+    return Standing(name, None, None, "not registered (tracking was off), so not compared with @champion")
 
 
 def beats(challenger: pd.DataFrame, champion: pd.DataFrame, seed: int = 0) -> tuple[bool, str]:
@@ -57,25 +81,32 @@ def _predictions_of(client, version) -> pd.DataFrame | None:
     return pd.read_csv(client.download_artifacts(run_id, f"evaluate/{PREDICTIONS.name}"))
 
 
-def update_champion(client, name: str, digest: str, predictions: pd.DataFrame, evaluate_run: str, headline: str) -> str:
+def update_champion(
+    client, name: str, digest: str, predictions: pd.DataFrame, evaluate_run: str, headline: str
+) -> Standing:
     """Tag the version with its evaluate run, describe it by its `headline` test figures, and move
     the alias when it has earned it; says what happened."""
     version = registered_version(client, name, digest)
     if version is None:
-        return f"{name}: this model is not a registered version (trained without tracking?); champion unchanged"
-    client.set_model_version_tag(name, version.version, EVALUATE_RUN_TAG, evaluate_run)
-    client.update_model_version(name, version.version, description=f"{headline} (evaluate run {evaluate_run})")
+        return Standing(name, None, None, f"{name}: this model is not a registered version; champion unchanged")
+    mine = str(version.version)
+    client.set_model_version_tag(name, mine, EVALUATE_RUN_TAG, evaluate_run)
+    client.update_model_version(name, mine, description=f"{headline} (evaluate run {evaluate_run})")
     current = _champion(client, name)
     if current is None:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return f"{name}: version {version.version} is the first champion"
-    if current.version == version.version:
-        return f"{name}: version {version.version} is the champion"
+        client.set_registered_model_alias(name, CHAMPION, mine)
+        return Standing(name, mine, mine, f"{name}: version {mine} is the first champion")
+    held_by = str(current.version)
+    if held_by == mine:
+        return Standing(name, mine, mine, f"{name}: version {mine} is the champion")
     held = _predictions_of(client, current)
     if held is None:
-        return f"{name}: champion version {current.version} has no evaluated predictions; champion unchanged"
+        why = f"champion version {held_by} has no evaluated predictions; champion unchanged"
+        return Standing(name, mine, held_by, f"{name}: {why}")
     better, why = beats(predictions, held)
     if better:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return f"{name}: version {version.version} {why} of version {current.version}, and is the champion now"
-    return f"{name}: version {version.version} {why} of champion version {current.version}; champion unchanged"
+        client.set_registered_model_alias(name, CHAMPION, mine)
+        return Standing(name, mine, mine, f"{name}: version {mine} {why} of version {held_by}, and is the champion now")
+    return Standing(
+        name, mine, held_by, f"{name}: version {mine} {why} of champion version {held_by}; champion unchanged"
+    )

@@ -307,12 +307,27 @@ class Provenance:
     commit: str  # the git commit the run started from, "+ uncommitted changes" where the tree differed
     built_on: str  # UTC date
     f1_intervals: dict[str, tuple[float, float]]  # per class, 95% bootstrap over the test images
+    standing: dict  # the evaluate stage's verdict against @champion (brainmri.model.champion.Standing)
+
+
+def _standing(standing: dict) -> str:
+    name, version, champion = standing["registered_model"], standing["version"], standing["champion_version"]
+    if version is None:
+        return f"- **Not registered:** {standing['message']}."
+    if standing["is_champion"]:
+        return f"- **Champion:** version {version} of `{name}`, served as `models:/{name}@champion`."
+    held_by = f"version {champion}" if champion else "no version"
+    return (
+        f"- **Not the champion:** this is version {version} of `{name}`; `@champion` is {held_by} "
+        f"({standing['message']}). Serve `models:/{name}@champion` unless this model is the one to study."
+    )
 
 
 def _provenance(provenance: Provenance, evaluate: dict, floor: float) -> list[str]:
     lines = [
         f"- **Version:** `{provenance.model_version}`, built on {provenance.built_on} from commit "
         f"`{provenance.commit}`.",
+        _standing(provenance.standing),
     ]
     macro_f1 = evaluate.get("macro_f1")
     if macro_f1 is not None and macro_f1 < floor:
