@@ -316,9 +316,8 @@ def _standing(standing: dict) -> str:
         return f"- **Not registered:** {standing['message']}."
     if standing["is_champion"]:
         return f"- **Champion:** version {version} of `{name}`, served as `models:/{name}@champion`."
-    held_by = f"version {champion}" if champion else "no version"
     return (
-        f"- **Not the champion:** this is version {version} of `{name}`; `@champion` is {held_by} "
+        f"- **Not the champion:** this is version {version} of `{name}`; `@champion` is version {champion} "
         f"({standing['message']}). Serve `models:/{name}@champion` unless this model is the one to study."
     )
 
