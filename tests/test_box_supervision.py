@@ -85,9 +85,10 @@ def test_the_box_mask_scores_how_fully_each_cell_holds_the_box():
     assert float(energy_in_box(ops.array(inside), ops.array(expected[:1]))[0]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_the_term_is_zero_for_images_without_a_box():
+@pytest.mark.parametrize("loss", ["energy", "rrr"])
+def test_the_term_is_zero_for_images_without_a_box(loss):
     model = build_model("compact_cnn", 4, 32, 1, width=4)
-    params = TrainParams(image_size=32, augment=STILL, localisation=LocalisationParams(loss="energy", weight=5.0))
+    params = TrainParams(image_size=32, augment=STILL, localisation=LocalisationParams(loss=loss, weight=5.0))
     trainer = training_model(model, params, {"train": np.ones((1, 4), np.float32)})
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 1), dtype=np.uint8)
     targets = np.eye(4, dtype="float32")
@@ -95,7 +96,7 @@ def test_the_term_is_zero_for_images_without_a_box():
     assert float(ops.sum(trainer.losses)) == 0.0
     boxed = np.tile(np.array([[0.0, 0.0, 8.0, 8.0]], np.float32), (4, 1))
     trainer({"image": images, "box": boxed, "target": targets}, training=True)
-    assert 0.0 < float(ops.sum(trainer.losses)) <= 5.0
+    assert 0.0 < float(ops.sum(trainer.losses))
     assert not any("random" in layer.name or "box" in layer.name for layer in model.layers)  # the saved model
 
 
@@ -111,14 +112,15 @@ def test_auto_supervises_with_the_boxes_there_are_and_trains_on_labels_alone_wit
         supervision_boxes(plain, TrainParams(localisation=LocalisationParams(loss="energy")))
 
 
-def test_with_a_shortcut_the_energy_loss_moves_the_evidence_onto_the_object_and_none_does_not():
-    plain, supervised = train_on_shortcut_task("none"), train_on_shortcut_task("energy")
-    assert plain["accuracy"] == supervised["accuracy"] == 1.0
-    assert plain["energy"] < 0.2 < 0.6 < supervised["energy"]
-    assert plain["object_drop"] < 0.05 < 0.3 < supervised["object_drop"]  # the model now uses the object
-    # Labels alone learn the marker. The box term does not unlearn it: the class's evidence inside the
-    # box says nothing of what the model reads from its absence (Viviano et al. 2021).
-    assert plain["marker_drop"] > 0.3
+def test_with_a_shortcut_energy_moves_the_evidence_onto_the_object_rrr_unlearns_the_marker_none_neither():
+    plain, energy, rrr = (train_on_shortcut_task(loss) for loss in ("none", "energy", "rrr"))
+    assert plain["accuracy"] == energy["accuracy"] == rrr["accuracy"] == 1.0
+    assert plain["energy"] < 0.2 < 0.6 < energy["energy"]
+    assert plain["object_drop"] < 0.05 < 0.3 < energy["object_drop"]  # the model now uses the object
+    # Labels alone learn the marker, and energy does not unlearn it: the class's evidence inside the box
+    # says nothing of what the model reads outside it (Viviano et al. 2021). rrr costs that evidence.
+    assert energy["marker_drop"] > 0.5 and plain["marker_drop"] > 0.5
+    assert rrr["marker_drop"] < 0.5 * plain["marker_drop"]
 
 
 JAX_STEP = """
@@ -127,19 +129,20 @@ from brainmri.model.box_supervision import training_model
 from brainmri.model.models import build_model
 from brainmri.core.params import LocalisationParams, TrainParams
 from brainmri.model.training import compile_model
-model = build_model("compact_cnn", 4, 32, 1, width=4)
-params = TrainParams(image_size=32, localisation=LocalisationParams(loss="energy", weight=1.0))
-trainer = training_model(model, params, {"train": np.ones((1, 4), np.float32)})
-compile_model(trainer, params, 4)
 rng = np.random.default_rng(0)
 images = rng.integers(0, 255, (8, 32, 32, 1), dtype=np.uint8)
 targets = np.eye(4, dtype="float32")[np.arange(8) % 4]
 boxes = np.tile(np.array([[4.0, 4.0, 20.0, 20.0]], np.float32), (8, 1))
-before = [w.copy() for w in model.get_weights()]
-losses = [float(trainer.train_on_batch({"image": images, "box": boxes, "target": targets}, targets)[0])
-          for _ in range(3)]
-changed = any(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))
-print("RESULT", np.isfinite(losses).all() and changed)
+for loss in ("energy", "rrr"):
+    model = build_model("compact_cnn", 4, 32, 1, width=4)
+    params = TrainParams(image_size=32, localisation=LocalisationParams(loss=loss, weight=1.0))
+    trainer = training_model(model, params, {"train": np.ones((1, 4), np.float32)})
+    compile_model(trainer, params, 4)
+    before = [w.copy() for w in model.get_weights()]
+    losses = [float(trainer.train_on_batch({"image": images, "box": boxes, "target": targets}, targets)[0])
+              for _ in range(3)]
+    changed = any(not np.allclose(a, b) for a, b in zip(before, model.get_weights()))
+    print("RESULT", loss, np.isfinite(losses).all() and changed)
 """
 
 
@@ -148,4 +151,4 @@ def test_the_box_term_trains_on_jax_too():
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tests)}
     result = subprocess.run([sys.executable, "-c", JAX_STEP], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "RESULT True" in result.stdout
+    assert "RESULT energy True" in result.stdout and "RESULT rrr True" in result.stdout

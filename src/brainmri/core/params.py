@@ -185,11 +185,12 @@ class FineTuneParams(_Section):
 
 
 class LocalisationParams(_Section):
-    loss: Literal["auto", "none", "energy"] = Field(
+    loss: Literal["auto", "none", "energy", "rrr"] = Field(
         "auto",
         description="energy: training images with a tumour box add 1 - the share of their class's positive "
-        "activation map inside the box (Rao et al. 2023) to the loss; auto: energy when some training image "
-        "carries a box, none (labels only) otherwise",
+        "activation map inside the box (Rao et al. 2023) to the loss; rrr: the mean squared activation map "
+        "(either sign) outside the box (Right for the Right Reasons, Ross et al. 2017, on the map); auto: "
+        "energy when some training image carries a box, none (labels only) otherwise",
     )
     weight: float = Field(1.0, ge=0, description="the box term's weight beside the classification loss")
     boxes: str | None = Field(

@@ -4,9 +4,14 @@ to lie inside the tumour's box, on the training images that carry one.
 The evidence is the class activation map (CAM, Zhou et al. 2016) of the last feature map: with
 global pooling and one dense layer on top, the map of class c is sum_k w_kc A_k, which is what
 Grad-CAM computes for such a head up to a positive factor, so it needs no second
-differentiation and runs the same on every Keras backend. `energy` (Rao et al., ICCV 2023) is
-1 - (positive evidence inside the box) / (all positive evidence). Images without a box (x1 <= x0)
-add nothing; the term is averaged over the batch and weighted by train.localisation.weight.
+differentiation and runs the same on every Keras backend. Two terms:
+- `energy` (Rao et al., ICCV 2023): 1 - (positive evidence inside the box) / (all positive evidence);
+- `rrr`, Right for the Right Reasons (Ross et al., IJCAI 2017) with the activation map in place of
+  the input gradient, as Rao et al.'s RRR*: the mean over the cells of the squared evidence for
+  or against the class outside the box. Energy, a ratio, moves the evidence into the box but
+  lets a shortcut outside it stay; rrr costs every outside cell whatever lies inside.
+Images without a box (x1 <= x0) add nothing; the term is averaged over the batch and weighted by
+train.localisation.weight.
 
 The term joins the loss through `add_loss` inside the training wrapper, so the saved model is
 the plain classifier; `BoxEnergyLog` reports the energy inside the boxes every epoch.
@@ -61,21 +66,34 @@ def energy_in_box(class_map, mask):
     return ops.sum(positive * mask, axis=(1, 2)) / (ops.sum(positive, axis=(1, 2)) + EPSILON)
 
 
+def energy_term(class_map, mask):
+    return 1 - energy_in_box(class_map, mask)
+
+
+def outside_evidence_term(class_map, mask):
+    # Both signs, as RRR penalises the gradient; not scaled by the map's total, so evidence outside
+    # the box costs whatever lies inside (a share would let a strong box cell excuse a shortcut).
+    return ops.mean(ops.square(class_map * (1 - mask)), axis=(1, 2))
+
+
+TERMS = {"energy": energy_term, "rrr": outside_evidence_term}
+
+
 class BoxSupervision(keras.layers.Layer):
     """Passes the probabilities through; in training adds weight x mean over the batch of the box
-    energy term of each boxed image. The dense head's kernel is read, not owned: it stays the model's."""
+    term (`energy` or `rrr`) of each boxed image. The dense head's kernel is read, not owned: it
+    stays the model's."""
 
-    def __init__(self, head: keras.layers.Dense, size: int, weight: float, **kwargs) -> None:
+    def __init__(self, head: keras.layers.Dense, size: int, loss: str, weight: float, **kwargs) -> None:
         super().__init__(dtype="float32", **kwargs)
         self.kernel = lambda: head.kernel  # a function: Keras would otherwise track the head twice
-        self.size, self.weight = size, weight
+        self.size, self.term, self.weight = size, TERMS[loss], weight
 
     def call(self, probabilities, features, boxes, targets, training: bool = False):
         if training:
             class_map = true_class_map(features, self.kernel(), targets)
             mask = box_cell_mask(boxes, self.size, class_map.shape[1])
-            energy_term = 1 - energy_in_box(class_map, mask)
-            self.add_loss(self.weight * ops.mean(has_box(boxes) * energy_term))
+            self.add_loss(self.weight * ops.mean(has_box(boxes) * self.term(class_map, mask)))
         return probabilities
 
     def compute_output_spec(self, probabilities, *args, **kwargs):
@@ -92,10 +110,13 @@ def feature_layer(model: keras.Model) -> str:
     return next(layer.name for layer in model.layers if layer.output is pooled_from)
 
 
-def with_box_supervision(model: keras.Model, augment: AugmentParams, seed: int, weight: float) -> keras.Model:
+def with_box_supervision(
+    model: keras.Model, augment: AugmentParams, seed: int, loss: str, weight: float
+) -> keras.Model:
     """What `fit` trains when boxes supervise: inputs {"image", "box", "target"} (box: x0, y0, x1,
     y1 pixel edges of the model input, zeros for none; target: the one-hot or 0/1 label), the
-    random transforms moving each box with its image, and the box term added to the loss. The
+    random transforms moving each box with its image, and the box term (`loss`: energy or rrr)
+    added to the loss. The
     model's own layers and weights are shared; it is what gets saved."""
     size = model.input_shape[1]
     image = keras.Input(model.input_shape[1:], dtype="uint8", name="image")
@@ -106,7 +127,7 @@ def with_box_supervision(model: keras.Model, augment: AugmentParams, seed: int, 
         moved, moved_box = RandomTransforms(augment.model_dump(), seed, name="random_transforms")(image, box)
     evidence = keras.Model(model.inputs, [model.get_layer(feature_layer(model)).output, model.output])
     features, probabilities = evidence(moved)
-    supervised = BoxSupervision(head_layer(model), size, weight, name="box_supervision")(
+    supervised = BoxSupervision(head_layer(model), size, loss, weight, name="box_supervision")(
         probabilities, features, moved_box, target
     )
     return keras.Model({"image": image, "box": box, "target": target}, supervised, name=f"{model.name}_training")
@@ -160,7 +181,8 @@ def training_model(model: keras.Model, p: TrainParams, boxes: dict[str, np.ndarr
     """What `fit` trains: the model behind the random transforms, and the box term when boxes supervise."""
     if boxes is None:
         return with_random_transforms(model, p.augment, p.seed)
-    return with_box_supervision(model, p.augment, p.seed, p.localisation.weight)
+    loss = "energy" if p.localisation.loss == "auto" else p.localisation.loss
+    return with_box_supervision(model, p.augment, p.seed, loss, p.localisation.weight)
 
 
 def energy_log(

@@ -51,6 +51,9 @@ def _balancing(split: dict, balance: dict, classes: list[str]) -> str:
     return ", ".join(parts)
 
 
+LOSS_NAMES = {"auto": "energy loss", "energy": "energy loss", "rrr": "outside-the-box (RRR) penalty"}
+
+
 def _supervision(params: Params, balance: dict, classes: list[str]) -> str:
     """Which box term trained the model, on how many boxed images (balance's counts)."""
     boxed = {c: int(balance.get(f"train.boxed.{c}", 0)) for c in classes}
@@ -59,7 +62,8 @@ def _supervision(params: Params, balance: dict, classes: list[str]) -> str:
     per_class = ", ".join(f"{c} {n}" for c, n in boxed.items() if n)
     source = params.train.localisation.boxes
     return (
-        f"energy loss on the class activation map (weight {params.train.localisation.weight:g}) for "
+        f"{LOSS_NAMES[params.train.localisation.loss]} on the class activation map "
+        f"(weight {params.train.localisation.weight:g}) for "
         f"{sum(boxed.values())} training images with a tumour box ({per_class})"
         + (f", boxes from the folder `{Path(source).name}`" if source else "")
     )
