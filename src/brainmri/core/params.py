@@ -217,6 +217,7 @@ MODEL_NAMES = (
     "mobilenet_v3_small",
     "mobilenet_v3_large",
     "densenet121",
+    "efficientnet_lite0",
 )
 
 

@@ -19,6 +19,7 @@ from keras import layers
 from brainmri.core.errors import ModelError
 from brainmri.core.params import MODEL_NAMES, TrainParams
 from brainmri.core.paths import META_FILE, MODEL_FILE
+from brainmri.model.efficientnet_lite import INPUT_MEAN, INPUT_STD, efficientnet_lite0
 
 PRECISE_BN_IMAGES = 2048  # batch-norm re-estimation: enough batches for stable means, seconds on a CPU
 
@@ -91,6 +92,7 @@ APPLICATIONS: dict[str, tuple[str, str]] = {
     "mobilenet_v3_small": ("MobileNetV3Small", "builtin"),
     "mobilenet_v3_large": ("MobileNetV3Large", "builtin"),
     "densenet121": ("DenseNet121", "torch"),
+    "efficientnet_lite0": ("efficientnet_lite0", "lite"),  # brainmri.model.efficientnet_lite, not keras.applications
 }
 MODELS = MODEL_NAMES  # compact_cnn and every key of APPLICATIONS
 POOLINGS = ("avg", "max")
@@ -116,6 +118,8 @@ def imagenet_preprocessing(inputs, mode: str):
         scale, offset = np.full(3, 1 / 127.5), np.full(3, -1.0)
     elif mode == "torch":
         scale, offset = 1 / (255 * _IMAGENET_STD), -_IMAGENET_MEAN / _IMAGENET_STD
+    elif mode == "lite":
+        scale, offset = np.full(3, 1 / INPUT_STD), np.full(3, -INPUT_MEAN / INPUT_STD)
     else:
         scale, offset = np.ones(3), np.zeros(3)
     kernel = np.zeros((1, 1, channels, 3), dtype="float32")
@@ -127,8 +131,28 @@ def imagenet_preprocessing(inputs, mode: str):
     return x
 
 
+def lite0_backbone(image_size: int, weights: str | None) -> keras.Model:
+    """EfficientNet-Lite0 as the nested 'backbone' layer; its ImageNet weights come as a file that
+    tools/convert_efficientnet_lite0.py makes, since Keras has none to download."""
+    if weights == "imagenet":
+        raise ModelError(
+            "train.weights=imagenet: Keras has no EfficientNet-Lite0 weights to download; make the file with "
+            "`python tools/convert_efficientnet_lite0.py lite0.weights.h5` and set train.weights to it"
+        )
+    backbone = efficientnet_lite0((image_size, image_size, 3))
+    if weights is not None:
+        try:
+            backbone.load_weights(weights)
+        except Exception as error:  # Keras raises ValueError or h5py's errors, by file
+            raise ModelError(f"train.weights: cannot load '{weights}' into efficientnet_lite0: {error}") from None
+    backbone.name = BACKBONE_LAYER
+    return backbone
+
+
 def application_backbone(name: str, image_size: int, weights: str | None) -> keras.Model:
     """A keras.applications model without its top, as one nested layer named 'backbone'."""
+    if name == "efficientnet_lite0":
+        return lite0_backbone(image_size, weights)
     constructor = getattr(keras.applications, APPLICATIONS[name][0])
     # EfficientNet (v1) always rescales inside; EfficientNetV2 and MobileNetV3 do when asked.
     builtin = "include_preprocessing" in inspect.signature(constructor).parameters
