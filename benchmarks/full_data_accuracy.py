@@ -27,7 +27,7 @@ code and params (with `--set`) are written into it and only validate,
 train, evaluate and gradcam run (`dvc repro -s`), so `--set` may change
 only train, evaluate and gradcam params. The line then reports that
 stage time and the commit the reused data were prepared with. Adding
-`--model FOLDER` (a copy of a kept workspace's `models/` and `metrics/`)
+`--model FOLDER` (a copy of a kept workspace's `models/`, `metrics/` and `reports/figures/`)
 scores that trained model instead of training one: only evaluate and
 gradcam run, e.g. a labels-only model on the held-out block of `--supervise`.
 """
@@ -48,6 +48,8 @@ from datetime import date
 from pathlib import Path
 
 import yaml
+
+from brainmri.core.paths import TRAIN_HISTORY, figures_file, metrics_file
 
 REPO = Path(__file__).resolve().parents[1]
 # The stages --reuse reruns, and the params sections they alone read.
@@ -126,7 +128,10 @@ def main() -> None:
         "--reuse", type=Path, metavar="WORKSPACE", help="rerun train and later stages in a kept workspace"
     )
     parser.add_argument(
-        "--model", type=Path, metavar="FOLDER", help="with --reuse: score this models/ + metrics/ copy, no training"
+        "--model",
+        type=Path,
+        metavar="FOLDER",
+        help="with --reuse: score this copy of a workspace's training outputs, no training",
     )
     args = parser.parse_args()
     if args.model and not args.reuse:
@@ -161,8 +166,8 @@ def main() -> None:
         if args.model:
             shutil.rmtree(repo / "models")
             shutil.copytree(args.model / "models", repo / "models")
-            for name in ("train.json", "train_history.csv"):
-                shutil.copyfile(args.model / "metrics" / name, repo / "metrics" / name)
+            for output in (figures_file("train"), metrics_file("train"), TRAIN_HISTORY):
+                shutil.copyfile(args.model / output, repo / output)
             stages = tuple(stage for stage in REUSED_STAGES if stage != "train")
         start = time.perf_counter()
         for command in [["dvc", "repro", "-s", stage] for stage in stages] if args.reuse else [["dvc", "repro"]]:
@@ -170,13 +175,13 @@ def main() -> None:
             if result.returncode != 0:
                 sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
         wall = time.perf_counter() - start
-        evaluate = json.loads((repo / "metrics" / "evaluate.json").read_text())
-        train = json.loads((repo / "metrics" / "train.json").read_text())
-        with open(repo / "metrics" / "train_history.csv") as handle:
+        evaluate = json.loads((repo / figures_file("evaluate")).read_text())
+        train = json.loads((repo / figures_file("train")).read_text())
+        with open(repo / TRAIN_HISTORY) as handle:
             epoch_seconds = [float(row["epoch_seconds"]) for row in csv.DictReader(handle)]
         counts = json.loads((repo / "data" / "prepared" / "index.json").read_text())["counts"]
-        gradcam = json.loads((repo / "metrics" / "gradcam.json").read_text())
-        boxes = json.loads((repo / "metrics" / "boxes.json").read_text())
+        gradcam = json.loads((repo / figures_file("gradcam")).read_text())
+        boxes = json.loads((repo / figures_file("boxes")).read_text())
         explanations = {
             key: value
             for key, value in gradcam.items()

@@ -25,6 +25,8 @@ from pathlib import Path
 import yaml
 from full_data_accuracy import set_param
 
+from brainmri.core.paths import figures_file
+
 
 def repro(workspace: Path, stage: str) -> float:
     """Seconds `dvc repro --single-item STAGE` took; its output goes to this script's."""
@@ -57,7 +59,7 @@ def main() -> None:
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     train_s = repro(workspace, "train")
-    train = json.loads((workspace / "metrics" / "train.json").read_text())
+    train = json.loads((workspace / figures_file("train")).read_text())
     meta = json.loads((workspace / "models" / "model.json").read_text())
     record = {
         "date": date.today().isoformat(),
@@ -73,7 +75,7 @@ def main() -> None:
     }
     if args.evaluate:
         record["evaluate_stage_s"] = round(repro(workspace, "evaluate"), 1)
-        evaluate = json.loads((workspace / "metrics" / "evaluate.json").read_text())
+        evaluate = json.loads((workspace / figures_file("evaluate")).read_text())
         record.update({key: evaluate[key] for key in ("macro_f1", "macro_f1_ci_low", "macro_f1_ci_high")})
     print(json.dumps(record), flush=True)
 

@@ -3,7 +3,7 @@
     python benchmarks/gradcam_localisation.py PROJECT ANNOTATED [--methods ...] [--layers ...]
 
 PROJECT is a project folder after `dvc repro` (its `models/` and, when there,
-`metrics/evaluate.json` are read); ANNOTATED a folder of box-annotated images
+`reports/figures/evaluate.json` are read); ANNOTATED a folder of box-annotated images
 (one folder per class with a YOLO `.txt` beside each image, or YOLO's
 images/ + labels/), e.g. the Figshare tumour boxes. For every method and
 layer asked for, the heatmap of the true class is scored against the box:
@@ -34,6 +34,7 @@ from pathlib import Path
 from full_data_accuracy import dataset_path
 
 from brainmri.core.params import IngestParams
+from brainmri.core.paths import figures_file
 from brainmri.explain.gradcam import METHODS, heatmaps_at_image_size, last_feature_map_layer
 from brainmri.explain.localisation import (
     lesion_occlusion,
@@ -82,7 +83,7 @@ def main() -> None:
         truths,
         "",
     )
-    evaluate_file = args.project / "metrics" / "evaluate.json"
+    evaluate_file = args.project / figures_file("evaluate")
     test_split = json.loads(evaluate_file.read_text()) if evaluate_file.is_file() else {}
     for layer in args.layers:
         layer = layer or last_feature_map_layer(model)

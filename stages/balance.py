@@ -5,9 +5,9 @@ import shutil
 
 from brainmri.core.errors import run_entry_point
 from brainmri.core.manifest import MANIFEST_COLUMNS, read_manifest
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures
 from brainmri.core.params import flatten, load_params
-from brainmri.core.paths import PREPARED, SPLIT, TRAIN_ADDED, TRAIN_BOXES, metrics_file
+from brainmri.core.paths import PREPARED, SPLIT, TRAIN_ADDED, TRAIN_BOXES
 from brainmri.core.shards import ShardIndex, has_box, write_split
 from brainmri.core.tracking import stage_run
 from brainmri.data.balance import balanced_training_records, plain_records, with_added_images, with_attached_boxes
@@ -55,7 +55,7 @@ def main() -> None:
             "train.augmented": augmented,
             **{f"train.boxed.{label}": n for label, n in boxed["train"].items()},
         }
-        write_json(summary, metrics_file("balance"))
+        write_figures("balance", summary)
         run.log_metrics(summary)
         run.log_artifact(str(PREPARED / "index.json"), "balance")
         print("balance: train " + ", ".join(f"{label} {n}" for label, n in counts["train"].items()))

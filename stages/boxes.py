@@ -4,9 +4,9 @@ into the shards. Copies of validation or test images get none."""
 
 from brainmri.core.errors import run_entry_point
 from brainmri.core.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures
 from brainmri.core.params import load_params
-from brainmri.core.paths import ADDED_IMAGES, SPLIT, TRAIN_ADDED, TRAIN_BOXES, metrics_file
+from brainmri.core.paths import ADDED_IMAGES, SPLIT, TRAIN_ADDED, TRAIN_BOXES
 from brainmri.core.tracking import stage_run
 from brainmri.data.box_annotations import BOX_COLUMNS, attach_boxes, copy_added_images, no_boxes
 
@@ -20,7 +20,7 @@ def main() -> None:
         write_manifest(attached.boxes[BOX_COLUMNS], TRAIN_BOXES)
         write_manifest(copy_added_images(attached.added, folder or ".", ADDED_IMAGES), TRAIN_ADDED)
         summary = attached.summary()
-        write_json(summary, metrics_file("boxes"))
+        write_figures("boxes", summary)
         run.log_metrics(summary)
         if folder:
             print(

@@ -2,9 +2,9 @@
 
 from brainmri.core.errors import run_entry_point
 from brainmri.core.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures
 from brainmri.core.params import flatten, load_params
-from brainmri.core.paths import DEDUP, DUPLICATE_GROUPS, MANIFEST, metrics_file
+from brainmri.core.paths import DEDUP, DUPLICATE_GROUPS, MANIFEST
 from brainmri.core.tracking import stage_run
 from brainmri.data.dedup import find_duplicates
 
@@ -19,7 +19,7 @@ def main() -> None:
         write_manifest(result.groups, DUPLICATE_GROUPS)
 
         summary = result.summary()
-        write_json(summary, metrics_file("dedup"))
+        write_figures("dedup", summary)
         run.log_metrics(summary)
         for path in (DEDUP, DUPLICATE_GROUPS):
             run.log_artifact(str(path), "dedup")

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from brainmri.core.errors import DataError, ModelError, run_entry_point
 from brainmri.core.images import sha256_file
 from brainmri.core.manifest import write_manifest
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures, write_json
 from brainmri.core.params import Params, flatten, load_params
 from brainmri.core.paths import (
     CHAMPION_STANDING,
@@ -29,7 +29,6 @@ from brainmri.core.paths import (
     PLOTS,
     PREDICTIONS,
     PREPARED,
-    metrics_file,
 )
 from brainmri.core.shards import ShardIndex
 from brainmri.core.tracking import stage_run
@@ -93,7 +92,7 @@ def main() -> None:
         if p.ensemble:
             members = ensemble_members(params, meta, images, threshold)
             metrics.update(score_ensemble(p, classes, labels, probabilities, members, threshold))
-        write_json(metrics, metrics_file("evaluate"))
+        write_figures("evaluate", metrics)
 
         predicted = probabilities.argmax(axis=1)
         matrix = confusion(labels, predicted, classes)

@@ -5,9 +5,9 @@ from brainmri.core.backend import use_keras_backend
 use_keras_backend("tensorflow")  # TFLite and ONNX conversion run on TensorFlow, whichever backend trained the model
 
 from brainmri.core.errors import run_entry_point
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures
 from brainmri.core.params import flatten, load_params
-from brainmri.core.paths import EXPORTS, MODELS, PREPARED, metrics_file
+from brainmri.core.paths import EXPORTS, MODELS, PREPARED
 from brainmri.core.tracking import stage_run
 from brainmri.model.export import export_all
 
@@ -23,7 +23,7 @@ def main() -> None:
             for key, value in values.items()
             if key != "file"
         }
-        write_json(summary, metrics_file("export"))
+        write_figures("export", summary)
         run.log_metrics(summary)
         run.log_artifacts(str(EXPORTS), "exports")
         for values in report.values():

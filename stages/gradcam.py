@@ -7,9 +7,9 @@ most-highlighted pixels first hurts the model more than removing random ones
 import shutil
 
 from brainmri.core.errors import run_entry_point
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures
 from brainmri.core.params import flatten, load_params
-from brainmri.core.paths import GRADCAM_REPORTS, MODELS, PREPARED, metrics_file
+from brainmri.core.paths import GRADCAM_REPORTS, MODELS, PREPARED
 from brainmri.core.shards import ShardIndex
 from brainmri.core.tracking import stage_run
 from brainmri.explain.explanations import explain_annotated, explain_test_sample
@@ -29,7 +29,7 @@ def main() -> None:
         summary = explain_test_sample(model, classes, p, layer, index, GRADCAM_REPORTS)
         if p.annotated:
             summary.update(explain_annotated(model, classes, meta, params, layer, GRADCAM_REPORTS))
-        write_json(summary, metrics_file("gradcam"))
+        write_figures("gradcam", summary)
         run.log_metrics(summary)
         run.log_param("gradcam.layer_used", layer)
         run.log_artifacts(str(GRADCAM_REPORTS), "gradcam")

@@ -3,9 +3,9 @@ bad files go to rejects."""
 
 from brainmri.core.errors import run_entry_point
 from brainmri.core.manifest import write_manifest
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures
 from brainmri.core.params import flatten, load_params
-from brainmri.core.paths import DATA_REPORT, MANIFEST, REJECTS, SLICES, metrics_file
+from brainmri.core.paths import DATA_REPORT, MANIFEST, REJECTS, SLICES
 from brainmri.core.tracking import stage_run
 from brainmri.data.ingest import scan
 from brainmri.data.report import write_data_report
@@ -25,7 +25,7 @@ def main() -> None:
             "outliers": int((result.images["outlier"] != "").sum()),
             **{f"class_count.{label}": n for label, n in report["per_class"].items()},
         }
-        write_json(summary, metrics_file("ingest"))
+        write_figures("ingest", summary)
         run.log_metrics(summary)
         run.set_tag("brainmri.layout", result.layout)
         for path in (MANIFEST, REJECTS):

@@ -15,7 +15,7 @@ from brainmri.core.paths import (
     MODEL_CARD,
     MODELS,
     PREDICTIONS,
-    metrics_file,
+    figures_file,
 )
 from brainmri.core.tracking import described_commit, stage_run
 from brainmri.model.evaluation import per_class_f1_intervals
@@ -42,7 +42,7 @@ def provenance(params: Params) -> Provenance:
 def main() -> None:
     params = load_params()
     with stage_run("model_card", params.tracking, {}) as run:
-        metrics = {stage: json.loads(metrics_file(stage).read_text()) for stage in SOURCES}
+        metrics = {stage: json.loads(figures_file(stage).read_text()) for stage in SOURCES}
         layout = json.loads((DATA_REPORT / "report.json").read_text())["layout"]
         MODEL_CARD.write_text(render_model_card(params, metrics, layout, provenance(params)))
         run.log_artifact(str(MODEL_CARD), "model_card")

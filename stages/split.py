@@ -4,9 +4,9 @@ import sys
 
 from brainmri.core.errors import DataError, run_entry_point
 from brainmri.core.manifest import MANIFEST_COLUMNS, read_manifest, write_manifest
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures
 from brainmri.core.params import flatten, load_params
-from brainmri.core.paths import DEDUP, LEAKAGE, SPLIT, metrics_file
+from brainmri.core.paths import DEDUP, LEAKAGE, SPLIT
 from brainmri.core.tracking import stage_run
 from brainmri.data.split import SPLITS, empty_splits, patients_in_several_splits, patients_per_split, split_images
 
@@ -37,7 +37,7 @@ def main() -> None:
             summary.update({f"patients.{name}": n for name, n in patients.items()})
             summary["patients_in_several_splits"] = shared
         summary["leaked_test_images_removed"] = len(result.leaked)
-        write_json(summary, metrics_file("split"))
+        write_figures("split", summary)
         run.log_metrics(summary)
         run.set_tag("brainmri.split_group_by", result.group_by)
         for path in (SPLIT, LEAKAGE):

@@ -19,9 +19,9 @@ import numpy as np
 
 from brainmri.core.errors import DataError, run_entry_point
 from brainmri.core.images import sha256_file
-from brainmri.core.metrics import write_json
+from brainmri.core.metrics import write_figures
 from brainmri.core.params import Params, TrainParams, flatten, load_params
-from brainmri.core.paths import HISTORY_IN_PROGRESS, MODEL_FILE, MODELS, PREPARED, TRAIN_HISTORY, metrics_file
+from brainmri.core.paths import HISTORY_IN_PROGRESS, MODEL_FILE, MODELS, PREPARED, TRAIN_HISTORY
 from brainmri.core.shards import ShardIndex, Split
 from brainmri.core.tracking import StageRun, stage_run
 from brainmri.model.fitting import fit_phases, input_gate_statistics, prepare_for_inference, training_summary
@@ -65,7 +65,7 @@ def save_and_log(
     TRAIN_HISTORY.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(HISTORY_IN_PROGRESS, TRAIN_HISTORY)
     summary = training_summary(history, model.count_params(), calibration)
-    write_json(summary, metrics_file("train"))
+    write_figures("train", summary)
     run.log_metrics({f"final.{key}": value for key, value in summary.items()})
     run.log_artifact(str(MODELS / "model.json"), "model_meta")
     digest = sha256_file(MODELS / MODEL_FILE)

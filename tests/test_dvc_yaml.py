@@ -1,12 +1,14 @@
 """dvc.yaml declares what each stage really reads, so DVC's cache is never stale."""
 
 import ast
+import json
 from pathlib import Path
 
 import yaml
 
+from brainmri.core.metrics import HEADLINE, write_figures
 from brainmri.core.params import IngestParams
-from brainmri.core.paths import STAGE_OUTPUTS
+from brainmri.core.paths import STAGE_OUTPUTS, figures_file, metrics_file
 
 from helpers import PROJECT
 
@@ -94,3 +96,28 @@ def test_only_ingest_depends_on_the_source_path_and_readers_declare_every_other_
         assert declared <= other_keys, name
         if name in INGEST_READERS:  # they read other folders with ingest's options
             assert declared == other_keys, f"{name} lacks {sorted(other_keys - declared)}"
+
+
+def test_the_metrics_file_holds_the_headline_figures_and_the_figures_file_all_of_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    headline = {"accuracy": 0.9, "macro_f1": 0.9, "macro_f1_ci_low": 0.8, "macro_f1_ci_high": 0.95, "ece": 0.02}
+    headline |= {"f1.glioma": 0.9, "f1.notumor": 1.0}
+    figures = headline | {"log_loss": 0.3, "tta.macro_f1": 0.91, "roc_auc.glioma": 0.99, "balanced_accuracy": 0.9}
+    write_figures("evaluate", figures)
+    assert json.loads(figures_file("evaluate").read_text()) == figures
+    assert json.loads(metrics_file("evaluate").read_text()) == headline
+    pointing = {"annotated.pointing_game": 0.5, "annotated.pointing_game_ci_low": 0.4, "annotated.pointing_game.a": 0.6}
+    write_figures("gradcam", pointing | {"annotated.pointing_game_ci_low.a": 0.5, "annotated.energy_in_box": 0.2})
+    assert json.loads(metrics_file("gradcam").read_text()) == pointing
+    write_figures("ingest", {"images": 3})
+    assert json.loads(figures_file("ingest").read_text()) == {"images": 3} and not metrics_file("ingest").exists()
+
+
+def test_dvc_declares_as_metrics_exactly_the_stages_with_headline_figures():
+    declared = {
+        name: [next(iter(entry)) if isinstance(entry, dict) else entry for entry in stage.get("metrics", [])]
+        for name, stage in yaml.safe_load((PROJECT / "dvc.yaml").read_text())["stages"].items()
+    }
+    assert {name: files for name, files in declared.items() if files} == {
+        stage: [metrics_file(stage).as_posix()] for stage in HEADLINE
+    }

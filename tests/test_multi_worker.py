@@ -123,6 +123,7 @@ def test_two_workers_train_one_model_and_only_the_chief_writes_and_logs(tmp_path
         "models/model.keras",
         "models/model.json",
         "metrics/train.json",
+        "reports/figures/train.json",
         "metrics/train_history.csv",
     } <= files_under(chief_host)
     assert files_under(worker_host) == {"params.yaml"} | {

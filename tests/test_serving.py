@@ -24,6 +24,7 @@ from nibabel.testing import data_path as nibabel_data
 from PIL import Image
 
 from brainmri.core.images import DecodeLimits, sha256_file
+from brainmri.core.paths import figures_file
 
 from helpers import (
     CLASSES,
@@ -314,7 +315,7 @@ def test_the_page_shows_slice_overlay_scale_and_caveat_without_overflow(server, 
 
 def test_export_stage_writes_tflite_and_onnx_files_that_match_keras(repo):
     run(["dvc", "repro", "export"], repo)
-    metrics = json.loads((repo / "metrics" / "export.json").read_text())
+    metrics = json.loads((repo / figures_file("export")).read_text())
     for variant in ("float32", "float16", "int8", "onnx", "onnx_int8"):
         assert metrics[f"{variant}.max_abs_difference"] <= metrics[f"{variant}.tolerance"]
     # Independently of the stage's own check: other images, compared here.

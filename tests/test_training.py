@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from brainmri.core.errors import ModelError
 from brainmri.core.params import TrainParams
+from brainmri.core.paths import figures_file
 from brainmri.core.shards import ShardIndex
 from brainmri.model.models import build_model, float32_copy
 from brainmri.model.training import (
@@ -279,7 +280,7 @@ def test_yolo_boxes_beside_the_images_supervise_training_end_to_end(tmp_path):
                 image.with_suffix(".txt").write_text(f"0 {x} {y} 0.3 0.3\n")
     update_params(repo / "params.yaml", {"train": {**TINY_PARAMS["train"], "localisation": {"loss": "energy"}}})
     run(["dvc", "repro", "train"], repo)
-    balance = json.loads((repo / "metrics" / "balance.json").read_text())
+    balance = json.loads((repo / figures_file("balance")).read_text())
     assert balance["train.boxed.notumor"] == 0
     assert all(
         balance[f"train.boxed.{label}"] == balance[f"train.{label}"] > 0 for label in CLASSES if label != "notumor"
@@ -310,7 +311,7 @@ def test_a_backbone_from_a_weights_file_trains_in_two_phases_through_dvc_repro(t
 
     history = pd.read_csv(repo / "metrics" / "train_history.csv")
     assert history["phase"].tolist() == [1, 1, 2]  # the head alone, then the top of the backbone too
-    metrics = json.loads((repo / "metrics" / "train.json").read_text())
+    metrics = json.loads((repo / figures_file("train")).read_text())
     assert (metrics["epochs_frozen"], metrics["epochs_fine_tuned"]) == (2, 1)
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     trained = client.search_runs(

@@ -126,12 +126,12 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from brainmri.core.paths import metrics_file
+    from brainmri.core.paths import figures_file
     from brainmri.serve.webapp import create_app, measured_localisation, run_server
 
     params = project_params(args.params)
     predictor = load_predictor(args.model, params)
-    localisation = measured_localisation(args.model, metrics_file("gradcam"))
+    localisation = measured_localisation(args.model, figures_file("gradcam"))
     app = create_app(predictor, params.serve, audit_log(params), bind_host=args.host, localisation=localisation)
     run_server(app, args.host, args.port, params.serve)
     return 0

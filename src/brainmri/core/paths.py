@@ -45,7 +45,8 @@ PREDICTIONS = Path("reports/predictions.csv")
 EVALUATE_FIGURES = Path("reports/evaluate")
 CHAMPION_STANDING = EVALUATE_FIGURES / "champion.json"  # the evaluated model against @champion
 CONFUSION_TABLE = Path("metrics/confusion.csv")
-CONFUSION_MATRIX = Path("metrics/confusion_matrix.json")
+FIGURES = Path("reports/figures")  # every figure of each stage; metrics/ holds the headline ones
+CONFUSION_MATRIX = FIGURES / "confusion_matrix.json"
 PLOTS = Path("metrics/plots")
 
 GRADCAM_REPORTS = Path("reports/gradcam")
@@ -56,27 +57,34 @@ EXPORTS = Path("exports")
 
 
 def metrics_file(stage: str) -> Path:
-    """The stage's figures, for `dvc metrics diff` and MLflow."""
+    """The stage's headline figures (`brainmri.core.metrics.HEADLINE`): what `dvc metrics diff` and
+    `dvc exp show` list."""
     return Path("metrics") / f"{stage}.json"
+
+
+def figures_file(stage: str) -> Path:
+    """Every figure the stage measured (what it logs to MLflow), tracked by git, not a DVC metric."""
+    return FIGURES / f"{stage}.json"
 
 
 STAGE_OUTPUTS: dict[str, list[Path]] = {
     "validate": [VALIDATED],
-    "ingest": [MANIFEST, REJECTS, SLICES, DATA_REPORT, metrics_file("ingest")],
-    "dedup": [DEDUP, DUPLICATE_GROUPS, metrics_file("dedup")],
-    "split": [SPLIT, LEAKAGE, metrics_file("split")],
-    "boxes": [TRAIN_BOXES, TRAIN_ADDED, ADDED_IMAGES, metrics_file("boxes")],
-    "balance": [PREPARED, metrics_file("balance")],
-    "train": [MODELS, TRAIN_HISTORY, metrics_file("train")],
+    "ingest": [MANIFEST, REJECTS, SLICES, DATA_REPORT, figures_file("ingest")],
+    "dedup": [DEDUP, DUPLICATE_GROUPS, figures_file("dedup")],
+    "split": [SPLIT, LEAKAGE, figures_file("split")],
+    "boxes": [TRAIN_BOXES, TRAIN_ADDED, ADDED_IMAGES, figures_file("boxes")],
+    "balance": [PREPARED, figures_file("balance")],
+    "train": [MODELS, TRAIN_HISTORY, figures_file("train"), metrics_file("train")],
     "evaluate": [
         PREDICTIONS,
         EVALUATE_FIGURES,
         CONFUSION_TABLE,
         PLOTS,
+        figures_file("evaluate"),
         metrics_file("evaluate"),
         CONFUSION_MATRIX,
     ],
-    "gradcam": [GRADCAM_REPORTS, metrics_file("gradcam")],
+    "gradcam": [GRADCAM_REPORTS, figures_file("gradcam"), metrics_file("gradcam")],
     "model_card": [MODEL_CARD],
-    "export": [EXPORTS, metrics_file("export")],
+    "export": [EXPORTS, figures_file("export")],
 }

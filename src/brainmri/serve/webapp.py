@@ -190,13 +190,13 @@ def create_app(
     return app
 
 
-def measured_localisation(models: list[str] | None, metrics_path: Path) -> dict | None:
+def measured_localisation(models: list[str] | None, figures_path: Path) -> dict | None:
     """How often the project's own model's Grad-CAM peaked inside a tumour on box-annotated slices
     (the gradcam stage's `annotated.pointing_game`), when serving that model (`models/`) and the
     figure was measured; None otherwise."""
-    if models not in (None, [MODELS.as_posix()]) or not metrics_path.is_file():
+    if models not in (None, [MODELS.as_posix()]) or not figures_path.is_file():
         return None
-    measured = json.loads(metrics_path.read_text())
+    measured = json.loads(figures_path.read_text())
     if measured.get("annotated.pointing_game") is None:
         return None
     return {"pointing_game": measured["annotated.pointing_game"], "images": measured.get("annotated.images")}
