@@ -85,6 +85,12 @@ def test_the_card_counts_the_boxed_images_that_trained_the_model():
         "energy loss on the class activation map (weight 1) for 42 training images with a tumour box "
         "(glioma 12, pituitary 30), boxes from the folder `boxes`." in card
     )
+    rrr = Params.model_validate(
+        {"ingest": {"source": "data"}, "train": {"localisation": {"loss": "rrr", "weight": 0.05}}}
+    )
+    assert "outside-the-box (RRR) penalty on the class activation map (weight 0.05) for 42" in render(
+        rrr, metrics, "folder-per-class"
+    )
     unsupervised = Params.model_validate({"ingest": {"source": "data"}, "train": {"localisation": {"loss": "none"}}})
     assert "labels only (no box supervision)" in render(unsupervised, metrics, "folder-per-class")
 
