@@ -7,7 +7,8 @@ agreement with Keras.
 IMAGES is a folder searched recursively (e.g. the Kaggle training folder); the first `--images`
 files in sorted order are decoded once, as predict decodes them, then each model classifies the
 same arrays in predict's batches. Reported per model: load seconds, model-only images/s, and
-end-to-end images/s (the measured decode time per image added). Prints one JSON line per model.
+end-to-end images/s (the measured decode time per image added). Prints one JSON line per model,
+and first the Keras model's multiply-adds per image.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from brainmri.core.params import load_params
@@ -39,6 +41,18 @@ def decoded(predictor: Predictor, files: list[Path]) -> tuple[np.ndarray, float]
     start = time.perf_counter()
     arrays = np.stack([array for _, array in (item for path in files for item in predictor.model_inputs(path))])
     return arrays, time.perf_counter() - start
+
+
+def multiply_adds(model: keras.Model) -> int:
+    """Multiply-adds of one image through the convolutions and dense layers: what bounds images/s."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            height, width, filters = layer.output.shape[1:]
+            total += height * width * filters * int(np.prod(layer.kernel.shape[:3]))
+        elif isinstance(layer, keras.layers.Dense):
+            total += int(np.prod(layer.kernel.shape))
+    return total
 
 
 def classify(predictor: Predictor, arrays: np.ndarray, batch_size: int) -> tuple[np.ndarray, float]:
@@ -74,6 +88,7 @@ def main() -> None:
         classes, seconds = classify(predictor, reference_arrays, args.batch_size)
         if reference is None:
             reference = classes
+            print(json.dumps({"model": source, "multiply_adds_per_image": multiply_adds(predictor.models[0])}))
         per_image = (seconds + decode_seconds) / len(classes)
         print(
             json.dumps(
