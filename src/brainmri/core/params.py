@@ -204,6 +204,11 @@ class LocalisationParams(_Section):
         "split as images of their own, with their boxes",
     )
 
+    @property
+    def term(self) -> str:
+        """The box term that trains when boxes supervise: `auto` means energy."""
+        return "energy" if self.loss == "auto" else self.loss
+
 
 # The compact CNN and the keras.applications backbones that brainmri.model.models builds.
 MODEL_NAMES = (

@@ -116,8 +116,7 @@ def with_box_supervision(
     """What `fit` trains when boxes supervise: inputs {"image", "box", "target"} (box: x0, y0, x1,
     y1 pixel edges of the model input, zeros for none; target: the one-hot or 0/1 label), the
     random transforms moving each box with its image, and the box term (`loss`: energy or rrr)
-    added to the loss. The
-    model's own layers and weights are shared; it is what gets saved."""
+    added to the loss. The model's own layers and weights are shared; it is what gets saved."""
     size = model.input_shape[1]
     image = keras.Input(model.input_shape[1:], dtype="uint8", name="image")
     box = keras.Input((4,), dtype="float32", name="box")
@@ -181,8 +180,7 @@ def training_model(model: keras.Model, p: TrainParams, boxes: dict[str, np.ndarr
     """What `fit` trains: the model behind the random transforms, and the box term when boxes supervise."""
     if boxes is None:
         return with_random_transforms(model, p.augment, p.seed)
-    loss = "energy" if p.localisation.loss == "auto" else p.localisation.loss
-    return with_box_supervision(model, p.augment, p.seed, loss, p.localisation.weight)
+    return with_box_supervision(model, p.augment, p.seed, p.localisation.term, p.localisation.weight)
 
 
 def energy_log(

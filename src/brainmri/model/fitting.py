@@ -120,8 +120,7 @@ def supervision_summary(boxes: dict[str, np.ndarray] | None, p: TrainParams) -> 
     if boxes is None:
         return "train: labels only (no box term)"
     boxed = int((boxes["train"][:, 2] > boxes["train"][:, 0]).sum())
-    term = "rrr" if p.localisation.loss == "rrr" else "energy"
-    return f"train: box {term} term (weight {p.localisation.weight:g}) on {boxed} boxed training images"
+    return f"train: box {p.localisation.term} term (weight {p.localisation.weight:g}) on {boxed} boxed training images"
 
 
 def calibration_summary(calibration: dict, images: int) -> str:

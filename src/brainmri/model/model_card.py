@@ -51,7 +51,7 @@ def _balancing(split: dict, balance: dict, classes: list[str]) -> str:
     return ", ".join(parts)
 
 
-LOSS_NAMES = {"auto": "energy loss", "energy": "energy loss", "rrr": "outside-the-box (RRR) penalty"}
+LOSS_NAMES = {"energy": "energy loss", "rrr": "outside-the-box (RRR) penalty"}
 
 
 def _supervision(params: Params, balance: dict, classes: list[str]) -> str:
@@ -62,7 +62,7 @@ def _supervision(params: Params, balance: dict, classes: list[str]) -> str:
     per_class = ", ".join(f"{c} {n}" for c, n in boxed.items() if n)
     source = params.train.localisation.boxes
     return (
-        f"{LOSS_NAMES[params.train.localisation.loss]} on the class activation map "
+        f"{LOSS_NAMES[params.train.localisation.term]} on the class activation map "
         f"(weight {params.train.localisation.weight:g}) for "
         f"{sum(boxed.values())} training images with a tumour box ({per_class})"
         + (f", boxes from the folder `{Path(source).name}`" if source else "")
