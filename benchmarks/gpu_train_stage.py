@@ -54,7 +54,8 @@ def main() -> None:
 
     workspace = Path(args.workspace)
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    for assignment in ["train.backend=jax", f"train.batch_size={args.batch_size}", *args.set]:
+    recipe = ["train.backend=jax", "train.deterministic=false", f"train.batch_size={args.batch_size}"]
+    for assignment in [*recipe, *args.set]:
         set_param(params, assignment)
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

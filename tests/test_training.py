@@ -42,17 +42,22 @@ def test_a_gpu_request_without_a_gpu_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    "native_bfloat16, setting, expected",
+    "native_bfloat16, setting, deterministic, expected",
     [
-        (False, "auto", "float32"),
-        (True, "auto", "mixed_bfloat16"),
-        (True, False, "float32"),
-        (False, True, "mixed_bfloat16"),
+        (False, "auto", False, "float32"),
+        (True, "auto", False, "mixed_bfloat16"),
+        (True, False, False, "float32"),
+        (False, True, False, "mixed_bfloat16"),
+        (True, "auto", True, "mixed_bfloat16"),
+        (True, "auto", "portable", "float64"),
+        (False, False, "portable", "float64"),
     ],
 )
-def test_cpu_precision_follows_the_processor(monkeypatch, native_bfloat16, setting, expected):
+def test_cpu_precision_follows_the_processor_unless_results_must_be_portable(
+    monkeypatch, native_bfloat16, setting, deterministic, expected
+):
     monkeypatch.setattr("brainmri.model.training.cpu_has_bfloat16", lambda: native_bfloat16)
-    hardware = configure_hardware(TrainParams(device="cpu", mixed_precision=setting))
+    hardware = configure_hardware(TrainParams(device="cpu", mixed_precision=setting, deterministic=deterministic))
     try:
         assert hardware.describe() == {
             "backend": "tensorflow",
@@ -73,6 +78,11 @@ def test_cpu_precision_follows_the_processor(monkeypatch, native_bfloat16, setti
 )
 def test_mixed_precision_is_bfloat16_unless_the_gpu_predates_it(device, gpu_has_bfloat16, expected):
     assert mixed_policy(device, gpu_has_bfloat16) == expected
+
+
+def test_portable_results_refuse_forced_mixed_precision_naming_both_keys():
+    with pytest.raises(ValueError, match="train.deterministic: portable trains in float64; set train.mixed_precision"):
+        TrainParams(deterministic="portable", mixed_precision=True)
 
 
 def test_a_backend_other_than_the_one_keras_runs_on_is_a_clear_error():

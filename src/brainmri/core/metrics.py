@@ -31,9 +31,18 @@ def write_json(values: dict[str, Any], path: str | Path) -> None:
     path.write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
 
 
+# Decimals of the headline figures: what review reads, and short of the last float32 digits,
+# in which inference on two CPUs may differ.
+HEADLINE_DECIMALS = 4
+
+
 def headline(stage: str, figures: dict[str, Any]) -> dict[str, Any]:
     pattern = re.compile(HEADLINE[stage])
-    return {key: value for key, value in figures.items() if pattern.fullmatch(key)}
+    return {
+        key: round(value, HEADLINE_DECIMALS) if isinstance(value, float) else value
+        for key, value in figures.items()
+        if pattern.fullmatch(key)
+    }
 
 
 def write_figures(stage: str, figures: dict[str, Any]) -> None:

@@ -141,19 +141,12 @@ def prepare_for_inference(
     if hardware.multi_worker:
         average_batch_norm_statistics(model, hardware.strategy)  # each worker's follow only its own batches
     distributed = hardware.multi_worker or (hardware.backend == "jax" and hardware.strategy.distribution)
-    if hardware.precision != "float32" or distributed:
-        # The saved model computes in float32 whatever training used: the same
-        # answers on every machine, and exporters that know no bfloat16. The copy
-        # is also free of any distribution strategy, so what follows runs locally.
-        keras.mixed_precision.set_global_policy("float32")
-        if hardware.backend == "jax":
-            keras.distribution.set_distribution(None)
-        model = float32_copy(model, build(None))
-    if p.model == "compact_cnn" and p.norm == "batch":
-        images = splits["train"].images
-        reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
-        used = min(len(images), PRECISE_BN_IMAGES)
-        print(f"train: batch-norm statistics re-estimated over {used} training images")
+    # In float64 (train.deterministic: portable) the statistics and the temperature are fitted before
+    # the float32 copy, so that they too are the same on every CPU.
+    copy_last = hardware.precision == "float64" and not distributed
+    if (hardware.precision != "float32" or distributed) and not copy_last:
+        model = inference_copy(model, build, hardware)
+    reestimate_statistics(model, p, splits["train"].images)
     calibration, validation = {"temperature": 1.0}, {}
     if len(splits["val"].labels):
         images, labels, _ = splits["val"]
@@ -165,11 +158,30 @@ def prepare_for_inference(
             "validation_confidence": [round(float(c), 6) for c in probabilities.max(axis=1)],
             "validation_correct": [bool(c) for c in probabilities.argmax(axis=1) == labels],
         }
+    if copy_last:
+        model = inference_copy(model, build, hardware)
     if hardware.multi_worker:
         digest = weights_digest(model)
         check_workers_agree(hardware.strategy, "the trained weights", digest)
         print(f"train: every worker holds the same weights (sha256 {digest})")
     return model, calibration, validation
+
+
+def inference_copy(model: keras.Model, build: Callable, hardware: Hardware) -> keras.Model:
+    """The saved model computes in float32 whatever training used: exporters know no bfloat16 or
+    float64. The copy is also free of any distribution strategy, so what follows runs locally."""
+    keras.mixed_precision.set_global_policy("float32")
+    if hardware.backend == "jax":
+        keras.distribution.set_distribution(None)
+    return float32_copy(model, build(None))
+
+
+def reestimate_statistics(model: keras.Model, p: TrainParams, images: np.ndarray) -> None:
+    """The compact CNN's batch-norm statistics, from the final weights."""
+    if p.model == "compact_cnn" and p.norm == "batch":
+        reestimate_batch_norm(model, images, p.batch_size, seed=p.seed)
+        used = min(len(images), PRECISE_BN_IMAGES)
+        print(f"train: batch-norm statistics re-estimated over {used} training images")
 
 
 def training_summary(history: dict[str, list], parameters: int, calibration: dict[str, float]) -> dict:

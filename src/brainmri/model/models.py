@@ -221,11 +221,13 @@ def build_model(
         x = layers.BatchNormalization(momentum=0.9, name="head_bn")(x)
     x = layers.Dropout(dropout, name="head_dropout")(x)
     binary = num_classes == 2
-    # Probabilities in float32 even under mixed precision.
+    # Probabilities in float32 even under mixed precision; in float64 under a float64 policy, or the
+    # loss and its gradients would take float32's rounding, which differs between CPUs.
+    float64 = keras.config.dtype_policy().compute_dtype == "float64"
     outputs = layers.Dense(
         1 if binary else num_classes,
         activation="sigmoid" if binary else "softmax",
-        dtype="float32",
+        dtype="float64" if float64 else "float32",
         name="probabilities",
     )(x)
     model = keras.Model(inputs, outputs, name=name)

@@ -105,7 +105,10 @@ def _configure_jax(params: TrainParams) -> Hardware:
     import jax
 
     if params.deterministic:
-        raise ModelError("train.deterministic sets TensorFlow's op determinism: use train.backend: tensorflow")
+        raise ModelError(
+            f"train.deterministic: {str(params.deterministic).lower()} is TensorFlow's op determinism: "
+            "use train.backend: tensorflow, or set train.deterministic: false"
+        )
     if params.device == "cpu":
         jax.config.update("jax_platforms", "cpu")  # before JAX's first use starts its backends
     if params.strategy == "multi_worker":
@@ -146,6 +149,27 @@ def _configure_jax(params: TrainParams) -> Hardware:
     )
 
 
+def _tensorflow_precision(params: TrainParams, device: str, gpus: list) -> str:
+    import tensorflow as tf
+
+    if params.deterministic == "portable":
+        # CPUs differ in cache sizes and vector units, so their kernels add up in different orders;
+        # in float64 that moves the weights too little to change a metric (docs/training.md).
+        return "float64"
+    if params.mixed_precision == "auto":
+        # bfloat16 trains the default model faster where the CPU has it (benchmarks/README.md,
+        # "Accuracy and training time on 2 CPU cores").
+        mixed = device == "gpu" or cpu_has_bfloat16()
+    else:
+        mixed = bool(params.mixed_precision)
+    if mixed and gpus:
+        capabilities = [
+            tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) for gpu in gpus
+        ]
+        return mixed_policy(device, all(capability >= (8, 0) for capability in capabilities))
+    return "mixed_bfloat16" if mixed else "float32"
+
+
 def _configure_tensorflow(params: TrainParams) -> Hardware:
     import tensorflow as tf
 
@@ -169,19 +193,7 @@ def _configure_tensorflow(params: TrainParams) -> Hardware:
     device = "gpu" if gpus else "cpu"
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
-    if params.mixed_precision == "auto":
-        # bfloat16 trains the default model faster where the CPU has it (benchmarks/README.md,
-        # "Accuracy and training time on 2 CPU cores").
-        mixed = device == "gpu" or cpu_has_bfloat16()
-    else:
-        mixed = bool(params.mixed_precision)
-    if mixed and gpus:
-        capabilities = [
-            tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0)) for gpu in gpus
-        ]
-        precision = mixed_policy(device, all(capability >= (8, 0) for capability in capabilities))
-    else:
-        precision = "mixed_bfloat16" if mixed else "float32"
+    precision = _tensorflow_precision(params, device, gpus)
     keras.mixed_precision.set_global_policy(precision)
     if cluster is not None:
         print(f"train: {cluster.task} of a {cluster.workers}-worker cluster, waiting for all to start", flush=True)
